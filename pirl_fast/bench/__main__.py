@@ -1,0 +1,62 @@
+"""python -m pirl_fast.bench {shard,loader,membank,step,all} [options] [--json PATH]"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+
+from pirl_fast.bench.report import format_table, machine_description, write_json
+
+# Sub-command -> module in this package. Each module has add_arguments(parser) and run(args).
+BENCHMARKS = {
+    "shard": "pirl_fast.bench.shard",
+    "loader": "pirl_fast.bench.loader",
+    "membank": "pirl_fast.bench.membank",
+    "step": "pirl_fast.bench.step",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pirl_fast.bench",
+        description="Throughput benchmarks, each side by side with its baseline. Every command prints "
+        "a table; --json PATH also writes the figures (rates named *_per_s).",
+    )
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name, module_name in BENCHMARKS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0], description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p = sub.add_parser("all", help="run every benchmark with its defaults")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    names = list(BENCHMARKS) if args.bench == "all" else [args.bench]
+    results = {}
+    print(f"machine: {machine_description()}")
+    for name in names:
+        module = importlib.import_module(BENCHMARKS[name])
+        if args.bench == "all":  # each benchmark with its own defaults
+            sub_args = build_parser().parse_args([name])
+        else:
+            sub_args = args
+        print(f"\n== {name}")
+        rows = module.run(sub_args)
+        results[name] = rows
+        print(format_table(rows))
+    if args.json:
+        write_json(args.json, results, "python -m pirl_fast.bench " + shlex.join(argv))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

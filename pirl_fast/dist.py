@@ -1,0 +1,85 @@
+"""torchrun-native distributed helpers.
+
+Everything here works unchanged as a single process: when RANK / WORLD_SIZE are absent the
+collectives return their input, so CPU tests and one-GPU runs need no process group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def info() -> DistInfo:
+    """Rank, local rank and world size, from the process group if one is up, else torchrun's env."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return DistInfo(torch_dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), torch_dist.get_world_size())
+    return DistInfo(
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def init(backend: str | None = None) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch_dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch_dist.init_process_group(backend=backend)
+    return info()
+
+
+def shutdown() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` (same shape on every rank) from all ranks along dim 0, in rank order."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over ranks (a new tensor; the input is left alone)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.detach().clone()
+    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out / torch_dist.get_world_size()
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s value of `tensor`, in place, on every rank."""
+    if is_distributed():
+        torch_dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch_dist.barrier()

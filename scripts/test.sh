@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up .venv (see setup_env.sh) and runs the whole test suite on the CPU.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k shard -x`.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/setup_env.sh"
+cd "$root"
+export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"   # Triton kernels run on CPU tensors in tests
+exec "${PIRL_VENV:-$root/.venv}/bin/python" -m pytest "$@"
