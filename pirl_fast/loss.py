@@ -1,0 +1,129 @@
+"""PIRL's contrastive losses against the memory bank.
+
+    total = lam * L(m_I, g(v_It)) + (1 - lam) * L(m_I, f(v_I))           (jigsaw, image terms)
+
+L is selectable:
+  nce      the reference implementation's NPID-style NCE: P = exp(s/tau) / Z, noise constant
+           c = K/|D| (uniform noise over the |D| samples, K draws);
+           loss = -mean_b[ log(P0/(P0+c)) + sum_k log(c/(Pk+c)) ]
+  infonce  the paper's printed form: softmax cross-entropy over [pos, neg_1..neg_K] / tau.
+
+Scores s are cosine similarities (unit rows). Everything is computed in float32, through
+softplus / log-sum-exp so that exp(s/tau) (up to e^14 at tau=0.07) never overflows.
+
+Z: the normaliser is estimated once, on the first batch, as mean(exp(s/tau)) * |D| over that
+batch's positive and negative scores, averaged over ranks, then frozen. There is one Z per
+term (`z_jigsaw`, `z_image`): the two terms score different embeddings (g and f) whose score
+distributions differ, and the reference estimates one Z per NCE criterion. Both are buffers,
+NaN until estimated, and saved in state_dict so a resumed run keeps them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pirl_fast import dist
+
+KINDS = ("nce", "infonce")
+
+
+def _check(pos: Tensor, neg: Tensor, temperature: float) -> None:
+    if pos.dim() != 1 or neg.dim() != 2 or neg.shape[0] != pos.shape[0]:
+        raise ValueError(f"expected pos (B,) and neg (B, K); got {tuple(pos.shape)} and {tuple(neg.shape)}")
+    if neg.shape[1] < 1:
+        raise ValueError("need at least one negative per sample (K >= 1)")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (the paper uses 0.07)")
+
+
+def nce_loss(pos: Tensor, neg: Tensor, temperature: float, num_data: int, z: Tensor | float) -> Tensor:
+    """NPID-style NCE: pos (B,), neg (B, K) cosine scores -> scalar, float32."""
+    _check(pos, neg, temperature)
+    k = neg.shape[1]
+    log_c = math.log(k / num_data)  # log of the noise constant K/|D|
+    log_z = torch.log(torch.as_tensor(z, dtype=torch.float32, device=pos.device))
+    log_p0 = pos.float() / temperature - log_z  # (B,)   log P0
+    log_pk = neg.float() / temperature - log_z  # (B, K) log Pk
+    # -log(P0/(P0+c)) = log(1 + c/P0) = softplus(log c - log P0);  -log(c/(Pk+c)) = softplus(log Pk - log c)
+    per_sample = F.softplus(log_c - log_p0) + F.softplus(log_pk - log_c).sum(1)  # (B,)
+    return per_sample.mean()
+
+
+@torch.no_grad()
+def estimate_z(pos: Tensor, neg: Tensor, temperature: float, num_data: int) -> Tensor:
+    """Z = mean(exp(s/tau)) * |D| over all of pos (B,) and neg (B, K), averaged over ranks: scalar float32."""
+    _check(pos, neg, temperature)
+    s = torch.cat([pos.float().reshape(-1), neg.float().reshape(-1)]) / temperature  # (B + B*K,)
+    log_mean = torch.logsumexp(s, 0) - math.log(s.numel())  # log mean(exp(s/tau)), overflow-free
+    return dist.all_reduce_mean(torch.exp(log_mean) * num_data)
+
+
+def info_nce_loss(pos: Tensor, neg: Tensor, temperature: float) -> Tensor:
+    """Softmax cross-entropy over [pos, neg_1..neg_K] / tau with the positive at 0: scalar, float32."""
+    _check(pos, neg, temperature)
+    logits = torch.cat([pos.float().unsqueeze(1), neg.float()], dim=1) / temperature  # (B, 1+K)
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+@dataclass
+class LossConfig:
+    kind: str = "nce"  # nce (the reference implementation's) | infonce (the paper's printed form)
+    temperature: float = 0.07  # tau, the paper's
+    lam: float = 0.5  # weight of the jigsaw term; the paper found 0.5 best (and sensitive)
+
+
+@dataclass
+class LossTerms:
+    total: Tensor  # lam * jigsaw + (1 - lam) * image, what backward() runs on
+    jigsaw: Tensor  # L(m_I, g)
+    image: Tensor  # L(m_I, f)
+
+
+class PIRLCriterion(nn.Module):
+    """forward(f, g, index, bank) -> LossTerms; holds the frozen NCE normalisers as buffers."""
+
+    def __init__(self, cfg: LossConfig, num_data: int):
+        super().__init__()
+        if cfg.kind not in KINDS:
+            raise ValueError(f"loss.kind={cfg.kind!r} is unknown; choose one of {KINDS}")
+        if not 0.0 <= cfg.lam <= 1.0:
+            raise ValueError(f"loss.lam={cfg.lam} must lie in [0, 1] (the paper uses 0.5)")
+        if not cfg.temperature > 0:
+            raise ValueError(f"loss.temperature={cfg.temperature} must be > 0 (the paper uses 0.07)")
+        if num_data < 1:
+            raise ValueError(f"num_data={num_data} must be the dataset size (>= 1)")
+        self.cfg = cfg
+        self.num_data = num_data
+        self.register_buffer("z_jigsaw", torch.tensor(float("nan")))  # NaN = not estimated yet
+        self.register_buffer("z_image", torch.tensor(float("nan")))
+        self._z_ready: bool | None = False  # None = unknown (after a load): read the buffers once
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._z_ready = None
+
+    def _term(self, q: Tensor, pos: Tensor, index_neg: Tensor, bank, z: Tensor) -> Tensor:
+        neg = bank.scores(q, index_neg)  # (B, K)
+        if self.cfg.kind == "infonce":
+            return info_nce_loss(pos, neg, self.cfg.temperature)
+        if not self._z_ready:
+            z.copy_(estimate_z(pos.detach(), neg.detach(), self.cfg.temperature, self.num_data))
+        return nce_loss(pos, neg, self.cfg.temperature, self.num_data, z)
+
+    def forward(self, f: Tensor, g: Tensor, index: Tensor, bank) -> LossTerms:
+        """f, g (B, D) unit embeddings of the image and the patches; index (B,) the samples' bank rows."""
+        if self._z_ready is None:  # once after a checkpoint load: one host read, never per step
+            self._z_ready = bool(torch.isfinite(self.z_jigsaw) & torch.isfinite(self.z_image))
+        m = bank.rows(index)  # (B, D) float32, detached: the positives m_I
+        f, g = f.float(), g.float()
+        b = f.shape[0]
+        jigsaw = self._term(g, (m * g).sum(1), bank.sample_negatives(b), bank, self.z_jigsaw)  # first draw
+        image = self._term(f, (m * f).sum(1), bank.sample_negatives(b), bank, self.z_image)  # second draw
+        self._z_ready = True
+        lam = self.cfg.lam
+        return LossTerms(total=lam * jigsaw + (1.0 - lam) * image, jigsaw=jigsaw, image=image)
