@@ -1,0 +1,102 @@
+"""`python -m pirl_fast.shard --verify DST`: re-check a finished shard directory end to end.
+
+Checks, shard by shard: size and sha256 against the manifest; the index file equals the one
+rebuilt from the tar's own member offsets; every sample has exactly jpg, cls, idx, lbl in that
+order; cls and lbl agree and name a class; idx runs on from the previous shard; every JPEG
+decodes fully as a baseline RGB JPEG. Globally: the indices are exactly 0..N-1. Prints one line
+per problem (naming the shard and key) and returns the list; empty means all good.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+from pirl_fast.manifest import SAMPLE_MEMBERS, ShardError, load_manifest
+from pirl_fast.shard_format import IndexEntry, decode_int64, index_text, iter_samples, sha256_file
+
+
+def _check_jpeg(data: bytes) -> str | None:
+    """None if `data` is a fully decodable baseline RGB JPEG, else what is wrong."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except Exception as e:  # noqa: BLE001 -- any decoder failure is a finding, not a crash
+        return f"does not decode ({type(e).__name__}: {e})"
+    if img.format != "JPEG" or img.mode != "RGB":
+        return f"is {img.format} mode {img.mode}, expected JPEG mode RGB"
+    if img.info.get("progressive") or img.info.get("progression"):
+        return "is a progressive JPEG, expected baseline"
+    return None
+
+
+def verify_shards(shard_dir: str | Path, decode: bool = True) -> list[str]:
+    """All problems found in `shard_dir` (see the module docstring); prints a summary line."""
+    try:
+        manifest = load_manifest(shard_dir)
+    except ShardError as e:
+        print(f"FAIL: {e}", file=sys.stderr)
+        return [str(e)]
+    problems: list[str] = []
+
+    def problem(msg: str) -> None:
+        problems.append(msg)
+        print(f"FAIL: {msg}", file=sys.stderr)
+
+    seen = 0
+    next_index = 0
+    for info, tar_path, idx_path in zip(manifest.shards, manifest.tar_paths(), manifest.index_paths()):
+        size = Path(tar_path).stat().st_size
+        if size != info.bytes:
+            problem(f"{info.name}: {size} bytes, manifest says {info.bytes}")
+        if sha256_file(tar_path) != info.sha256:
+            problem(f"{info.name}: sha256 differs from the manifest (corrupted or replaced); re-run the sharder")
+        entries: list[IndexEntry] = []
+        count = 0
+        try:
+            with open(tar_path, "rb") as f:
+                for key, data, where in iter_samples(f):
+                    count += 1
+                    if list(data) != SAMPLE_MEMBERS:
+                        problem(f"{info.name}: sample {key} has members {list(data)}, expected {SAMPLE_MEMBERS}")
+                        continue
+                    entries.append(IndexEntry(key, [(ext, *where[ext], f"{key}.{ext}") for ext in SAMPLE_MEMBERS]))
+                    try:
+                        label, lbl, index = int(data["cls"]), decode_int64(data["lbl"]), decode_int64(data["idx"])
+                    except ValueError as e:
+                        problem(f"{info.name}: sample {key}: bad cls/lbl/idx ({e})")
+                        continue
+                    if label != lbl or not 0 <= label < len(manifest.classes):
+                        problem(f"{info.name}: sample {key}: cls {label} / lbl {lbl}, expected equal and "
+                                f"< {len(manifest.classes)} classes")
+                    if index != next_index:
+                        problem(f"{info.name}: sample {key}: idx {index}, expected {next_index}")
+                    next_index = index + 1
+                    if decode and (why := _check_jpeg(data["jpg"])):
+                        problem(f"{info.name}: sample {key}: jpg {why}")
+        except Exception as e:  # noqa: BLE001 -- a tar that cannot be read at all is one finding
+            problem(f"{info.name}: cannot be read as a tar ({type(e).__name__}: {e})")
+            continue
+        if count != info.samples:
+            problem(f"{info.name}: holds {count} samples, manifest says {info.samples}")
+        try:
+            on_disk = Path(idx_path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            problem(f"{info.index_name}: unreadable ({e})")
+            continue
+        if on_disk != index_text(entries):
+            problem(f"{info.index_name}: does not match the member offsets in {info.name}; re-run the sharder")
+        seen += count
+    if seen != manifest.num_samples or next_index != manifest.num_samples:
+        problem(f"{manifest.root}: {seen} samples with indices up to {next_index - 1}, "
+                f"manifest says {manifest.num_samples} (indices 0..{manifest.num_samples - 1})")
+    status = f"{len(problems)} problem(s)" if problems else "OK"
+    print(f"verify {manifest.root}: {len(manifest.shards)} shards, {seen} samples, {len(manifest.classes)} classes, "
+          f"{len(manifest.skipped)} skipped at sharding time: {status}")
+    return problems

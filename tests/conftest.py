@@ -1,0 +1,37 @@
+"""Shared fixtures: a small generated ImageFolder and shards made from it, built once per session.
+
+    sample_image_dir  Path of an ImageFolder: 4 classes x 12 images (seed 0), clean inputs only
+                      (mixed JPEG/PNG/greyscale/CMYK/progressive, sides 96-400 px).
+    sample_shards     Path of a shard directory made from it with 14 samples per shard:
+                      shards of 14, 14, 14 and 6 samples (indices 0..47), DALI index files and
+                      manifest.json. Read it through pirl_fast.manifest.load_manifest.
+
+Both are read-only for tests: copy them (shutil.copytree) before changing anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pirl_fast.sample_data import write_sample_folder
+from pirl_fast.shard import Options, run_shard
+
+SAMPLE_CLASSES = 4
+SAMPLE_PER_CLASS = 12
+SAMPLE_SHARD_SIZE = 14  # 48 images -> 14 + 14 + 14 + 6: several shards, the last one partial
+
+
+@pytest.fixture(scope="session")
+def sample_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sample_images")
+    return write_sample_folder(root, classes=SAMPLE_CLASSES, per_class=SAMPLE_PER_CLASS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory: pytest.TempPathFactory, sample_image_dir: Path) -> Path:
+    dst = tmp_path_factory.mktemp("sample_shards") / "shards"
+    run_shard(Options(src=str(sample_image_dir), dst=str(dst), samples_per_shard=SAMPLE_SHARD_SIZE,
+                      max_side=320, seed=0, workers=1))
+    return dst
