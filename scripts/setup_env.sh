@@ -14,9 +14,12 @@ stamp="$venv/.pirl_fast-installed"
 # Reinstall when pyproject.toml changed since the last install.
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
   echo "[setup] installing pirl_fast and its pinned dependencies (first time: a few minutes)"
-  "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-  "$venv/bin/python" -m pip install -q -e "$root[dev]" 2>&1 | grep -v '^WARNING: Location' || true
-  "$venv/bin/python" -c "import torch, torchvision, nvidia.dali, webdataset, hydra, pirl_fast" \
-    || { echo "[setup] install failed: see the pip output above" >&2; exit 1; }
+  log="$venv/pip-install.log"
+  if ! "$venv/bin/python" -m pip install -e "$root[dev]" >"$log" 2>&1 \
+     || ! "$venv/bin/python" -c "import torch, torchvision, nvidia.dali, webdataset, hydra, pirl_fast"; then
+    tail -n 40 "$log" >&2
+    echo "[setup] install failed; the full pip log is $log" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
