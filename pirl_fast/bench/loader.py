@@ -1,0 +1,132 @@
+"""Loader throughput: PIRL samples/s of the dali backend against the torch baseline, same shards.
+
+Each PIRL sample is one JPEG decoded into two views: a 224 px image crop and nine 64 px patches,
+all augmented independently, delivered as a `Batch` (patch order applied). Both CPU backends get
+the same number of CPU threads (DALI threads = DataLoader workers) and are timed in alternation,
+round after round, each after a warm-up that drains what was prefetched while the other ran; the
+figure is the median over rounds. With CUDA present the dali backend is also timed on the GPU.
+
+Without --shards, ~1000 synthetic images of ImageNet-like size (400-500 px sides, baseline JPEG)
+are generated and sharded in a temporary directory first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pirl_fast.data import DataConfig, build_loader
+
+IMAGE_SIDES = (400, 501)  # px, ImageNet-like: its median image is about 400 x 500
+JPEG_QUALITY = 90  # typical of ImageNet's files
+BENCH_CLASSES = 10
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", metavar="DIR", help="shard directory to read (default: generate one in a temp dir)")
+    p.add_argument("--images", type=int, default=1000, help="images to generate without --shards (default 1000)")
+    p.add_argument("--batch-size", type=int, default=64, help="per-process batch (default 64)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="DALI threads = DataLoader workers (default: all CPU cores)")
+    p.add_argument("--batches", type=int, default=10, help="timed batches per backend per round (default 10)")
+    p.add_argument("--warmup", type=int, default=4, help="untimed batches before each timed run (default 4)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported (default 3)")
+    p.add_argument("--plot", metavar="PATH.png", help="also draw a bar chart of samples/s per backend")
+
+
+def make_bench_shards(root: Path, images: int, seed: int = 0) -> str:
+    """An ImageFolder of `images` synthetic photos with 400-500 px sides, sharded into root/shards."""
+    from PIL import Image
+
+    from pirl_fast.sample_data import class_names, make_image
+    from pirl_fast.shard import Options, run_shard
+
+    rng = np.random.default_rng(seed)
+    names = class_names(BENCH_CLASSES)
+    for i in range(images):
+        label = i % BENCH_CLASSES
+        folder = root / "src" / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = (int(v) for v in rng.integers(*IMAGE_SIDES, size=2))
+        make_image(label, rng).resize((w, h), Image.BILINEAR).save(folder / f"{i:06d}.jpg", quality=JPEG_QUALITY)
+    run_shard(Options(src=str(root / "src"), dst=str(root / "shards"), samples_per_shard=max(1, images // 8),
+                      workers=max(1, min(8, os.cpu_count() or 1))))
+    return str(root / "shards")
+
+
+def endless(loader):
+    """Batches across epoch boundaries, forever."""
+    for _ in itertools.count():
+        yield from loader
+
+
+def timed(stream, warmup: int, batches: int, device: torch.device) -> float:
+    """Seconds for `batches` batches after `warmup` untimed ones (CUDA synchronised at both ends)."""
+    for _ in range(warmup):
+        next(stream)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(stream)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    del batch
+    return time.perf_counter() - start
+
+
+def measure(shards: str, args) -> list[dict]:
+    contenders = [("dali", torch.device("cpu")), ("torch", torch.device("cpu"))]
+    if torch.cuda.is_available():
+        contenders.append(("dali", torch.device("cuda")))
+    streams, seconds = {}, {}
+    for backend, device in contenders:
+        cfg = DataConfig(shards=shards, backend=backend, batch_size=args.batch_size, workers=args.workers)
+        streams[backend, device.type] = endless(build_loader(cfg, device=device))
+        seconds[backend, device.type] = []
+    for _ in range(args.rounds):  # alternate, so a noisy neighbour hurts both alike
+        for (backend, device) in contenders:
+            seconds[backend, device.type].append(timed(streams[backend, device.type], args.warmup, args.batches, device))
+    torch_rate = args.batch_size * args.batches / statistics.median(seconds["torch", "cpu"])
+    rows = []
+    for backend, device in contenders:
+        rate = args.batch_size * args.batches / statistics.median(seconds[backend, device.type])
+        rows.append({"backend": backend, "device": device.type, "threads": args.workers,
+                     "batch": args.batch_size, "samples_per_s": rate, "vs_torch": rate / torch_rate})
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['backend']} ({r['device']})" for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bars = ax.bar(labels, [r["samples_per_s"] for r in rows], color=["tab:green", "tab:gray", "tab:blue"][: len(rows)])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylabel("PIRL samples / s")
+    ax.set_title(f"loader throughput, {rows[0]['threads']} CPU threads")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="pirl_bench_loader_") as tmp:
+        shards = args.shards or make_bench_shards(Path(tmp), args.images)
+        rows = measure(shards, args)
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return rows

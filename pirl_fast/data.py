@@ -1,0 +1,230 @@
+"""The loader layer: one batch contract (`Batch`) for every backend, built by `build_loader`.
+
+Backends (DataConfig.backend):
+    dali       dali_pipelines/pirl.py: GPU decode + augment when the device is CUDA, the same graph
+               on the CPU otherwise (pirl_fast/loader_dali.py)
+    torch      an indexed tar reader + torchvision transforms v2 in DataLoader workers, the same
+               augmentations; the fallback without DALI and the baseline (pirl_fast/loader_torch.py)
+    synthetic  random tensors made on the device, for compute-only timing (loader_synthetic.py)
+
+An epoch, for every backend: each rank yields ceil(N / global_batch) batches of
+batch_size // world_size samples; over all ranks every sample comes at least once and the
+global_batch * ceil(N / global_batch) - N < global_batch extra deliveries are duplicates of
+real samples (`duplicates_per_epoch`). Iterating again starts the next epoch, reshuffled.
+
+Patch order: every backend delivers patches in cell order; `PatchOrder` draws a permutation per
+sample (any of 9!, or one of a fixed max-Hamming set) and applies it as one gather on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from pirl_fast.manifest import Manifest, ShardError, load_manifest
+from pirl_fast.permutations import max_hamming_permutations, random_permutations
+
+BACKENDS = ("dali", "torch", "synthetic")
+INDEX_HEADER = "v1.2"  # DALI webdataset index format written by pirl_fast.shard / wds2idx
+HASH_CHUNK = 1 << 22  # 4 MiB reads when checksumming shards
+
+
+@dataclass
+class DataConfig:
+    """Hydra structured config of the data group (plain int/float/str/bool/list fields only)."""
+
+    shards: str = "???"  # shard directory (ignored by synthetic)
+    backend: str = "dali"  # dali | torch | synthetic
+    batch_size: int = 256  # GLOBAL batch over all ranks; per rank = batch_size // world_size
+    workers: int = 4  # DALI CPU threads / DataLoader workers, per rank
+    image_size: int = 224
+    image_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random_resized_crop area
+    patch_crop_size: int = 255  # the patch view's crop, cut into grid x grid cells (must divide)
+    patch_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    grid: int = 3  # 3x3 cells of patch_crop_size // grid (85) px
+    patch_size: int = 64  # one patch per cell, at a random offset inside it
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.2  # torchvision units: a fraction of the colour circle (DALI gets 360*hue degrees)
+    gray_p: float = 0.2
+    flip_p: float = 0.5
+    color_aug: bool = True  # off -> no jitter / greyscale (geometry tests)
+    num_permutations: int = 0  # 0: any of 9! orders; P > 0: a fixed max-Hamming set of P
+    shuffle_buffer: int = 4096  # DALI initial_fill / shuffle buffer, samples
+    synthetic_samples: int = 10000  # dataset size the synthetic backend pretends to have
+    seed: int = 0
+    prefetch: int = 2  # batches prepared ahead: DALI prefetch_queue_depth / DataLoader prefetch_factor
+    verify_sha256: bool = False  # hash every shard at start-up (minutes for ImageNet; sizes are always checked)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, S, S) float32, channels_last, normalised
+    patches: torch.Tensor  # (B*9, 3, P, P) float32, channels_last; sample b at [9b:9b+9], presented order
+    index: torch.Tensor  # (B,) int64 global sample index (memory-bank row)
+    label: torch.Tensor  # (B,) int64
+    perm: torch.Tensor  # (B, 9) int64: patches[9b+j] was cut from grid cell perm[b, j] (row-major)
+    perm_id: torch.Tensor  # (B,) int64: row of perm in the fixed set, -1 when num_permutations == 0
+
+
+class PIRLLoader(Protocol):
+    num_samples: int  # dataset size N
+    batch_size: int  # per rank
+    duplicates_per_epoch: int  # padding deliveries per epoch over all ranks, < one global batch
+
+    def __iter__(self) -> Iterator[Batch]: ...
+    def __len__(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def check_config(cfg: DataConfig, world_size: int) -> int:
+    """Validate `cfg` for `world_size` ranks; returns the per-rank batch size."""
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"data.backend={cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    if world_size < 1 or cfg.batch_size % world_size or cfg.batch_size < world_size:
+        raise ValueError(f"data.batch_size={cfg.batch_size} (global) must be a positive multiple of the world "
+                         f"size {world_size}")
+    if cfg.workers < (1 if cfg.backend == "dali" else 0):
+        raise ValueError(f"data.workers={cfg.workers} must be >= 1 for DALI (its CPU threads) and >= 0 for torch")
+    if cfg.patch_crop_size % cfg.grid:
+        raise ValueError(f"data.patch_crop_size={cfg.patch_crop_size} must be divisible by data.grid={cfg.grid} "
+                         f"(e.g. 255 for a 3x3 grid of 85 px cells)")
+    if cfg.patch_crop_size // cfg.grid < cfg.patch_size:
+        raise ValueError(f"data.patch_size={cfg.patch_size} does not fit in a {cfg.patch_crop_size // cfg.grid} px "
+                         f"cell (patch_crop_size / grid)")
+    for name in ("image_scale", "patch_scale"):
+        lo, hi = getattr(cfg, name)
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"data.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
+    return cfg.batch_size // world_size
+
+
+def derive_seed(seed: int, k: int) -> int:
+    """A distinct seed per (seed, k) for k a rank or an epoch, in DALI's valid range [0, 2**31).
+    1_000_003 is a prime larger than any rank or epoch count, so pairs do not collide."""
+    return (seed * 1_000_003 + k) % (2**31 - 1)
+
+
+def epoch_length(num_samples: int, global_batch: int) -> tuple[int, int]:
+    """(batches per rank per epoch, duplicate deliveries per epoch over all ranks)."""
+    batches = math.ceil(num_samples / global_batch)
+    return batches, batches * global_batch - num_samples
+
+
+def check_shards(cfg: DataConfig) -> Manifest:
+    """Load the manifest and check every shard before any reader opens it, so errors are ours.
+
+    Checks per shard: tar size equals the manifest's; the index file's header is `v1.2 <n>` with n
+    equal to the manifest's sample count and n entry lines, each inside the tar; and, with
+    cfg.verify_sha256, the tar's SHA-256. Raises ShardError naming the file and the fix.
+    """
+    manifest = load_manifest(cfg.shards)
+    fix = f"re-run `python -m pirl_fast.shard SRC {cfg.shards}` (or restore the file from a copy)"
+    for shard in manifest.shards:
+        tar, index = manifest.root / shard.name, manifest.root / shard.index_name
+        size = tar.stat().st_size
+        if size != shard.bytes:
+            raise ShardError(f"shard {tar} is {size} bytes, the manifest says {shard.bytes} "
+                             f"(truncated or replaced): {fix}")
+        check_index_file(index, shard.samples, size, fix)
+        if cfg.verify_sha256 and sha256_of(tar) != shard.sha256:
+            raise ShardError(f"shard {tar} does not match its SHA-256 in the manifest (corrupt): {fix}")
+    return manifest
+
+
+def check_index_file(path: Path, samples: int, tar_bytes: int, fix: str) -> None:
+    """A DALI v1.2 index: header `v1.2 <samples>`, then one line per sample of
+    `<ext> <offset> <size> <member name>` groups, every member inside the tar."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardError(f"index file {path} cannot be read ({e}): {fix}") from e
+    header = lines[0].split() if lines else []
+    if len(header) != 2 or header[0] != INDEX_HEADER or not header[1].isdigit():
+        raise ShardError(f"index file {path} has header {lines[0] if lines else ''!r}, expected "
+                         f"'{INDEX_HEADER} <num_samples>': {fix}")
+    if int(header[1]) != samples or len(lines) - 1 != samples:
+        raise ShardError(f"index file {path} lists {header[1]} samples in its header and {len(lines) - 1} lines, "
+                         f"the manifest says {samples}: {fix}")
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        try:
+            if not fields or len(fields) % 4:
+                raise ValueError("expected groups of <ext> <offset> <size> <name>")
+            ends = [int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields), 4)]
+        except ValueError as e:
+            raise ShardError(f"index file {path} line {number} is malformed ({e}): {fix}") from e
+        if max(ends) > tar_bytes:
+            raise ShardError(f"index file {path} line {number} points past the end of its {tar_bytes}-byte tar: {fix}")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class PatchOrder:
+    """Draws a presentation order per sample and applies it to cell-ordered patches, on `device`."""
+
+    def __init__(self, cfg: DataConfig, rank: int, device: torch.device):
+        self.num_cells = cfg.grid * cfg.grid
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, rank))
+        self.fixed = (max_hamming_permutations(cfg.num_permutations, self.num_cells, seed=cfg.seed).to(device)
+                      if cfg.num_permutations > 0 else None)  # (P, 9)
+
+    def draw(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(perm (B, 9) int64, perm_id (B,) int64) on the device."""
+        if self.fixed is None:
+            perm = random_permutations(B, self.num_cells, self.generator, self.device)
+            return perm, torch.full((B,), -1, dtype=torch.int64, device=self.device)
+        perm_id = torch.randint(len(self.fixed), (B,), generator=self.generator, device=self.device)
+        return self.fixed[perm_id], perm_id
+
+    def apply(self, patches: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """(B, 9, P, P, 3) cell order -> (B*9, 3, P, P) channels_last view, presented order.
+
+        One gather (a new tensor: the result never aliases a reader's buffer)."""
+        B = patches.shape[0]
+        rows = torch.arange(B, device=patches.device)[:, None]  # (B, 1)
+        ordered = patches[rows, perm]  # (B, 9, P, P, 3), contiguous
+        return ordered.flatten(0, 1).permute(0, 3, 1, 2)  # (B*9, 3, P, P), channels_last strides
+
+
+def make_batch(images_nhwc: torch.Tensor, patches_cells: torch.Tensor, index: torch.Tensor, label: torch.Tensor,
+               order: PatchOrder) -> Batch:
+    """Assemble a Batch from backend outputs already on the device.
+
+    images_nhwc (B, S, S, 3) contiguous; patches_cells (B, 9, P, P, 3) in cell order; index, label (B,)."""
+    perm, perm_id = order.draw(images_nhwc.shape[0])
+    return Batch(images=images_nhwc.permute(0, 3, 1, 2),  # (B, 3, S, S), channels_last strides
+                 patches=order.apply(patches_cells, perm), index=index.reshape(-1), label=label.reshape(-1),
+                 perm=perm, perm_id=perm_id)
+
+
+def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu") -> PIRLLoader:
+    """The loader for this rank: `len()` batches of cfg.batch_size // world_size samples per epoch."""
+    per_rank = check_config(cfg, world_size)
+    device = torch.device(device)
+    if cfg.backend == "synthetic":
+        from pirl_fast.loader_synthetic import SyntheticLoader
+
+        return SyntheticLoader(cfg, per_rank, rank, world_size, device)
+    manifest = check_shards(cfg)
+    if cfg.backend == "dali":
+        from pirl_fast.loader_dali import DaliLoader
+
+        return DaliLoader(cfg, manifest, per_rank, rank, world_size, device)
+    from pirl_fast.loader_torch import TorchLoader
+
+    return TorchLoader(cfg, manifest, per_rank, rank, world_size, device)

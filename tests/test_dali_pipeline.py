@@ -1,0 +1,146 @@
+"""Patch geometry and colour facts of the PIRL views, DALI pipeline first, torch baseline alike.
+
+The test images are 255x255 (exactly one patch crop) made of 3x3 cells of 85 px; the left
+half of cell k is colour LEFT[k] and its right half RIGHT[k] (18 distinct, far-apart colours;
+class 1 images use the cells in another order). With patch_scale (1, 1) the patch crop is the
+whole image, and a 64 px patch at any offset in [0, 21] has its first columns in the left half
+and its last columns in the right half of its cell, so its two edge colours say which cell it
+came from and whether it was mirrored.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pirl_fast.data import DataConfig, build_loader
+from pirl_fast.shard import Options, run_shard
+
+pytest.importorskip("nvidia.dali")
+
+CELL, GRID, EDGE = 85, 3, 8  # EDGE: columns averaged at each side of a patch (JPEG-safe, < 21)
+PALETTE = np.array([c for c in itertools.product([0, 128, 255], repeat=3)][:18], np.float32)  # (18, 3)
+LEFT, RIGHT = PALETTE[:9], PALETTE[9:]  # colours of cell k's halves
+CLASS_LAYOUT = [list(range(9)), [4, 8, 0, 7, 2, 6, 1, 5, 3]]  # class c: cell k shows colour pair LAYOUT[c][k]
+MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+
+def grid_image(layout: list[int]) -> Image.Image:
+    pixels = np.zeros((GRID * CELL, GRID * CELL, 3), np.uint8)
+    for k, pair in enumerate(layout):
+        row, col = divmod(k, GRID)
+        y, x = row * CELL, col * CELL
+        pixels[y:y + CELL, x:x + CELL // 2] = LEFT[pair]
+        pixels[y:y + CELL, x + CELL // 2:x + CELL] = RIGHT[pair]
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def grid_shards(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("grid_data")
+    for c, layout in enumerate(CLASS_LAYOUT):
+        (root / "src" / f"class{c}").mkdir(parents=True)
+        for i in range(3):  # baseline 4:4:4 JPEGs: the sharder copies them byte for byte
+            grid_image(layout).save(root / "src" / f"class{c}" / f"{i}.jpg", quality=95, subsampling=0)
+    run_shard(Options(src=str(root / "src"), dst=str(root / "shards"), samples_per_shard=4, seed=0))
+    return str(root / "shards")
+
+
+def nearest(colours: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(n, 3) colours -> index of the nearest palette entry, (n,)."""
+    return np.argmin(((colours[:, None] - palette[None]) ** 2).sum(-1), axis=1)
+
+
+def to_pixels(patches: torch.Tensor) -> np.ndarray:
+    """(n, 3, P, P) normalised -> (n, P, P, 3) on the 0-255 scale."""
+    return patches.permute(0, 2, 3, 1).numpy() * STD + MEAN
+
+
+def geometry_config(shards: str, backend: str, flip_p: float) -> DataConfig:
+    return DataConfig(shards=shards, backend=backend, batch_size=6, workers=1, color_aug=False, flip_p=flip_p,
+                      patch_scale=[1.0, 1.0], shuffle_buffer=8)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("flip_p", [0.0, 1.0])
+def test_each_patch_comes_from_its_own_cell(grid_shards, backend, flip_p):
+    loader = build_loader(geometry_config(grid_shards, backend, flip_p))
+    checked = 0
+    for batch in loader:
+        pixels = to_pixels(batch.patches).reshape(len(batch.index), 9, 64, 64, 3)
+        for b in range(len(batch.index)):
+            layout = CLASS_LAYOUT[int(batch.label[b])]
+            left_edge = nearest(pixels[b, :, :, :EDGE].mean(axis=(1, 2)), PALETTE)  # (9,) palette ids
+            right_edge = nearest(pixels[b, :, :, -EDGE:].mean(axis=(1, 2)), PALETTE)
+            if flip_p == 1.0:  # mirrored patches show the right half on the left
+                left_edge, right_edge = right_edge, left_edge
+            cells = batch.perm[b].tolist()
+            assert sorted(cells) == list(range(9))  # the nine patches cover all nine cells
+            assert left_edge.tolist() == [layout[k] for k in cells], f"sample {int(batch.index[b])}"
+            assert right_edge.tolist() == [9 + layout[k] for k in cells], f"sample {int(batch.index[b])}"
+            checked += 1
+    assert checked == 6
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_patch_offsets_vary_within_cells(grid_shards, backend):
+    """The left/right boundary inside a patch sits at 42 - offset: offsets differ between patches."""
+    loader = build_loader(geometry_config(grid_shards, backend, 0.0))
+    boundaries = set()
+    for batch in loader:
+        pixels = to_pixels(batch.patches)  # (n, 64, 64, 3)
+        step = np.abs(np.diff(pixels[:, 32], axis=1)).sum(-1)  # (n, 63) colour change along the middle row
+        boundaries.update(np.argmax(step, axis=1).tolist())
+    assert len(boundaries) >= 8  # 22 possible offsets, 54 patches
+    assert min(boundaries) >= CELL // 2 - 1 - (CELL - 64) - 1 and max(boundaries) <= CELL // 2
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_greyscale_keeps_three_equal_channels(grid_shards, backend):
+    cfg = geometry_config(grid_shards, backend, 0.5)
+    cfg.color_aug, cfg.gray_p = True, 1.0
+    batch = next(iter(build_loader(cfg)))
+    for view in (batch.images, batch.patches):
+        pixels = to_pixels(view)  # (n, H, W, 3)
+        assert pixels.shape[-1] == 3
+        spread = pixels.max(-1) - pixels.min(-1)  # channel disagreement per pixel
+        assert np.percentile(spread, 99) < 3.0, "grey samples must have R = G = B"
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_colour_jitter_changes_colours_per_patch(grid_shards, backend):
+    """With jitter on, the same cell colour comes out differently in different patches."""
+    cfg = geometry_config(grid_shards, backend, 0.0)
+    cfg.color_aug, cfg.gray_p = True, 0.0
+    shifts = []
+    for batch in build_loader(cfg):
+        pixels = to_pixels(batch.patches).reshape(len(batch.index), 9, 64, 64, 3)
+        for b in range(len(batch.index)):
+            layout = CLASS_LAYOUT[int(batch.label[b])]
+            for j, k in enumerate(batch.perm[b].tolist()):
+                shifts.append(pixels[b, j, :, :EDGE].mean(axis=(0, 1)) - LEFT[layout[k]])  # (3,)
+    shifts = np.array(shifts)
+    assert np.abs(shifts).max() > 20  # jitter moves colours
+    assert shifts.std(axis=0).min() > 5  # ... and differently per patch
+
+
+def test_dali_outputs_are_channels_last_without_copy(grid_shards):
+    """DALI's HWC / FHWC outputs are wrapped as NCHW views with channels_last strides."""
+    from dali_pipelines.pirl import READER_NAME, pirl_pipeline
+    from pirl_fast.manifest import load_manifest
+
+    manifest = load_manifest(grid_shards)
+    cfg = geometry_config(grid_shards, "dali", 0.5)
+    pipe = pirl_pipeline(manifest.tar_paths(), manifest.index_paths(), cfg, 0, 1, False,
+                         batch_size=4, num_threads=1, device_id=None, seed=0)
+    pipe.build()
+    assert pipe.reader_meta(READER_NAME)["epoch_size"] == manifest.num_samples
+    images, patches, index, label = pipe.run()
+    assert images.layout() == "HWC" and patches.layout() == "FHWC"
+    assert images.as_tensor().shape() == [4, 224, 224, 3] and patches.as_tensor().shape() == [4, 9, 64, 64, 3]
+    assert index.as_tensor().shape() == [4, 1] and label.as_tensor().shape() == [4, 1]
+    view = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2)  # (4, 3, 224, 224), no copy
+    assert view.is_contiguous(memory_format=torch.channels_last)
