@@ -1,0 +1,356 @@
+"""PIRL pre-training: `python -m pirl_fast.train` (one process) or `torchrun -m pirl_fast.train` (DDP).
+
+    python -m pirl_fast.train experiment=smoke data.shards=demo/shards
+    torchrun --nproc_per_node=8 -m pirl_fast.train experiment=pirl_in1k_r50 data.shards=shards/in1k
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        -m pirl_fast.train experiment=pirl_in1k_r50 data.shards=/shared/shards/in1k
+
+`main(cfg)` is the Hydra entry point; `train(cfg)` is plain (tests call it with `compose(...)`).
+One step, top to bottom, in `train_step`: LR, forward under autocast, loss, finite check,
+backward, optimiser step, bank update. The loop around it (`fit`) fetches batches, checkpoints,
+logs, and stops on max_steps, the last epoch, a signal, or a non-finite loss.
+
+Run directory: runs/${name} unless hydra.run.dir=DIR says otherwise; rank 0 decides it and
+broadcasts it, so every rank reads checkpoints from the same place (multi-node: a shared
+filesystem). Only rank 0 writes there: checkpoints/, metrics.jsonl, tb/, config.yaml, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pirl_fast import checkpoint, dist
+from pirl_fast.checkpoint import resume_into, run_state
+from pirl_fast.config import Config, ConfigError, to_dataclass, to_yaml, validate
+from pirl_fast.data import build_loader
+from pirl_fast.loss import PIRLCriterion
+from pirl_fast.memory_bank import MemoryBank
+from pirl_fast.metrics import MetricsLogger, StepClock, format_summary, gpu_memory_gb
+from pirl_fast.model import PIRLModel
+from pirl_fast.optim import build_optimizer, set_lr
+from pirl_fast.schedule import LRSchedule, lr_at, scaled_lr
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class Run:
+    """The run's objects and position, passed to the step and the loop instead of long argument lists."""
+
+    cfg: Config
+    rank: int
+    world_size: int
+    device: torch.device
+    run_dir: Path
+    loader: Any  # a pirl_fast.data.PIRLLoader
+    module: PIRLModel  # the bare model: state_dict, parameter groups
+    model: nn.Module  # what the step calls: `module`, wrapped in DDP and/or torch.compile
+    criterion: PIRLCriterion
+    bank: MemoryBank
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    stop_at: int  # the loop ends once `step` reaches this (epochs * batches per epoch, or max_steps)
+    global_batch: int
+    autocast_dtype: torch.dtype | None  # bf16 on CUDA by default; None: plain fp32
+    logger: MetricsLogger | None = None
+    clock: StepClock | None = None
+    step: int = 0  # optimiser steps done (the LR schedule's position)
+    epoch: int = 0  # epochs done
+    batches_in_epoch: int = 0  # batches of the current epoch already consumed
+    batches: Any = None  # the current epoch's iterator
+    stop_signal: int = 0  # set by the SIGTERM / SIGINT handler, acted on at the next step boundary
+    last_checkpoint: Path | None = None
+    interval_losses: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- the step
+def train_step(run: Run, batch) -> list[float]:
+    """One optimiser step on `batch`; returns the global mean [total, jigsaw, image] loss and the stop flag."""
+    lr = lr_at(run.step, run.schedule)
+    set_lr(run.optimizer, lr)
+    with run.clock.phase("compute"):
+        with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32,
+                            enabled=run.autocast_dtype is not None):
+            f, g = run.model(batch.images, batch.patches)  # (B, D), (B, D) float32, unit rows
+        terms = run.criterion(f, g, batch.index, run.bank)  # fp32, against the bank's old rows
+        # One small all-reduce: the loss for the log is the mean over ranks, and a NaN or a stop
+        # request on any rank reaches all of them, so every rank stops at the same step.
+        flags = torch.stack([terms.total.detach(), terms.jigsaw.detach(), terms.image.detach(),
+                             torch.tensor(float(run.stop_signal), device=run.device)])  # (4,)
+        flags = dist.all_reduce_mean(flags)
+        run.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        # The finite check reads the device once, after backward was queued (so the GPU keeps busy
+        # while we wait) and before the optimiser step (so a NaN never reaches the weights or bank).
+        values = flags.tolist()
+        if not all(math.isfinite(v) for v in values[:3]):
+            raise NonFiniteLossError(non_finite_message(
+                run, f"the loss is not finite at step {run.step + 1} (epoch {run.epoch}, batch "
+                f"{run.batches_in_epoch + 1}): total={values[0]}, jigsaw={values[1]}, image={values[2]}", lr))
+        run.optimizer.step()
+    with run.clock.phase("bank"):
+        run.bank.update(batch.index, f.detach())  # after the loss: the positives were the old rows
+    return values
+
+
+def non_finite_message(run: Run, problem: str, lr: float) -> str:
+    """`problem`, then what was kept and what usually causes it."""
+    last = (f"{run.last_checkpoint} (step {int(run.last_checkpoint.stem.split('_')[1])})" if run.last_checkpoint
+            else "none was written in this process; see checkpoints/ in the run directory")
+    return (f"{problem}; lr={lr:.4g}. Stopped without saving anything from this step. Last good checkpoint: "
+            f"{last}. Usual causes: a learning rate too high for the batch (optim.lr={run.cfg.optim.lr} per "
+            f"{run.cfg.optim.reference_batch} samples), bf16 overflow (try trainer.precision=fp32), or "
+            f"loss.temperature={run.cfg.loss.temperature} too small.")
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def next_batch(run: Run):
+    """The next batch, starting a new epoch (a new iterator) when the previous one is used up."""
+    if run.batches is None:
+        run.batches = iter(run.loader)
+    return next(run.batches)
+
+
+def fit(run: Run) -> str:
+    """Train until stop_at; returns why it stopped: "max_steps", "epochs", or the signal's name."""
+    ckpt_every = run.cfg.trainer.ckpt_every
+    run.clock.restart()
+    while run.step < run.stop_at:
+        with run.clock.phase("data"):
+            batch = next_batch(run)
+        values = train_step(run, batch)
+        run.step += 1
+        run.batches_in_epoch += 1
+        epoch_done = run.batches_in_epoch == len(run.loader)
+        if epoch_done:
+            run.epoch, run.batches_in_epoch, run.batches = run.epoch + 1, 0, None
+        stopping = values[3] > 0 or run.step >= run.stop_at
+        if stopping or (ckpt_every and run.step % ckpt_every == 0) or (epoch_done and run.cfg.trainer.ckpt_epoch_end):
+            with run.clock.phase("checkpoint"):
+                save_checkpoint(run)
+        run.clock.end_step(run.global_batch)
+        run.interval_losses.append(values[:3])
+        run.logger.advance()
+        if run.step % run.cfg.trainer.log_every == 0 or stopping:
+            log_interval(run)
+        if values[3] > 0:  # a signal on any rank (one that reached another rank only counts as SIGTERM)
+            return signal.Signals(run.stop_signal or signal.SIGTERM).name
+    return "max_steps" if run.cfg.trainer.max_steps and run.step >= run.cfg.trainer.max_steps else "epochs"
+
+
+def log_interval(run: Run) -> None:
+    losses = np.mean(np.array(run.interval_losses), axis=0)  # mean over the interval's steps
+    run.interval_losses.clear()
+    timing = run.clock.take_interval()
+    run.logger.log({
+        "step": run.step, "epoch": run.epoch + run.batches_in_epoch / len(run.loader),
+        "loss": float(losses[0]), "loss_jigsaw": float(losses[1]), "loss_image": float(losses[2]),
+        "lr": lr_at(run.step - 1, run.schedule), "samples_per_s": timing["samples_per_s"],
+        "data_wait_share": timing["data_wait_share"], "step_time_s": timing["step_time_s"],
+        "gpu_mem_gb": gpu_memory_gb(run.device),
+    })
+
+
+def save_checkpoint(run: Run) -> None:
+    """Every rank takes part (its RNG states are gathered); rank 0 writes atomically.
+
+    Weights that went non-finite in the last optimiser step (the loss before it was finite) are
+    refused here, so the newest checkpoint on disk is always a good one."""
+    finite = torch.stack([p.detach().isfinite().all() for p in run.module.parameters()]).all()
+    if not finite.item():
+        raise NonFiniteLossError(non_finite_message(run, f"the weights are not finite after step {run.step}",
+                                                    lr_at(run.step - 1, run.schedule)))
+    state = run_state(run, dist.gather_objects(checkpoint.rng_state(loader_generators(run.loader))))
+    if run.rank == 0:
+        run.last_checkpoint = checkpoint.save(run.run_dir, state, run.cfg.trainer.keep_checkpoints)
+
+
+def loader_generators(loader) -> dict[str, torch.Generator]:
+    """The loader's own random streams (synthetic data, patch order), saved and restored with the rest."""
+    found = {"loader": getattr(loader, "generator", None),
+             "patch_order": getattr(getattr(loader, "order", None), "generator", None)}
+    return {name: g for name, g in found.items() if isinstance(g, torch.Generator)}
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def setup(cfg: Config, run_dir: Path, info: dist.DistInfo) -> Run:
+    """Build everything (data first: missing shards fail before a model is allocated) and resume."""
+    device = pick_device(cfg, info)
+    seed_everything(cfg.trainer.seed, info.rank, cfg.trainer.deterministic, device)
+    loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size, device=device)
+    if cfg.num_samples and cfg.num_samples != loader.num_samples:
+        raise ConfigError(f"num_samples={cfg.num_samples} but the shards in {cfg.data.shards} hold "
+                          f"{loader.num_samples} samples: the memory bank needs one row per sample. Drop the "
+                          f"num_samples override (the manifest's count is used) or point data.shards at the right folder")
+    lengths = dist.all_gather_cat(torch.tensor([len(loader)], device=device)).tolist()
+    if len(set(lengths)) != 1:
+        raise RuntimeError(f"ranks disagree on batches per epoch ({lengths}): every rank must run the same "
+                           "number of steps; this is a loader bug")
+    module = PIRLModel(cfg.model).to(device)  # same seed on every rank: identical initial weights
+    bank = MemoryBank(loader.num_samples, cfg.model.embed_dim, cfg.bank).to(device)
+    criterion = PIRLCriterion(cfg.loss, loader.num_samples).to(device)
+    torch.manual_seed(cfg.trainer.seed + 1_000_003 * (info.rank + 1))  # from here on, each rank its own stream
+    steps_per_epoch = len(loader)
+    total = cfg.trainer.epochs * steps_per_epoch
+    peak = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.reference_batch)
+    schedule = LRSchedule(peak_lr=peak, final_lr=peak * cfg.optim.final_lr_ratio, total_steps=total,
+                          warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch))
+    optimizer = build_optimizer(module, cfg.optim, lr_at(0, schedule))
+    precision = cfg.trainer.precision if cfg.trainer.precision != "auto" else (
+        "bf16" if device.type == "cuda" else "fp32")
+    run = Run(cfg=cfg, rank=info.rank, world_size=info.world_size, device=device, run_dir=run_dir, loader=loader,
+              module=module, model=module, criterion=criterion, bank=bank, optimizer=optimizer, schedule=schedule,
+              stop_at=min(total, cfg.trainer.max_steps or total), global_batch=cfg.data.batch_size,
+              autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+    resume_into(run, choose_checkpoint(cfg, run_dir), loader_generators(loader))
+    if dist.is_distributed():
+        # broadcast_buffers: rank 0's BN running statistics are pushed to all ranks every forward
+        run.model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                            gradient_as_bucket_view=True)
+    if cfg.trainer.compile:
+        run.model = torch.compile(run.model)
+    return run
+
+
+def pick_device(cfg: Config, info: dist.DistInfo) -> torch.device:
+    wanted = cfg.trainer.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but CUDA is not available here; use trainer.device=auto or cpu")
+    if wanted == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", info.local_rank)
+
+
+def seed_everything(seed: int, rank: int, deterministic: bool, device: torch.device) -> None:
+    torch.manual_seed(seed)  # the same on every rank: identical model initialisation
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic  # autotuned convolutions are not repeatable
+        torch.backends.cudnn.deterministic = deterministic
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (bank scores)
+            torch.backends.cudnn.allow_tf32 = True
+
+
+def choose_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, decided by rank 0 and broadcast (every rank loads the same file)."""
+    choice = None
+    if dist.info().rank == 0:
+        existing = checkpoint.list_checkpoints(run_dir)
+        if cfg.resume == "none" and existing:
+            raise ConfigError(f"resume=none but {checkpoint.checkpoint_dir(run_dir)} already holds {len(existing)} "
+                              "checkpoint(s), which this run would overwrite and prune: use resume=auto to continue "
+                              "that run, or choose another directory with hydra.run.dir=DIR")
+        if cfg.resume == "auto":
+            latest = checkpoint.load_latest(run_dir)  # warns and falls back past a corrupt newest file
+            choice = str(latest[0]) if latest else None
+        elif cfg.resume != "none":
+            if not Path(cfg.resume).is_file():
+                raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
+            choice = cfg.resume
+    choice = dist.broadcast_object(choice)
+    return Path(choice) if choice else None
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def train(cfg: DictConfig | Config) -> dict[str, Any]:
+    """Train as configured; returns the summary (also printed and written to run_dir/summary.json)."""
+    return run_training(cfg)[1]
+
+
+def run_training(cfg: DictConfig | Config) -> tuple[Run, dict[str, Any]]:
+    """`train`, also returning the Run: its trained model, bank and optimiser (for tests and notebooks)."""
+    config = to_dataclass(cfg) if isinstance(cfg, DictConfig) else cfg
+    dist.slurm_to_torchrun_env()
+    info = dist.init()
+    validate(config, info.world_size)  # before any data or model is touched
+    if not config.run_dir:
+        raise ConfigError("run_dir is empty: main() fills it from hydra.run.dir; when calling train() directly, "
+                          "set run_dir=DIR")
+    run_dir = Path(dist.broadcast_object(str(Path(config.run_dir).resolve())))  # rank 0's ${now:}, if any, wins
+    run = setup(config, run_dir, info)
+    if run.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+    run.logger = MetricsLogger(run_dir, enabled=run.rank == 0, progress=config.trainer.progress,
+                               total_steps=run.stop_at, initial_step=run.step)
+    run.clock = StepClock(run.device, config.trainer.sync_timing, config.trainer.timing_warmup_steps)
+    if run.last_checkpoint is not None:
+        run.logger.message(f"resumed from {run.last_checkpoint}: step {run.step}, epoch {run.epoch}, "
+                           f"batch {run.batches_in_epoch} of {len(run.loader)}")
+    # Signal handlers can only be installed from the main thread (a notebook's worker thread: none).
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, make_handler(run)) for s in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
+    try:
+        stopped_by = fit(run) if run.step < run.stop_at else "already_done"
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        run.logger.close()
+        run.loader.close()
+    summary = make_summary(run, stopped_by)
+    if run.rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_summary(summary), flush=True)
+    dist.barrier()  # rank 0's last checkpoint is on disk before any rank reports success
+    return run, summary
+
+
+def make_handler(run: Run):
+    def handler(signum, frame):
+        if run.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        run.stop_signal = signum
+        if run.rank == 0:
+            print(f"\n{signal.Signals(signum).name} received: checkpointing at the end of this step, then exiting "
+                  "(Ctrl-C again to abort without a checkpoint)", file=sys.stderr, flush=True)
+    return handler
+
+
+def make_summary(run: Run, stopped_by: str) -> dict[str, Any]:
+    timing = run.clock.summary()
+    return {
+        "stopped_by": stopped_by, "step": run.step, "epoch": run.epoch, "batches_in_epoch": run.batches_in_epoch,
+        "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None, "run_dir": str(run.run_dir),
+        "world_size": run.world_size, "global_batch": run.global_batch, "device": str(run.device),
+        "backend": run.cfg.data.backend, "arch": run.cfg.model.arch,
+        "precision": "bf16" if run.autocast_dtype is not None else "fp32", **timing,
+    }
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if not cfg.run_dir:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    summary = train(cfg)
+    dist.shutdown()
+    if summary["stopped_by"] in ("SIGTERM", "SIGINT"):
+        sys.exit(128 + signal.Signals[summary["stopped_by"]].value)  # the shell's "killed by signal" status
+
+
+# ---------------------------------------------------------------------------------------------- rank plumbing
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Config composition: the schema catches mistakes at start-up, experiments carry the paper's numbers."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from pirl_fast.config import Config, ConfigError, to_dataclass, validate
+from pirl_fast.data import check_config
+
+
+def make(*overrides: str, hydra_cfg: bool = False):
+    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def test_default_config_composes_into_the_dataclasses():
+    cfg = to_dataclass(make("data.shards=/some/dir"))
+    assert isinstance(cfg, Config)
+    assert cfg.method == "pirl" and cfg.resume == "auto"
+    assert cfg.name == "pirl_resnet50"  # ${method}_${model.arch}, resolved
+    validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("override", ["optim.lrr=0.1", "trainer.max_step=3", "bank.num_negative=5", "datta.x=1"])
+def test_misspelt_key_fails_at_composition(override):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
+        make(override)
+    assert override.split("=")[0].split(".")[-1] in str(err.value) + str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("override", ["optim.lr=fast", "trainer.max_steps=two", "trainer.compile=maybe"])
+def test_wrong_type_fails_at_composition(override):
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        make(override)
+
+
+def test_batch_that_does_not_divide_over_ranks_names_the_fix():
+    cfg = to_dataclass(make("experiment=smoke", "data.backend=synthetic", "data.batch_size=10"))
+    validate(cfg, world_size=2)  # 10 = 2 x 5: fine
+    with pytest.raises(ConfigError, match=r"data.batch_size=10 is the GLOBAL batch.*4 ranks.*multiple of 4"):
+        validate(cfg, world_size=4)
+
+
+def test_missing_shards_without_synthetic_backend_names_the_fix():
+    cfg = to_dataclass(make())
+    assert cfg.data.shards == "???"
+    with pytest.raises(ConfigError, match=r"data.shards is not set.*pirl_fast.shard.*data.backend=synthetic"):
+        validate(cfg, world_size=1)
+    validate(to_dataclass(make("data.backend=synthetic")), world_size=1)  # synthetic needs no shards
+
+
+@pytest.mark.parametrize("override,key", [("method=jigsaw", "method"), ("trainer.precision=fp8", "trainer.precision"),
+                                          ("resume=sometimes", "resume"), ("trainer.device=tpu", "trainer.device")])
+def test_unknown_choices_name_the_valid_ones(override, key):
+    with pytest.raises(ConfigError, match=key):
+        validate(to_dataclass(make("data.backend=synthetic", override)), world_size=1)
+
+
+def test_paper_experiment_carries_the_papers_recipe():
+    cfg = to_dataclass(make("experiment=pirl_in1k_r50", "data.shards=/x"))
+    assert cfg.model.arch == "resnet50" and cfg.model.embed_dim == 128
+    assert cfg.data.batch_size == 1024 and cfg.data.image_size == 224 and cfg.data.patch_size == 64
+    assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4
+    assert cfg.optim.lr * cfg.data.batch_size / cfg.optim.reference_batch == pytest.approx(0.12)
+    assert cfg.optim.lr * cfg.optim.final_lr_ratio == pytest.approx(0.00012)
+    assert cfg.trainer.epochs == 800 and cfg.trainer.max_steps == 0
+    assert cfg.bank.num_negatives == 32000 and cfg.bank.momentum == 0.5
+    assert cfg.loss.temperature == 0.07 and cfg.loss.lam == 0.5 and cfg.loss.kind == "nce"
+    validate(cfg, world_size=8)
+    check_config(cfg.data, world_size=8)  # the loader's own grid arithmetic accepts it
+
+
+def test_smoke_experiment_is_small_and_its_crop_sizes_fit_the_grid():
+    cfg = to_dataclass(make("experiment=smoke"))
+    assert cfg.model.arch == "resnet18" and cfg.bank.num_negatives <= 1024 and cfg.trainer.max_steps <= 20
+    assert cfg.data.patch_crop_size % cfg.data.grid == 0
+    assert cfg.data.patch_size <= cfg.data.patch_crop_size // cfg.data.grid
+    for world_size in (1, 2, 4, 8):
+        check_config(cfg.data, world_size=world_size)
+
+
+def test_run_dir_is_the_same_for_every_rank():
+    """No ${now:} in the default run dir: ranks composing a second apart must agree."""
+    cfg = make("experiment=smoke", hydra_cfg=True)
+    assert "now:" not in cfg.hydra.run._get_node("dir")._value()
+    assert cfg.hydra.run.dir == "runs/smoke"
+    assert cfg.hydra.job_logging.handlers.keys() == {"console"}  # no per-rank log file in the run dir
+    assert cfg.hydra.output_subdir is None
+
+
+def test_slurm_launcher_is_documented_but_not_imported():
+    import pirl_fast.train  # noqa: F401
+
+    assert not any(name.startswith(("submitit", "hydra_plugins.hydra_submitit")) for name in sys.modules)
+    from importlib.resources import files
+
+    slurm = files("pirl_fast.conf").joinpath("hydra/launcher/slurm.yaml").read_text()
+    assert "pip install hydra-submitit-launcher" in slurm and "submitit_slurm" in slurm
