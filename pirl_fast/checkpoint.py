@@ -22,13 +22,14 @@ num_samples.
 
 Resume (`resume_into`) is bit-for-bit the run that was not interrupted when (a) the world size
 is the same, (b) the backend's batches depend only on its seed, the epoch and the restored RNGs:
-`synthetic` always; `torch` with data.workers=0 (augmentation then runs on the restored global
-torch RNG) within the first epoch, or in any epoch once its loader has `set_epoch` (it has not
-yet: later epochs get a fresh shuffle); and (c) kernels are deterministic (always on CPU; on CUDA,
-trainer.deterministic=true). With `dali`, or torch with workers > 0, the resumed run skips the
-same number of batches of the epoch (a fresh shuffle and fresh augmentations, since DALI and
-worker processes keep RNG state we cannot save): the LR schedule, epoch boundaries, bank, Z,
-negatives and weights continue exactly; the data order does not.
+`synthetic` always; `torch` always (the loader's `set_epoch` makes the shard order, split and
+shuffle a function of (seed, epoch), augmentation runs on the restored global torch RNG with
+data.workers=0, and each worker reseeds from (seed, epoch, rank, worker) at every epoch start
+with workers > 0; data.workers must be the same as before); and (c) kernels are deterministic
+(always on CPU; on CUDA, trainer.deterministic=true). With `dali` the resumed run skips the same
+number of batches of the epoch (a fresh shuffle and fresh augmentations, since DALI keeps RNG
+state we cannot save): the LR schedule, epoch boundaries, bank, Z, negatives and weights
+continue exactly; the data order does not.
 """
 
 from __future__ import annotations
@@ -245,8 +246,7 @@ def resume_into(run, path: Path | None, generators: dict[str, torch.Generator]) 
     if can_set_epoch:
         run.loader.set_epoch(run.epoch)
     data = run.cfg.data
-    exact = data.backend == "synthetic" or (data.backend == "torch" and data.workers == 0
-                                            and (run.epoch == 0 or can_set_epoch))
+    exact = data.backend == "synthetic" or (data.backend == "torch" and (run.epoch == 0 or can_set_epoch))
     if not exact and run.rank == 0:
         warnings.warn(f"data.backend={data.backend} (data.workers={data.workers}) cannot restore its exact data "
                       f"stream: epoch {run.epoch} continues after the {run.batches_in_epoch} batches it had consumed, "

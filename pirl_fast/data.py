@@ -3,7 +3,7 @@
 Backends (DataConfig.backend):
     dali       dali_pipelines/pirl.py: GPU decode + augment when the device is CUDA, the same graph
                on the CPU otherwise (pirl_fast/loader_dali.py)
-    torch      an indexed tar reader + torchvision transforms v2 in DataLoader workers, the same
+    torch      the `webdataset` library + torchvision transforms v2 in DataLoader workers, the same
                augmentations; the fallback without DALI and the baseline (pirl_fast/loader_torch.py)
     synthetic  random tensors made on the device, for compute-only timing (loader_synthetic.py)
 

@@ -1,145 +1,173 @@
-"""The `torch` backend: an indexed tar reader + torchvision transforms v2 in DataLoader workers.
+"""The `torch` backend: the shards streamed by the `webdataset` library, augmented by torchvision
+transforms v2 (pirl_fast/torch_transforms.py) in DataLoader workers.
 
-The fallback where DALI is missing and the baseline the DALI loader is measured against: the
-same shards, the same augmentations (torchvision's own ColorJitter / RandomGrayscale /
-RandomHorizontalFlip / RandomResizedCrop), the same epoch contract. Samples are read by random
-access through the shards' DALI index files (member offsets), the role the `wids` indexed
-reader plays in newer webdataset releases (webdataset 1.0.2 does not ship it).
+The fallback where DALI is missing and the baseline the DALI loader is measured against: the usual
+way to load WebDataset shards (tar streaming, a shuffle buffer, workers), the same augmentations,
+the same epoch contract as every backend (pirl_fast/data.py).
 
-Epoch: a permutation of all N samples drawn from (seed, epoch), padded by wrapping around to
-global_batch * ceil(N / global_batch), cut into world_size contiguous parts: every rank gets the
-same number of full batches and every sample appears at least once.
+Epoch e (the split, the same idea as DALI's reader, which also shards contiguously by sample):
+  1. Stream order. The shards are put in an order drawn from derive_seed(seed, e), the same on
+     every rank; concatenated, their samples form the epoch's stream, positions 0..N-1.
+  2. Slots. The epoch has T = global_batch * ceil(N / global_batch) deliveries; delivery t is the
+     sample at stream position t mod N, so t >= N are the duplicates (T - N < one global batch,
+     the first samples of the stream again). Rank r owns the contiguous slots
+     [r*L, (r+1)*L), L = len * per_rank: the same count on every rank, as DDP needs. Within the
+     rank, the DataLoader takes batch b from worker b mod W; worker w owns as many whole
+     batches, again as one contiguous run of slots.
+  3. Reading. Each worker streams, with `webdataset.WebDataset`, only the shards its slots
+     overlap, skipping (reading, not decoding) the samples before its first position and
+     stopping after its last. I/O per epoch: the dataset once, plus at most one shard head per
+     (rank, worker) (for ImageNet's 1,000-sample shards and 8 ranks x 8 workers, ~2.5% on
+     average) and the < one global batch of padding. A worker checks that each shard delivers
+     the samples the manifest promises, with the indices it promises (an error naming the shard
+     otherwise: a tar damaged after the start-up check ends early or fails mid-epoch).
+  4. Shuffle. Raw samples (bytes) pass a seeded shuffle buffer (webdataset's) of
+     ceil(data.shuffle_buffer / W) samples per worker, so a rank holds data.shuffle_buffer
+     samples in all, as DALI's reader does; then decoding and augmentation.
+A batch therefore mixes samples of the few consecutive shards in one worker's buffer; shards are
+shuffled globally when written (pirl_fast/shard.py), so classes are mixed within them anyway.
+
+Determinism: the shard order, the split and the shuffle are a pure function of (seed, epoch,
+world size, W). With data.workers=0 the augmentations draw from the main process's global torch
+RNG (which the trainer saves and restores); with workers > 0 each worker reseeds its torch RNG at
+the start of each epoch from (seed, epoch, rank, worker), so the batches of an epoch are a pure
+function of those too. `set_epoch(e)` makes the next `iter()` epoch e; each `iter()` after it is
+the next epoch (an abandoned epoch counts as one), so a resumed run that calls set_epoch sees the
+order of the original run.
 """
 
 from __future__ import annotations
 
-import os
+import bisect
+import functools
+import itertools
+import math
+from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pirl_fast.data import Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch
 from pirl_fast.manifest import Manifest, ShardError
+from pirl_fast.torch_transforms import PIRLTransform
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-ASPECT_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, as in the DALI pipeline
-MEMBERS = ("jpg", "idx", "lbl")
-MAX_OPEN_SHARDS = 64  # per worker: ImageNet has ~1,300 shards and the default fd limit is 1,024
+INT64_BYTES = 8  # `idx` and `lbl` members: little-endian int64 (shards/README.md)
+FIX = "re-run `python -m pirl_fast.shard --verify` on the shard directory, then re-shard or restore the file"
 
 
-class IndexedShards(Dataset):
-    """Sample p (shard order) -> (jpeg bytes, global index, label), read with pread via the index files."""
+@dataclass(frozen=True)
+class Visit:
+    """One streaming read of a shard: its samples start..stop-1 (positions inside the shard)."""
 
-    def __init__(self, manifest: Manifest):
-        self.paths = manifest.tar_paths()
-        rows = []  # (tar id, jpg offset, jpg size, idx offset, lbl offset) per sample
-        for tar_id, (index_path, shard) in enumerate(zip(manifest.index_paths(), manifest.shards)):
-            for line in open(index_path).read().splitlines()[1:]:
-                fields = line.split()
-                members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
-                missing = [m for m in MEMBERS if m not in members]
-                if missing:
-                    raise ShardError(f"index file {index_path} has a sample without {missing} "
-                                     f"(members {sorted(members)}): re-run `python -m pirl_fast.shard`")
-                rows.append((tar_id, *members["jpg"], members["idx"][0], members["lbl"][0]))
-        self.rows = np.array(rows, dtype=np.int64)  # (N, 5)
-        self._files: dict[int, int] = {}  # tar id -> fd, opened lazily in each worker process
-        self._pid = -1
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def read(self, position: int) -> tuple[torch.Tensor, int, int]:
-        if self._pid != os.getpid():  # a forked worker must not share the parent's file offsets
-            self._files, self._pid = {}, os.getpid()
-        tar_id, jpg_offset, jpg_size, idx_offset, lbl_offset = (int(v) for v in self.rows[position])
-        fd = self._files.get(tar_id)
-        if fd is None:
-            if len(self._files) >= MAX_OPEN_SHARDS:  # random access touches every shard: recycle
-                for old in self._files.values():
-                    os.close(old)
-                self._files = {}
-            fd = self._files[tar_id] = os.open(self.paths[tar_id], os.O_RDONLY)
-        jpeg = torch.frombuffer(bytearray(os.pread(fd, jpg_size, jpg_offset)), dtype=torch.uint8)
-        index = int.from_bytes(os.pread(fd, 8, idx_offset), "little", signed=True)
-        label = int.from_bytes(os.pread(fd, 8, lbl_offset), "little", signed=True)
-        return jpeg, index, label
+    shard: int  # position in manifest.shards
+    start: int
+    stop: int
 
 
-class PIRLTransform:
-    """jpeg bytes -> (image view (S,S,3), patches (9,P,P,3) in cell order), float32 normalised, HWC."""
-
-    def __init__(self, cfg: DataConfig):
-        colour = ([v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue),
-                   v2.RandomGrayscale(cfg.gray_p)] if cfg.color_aug else [])
-        self.image_view = v2.Compose([
-            v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.image_scale), ratio=ASPECT_RATIO, antialias=True),
-            *colour, v2.RandomHorizontalFlip(cfg.flip_p)])
-        self.patch_crop = v2.RandomResizedCrop(cfg.patch_crop_size, scale=tuple(cfg.patch_scale),
-                                               ratio=ASPECT_RATIO, antialias=True)
-        self.patch_view = v2.Compose([*colour, v2.RandomHorizontalFlip(cfg.flip_p)])  # one draw per patch
-        self.grid, self.cell, self.patch = cfg.grid, cfg.patch_crop_size // cfg.grid, cfg.patch_size
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
-
-    def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., 3, H, W) uint8 -> (..., H, W, 3) float32 contiguous (HWC: channels_last in the batch)."""
-        return ((x.float() - self.mean) / self.std).movedim(-3, -1).contiguous()
-
-    def __call__(self, jpeg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image = decode_jpeg(jpeg, mode=ImageReadMode.RGB)  # (3, H, W) uint8
-        view = self.normalise(self.image_view(image))  # (S, S, 3)
-        g, c, p = self.grid, self.cell, self.patch
-        crop = self.patch_crop(image)  # (3, C, C)
-        cells = crop.reshape(3, g, c, g, c).permute(1, 3, 0, 2, 4).reshape(g * g, 3, c, c)  # (9, 3, c, c) row-major
-        offsets = torch.randint(0, c - p + 1, (g * g, 2)).tolist()  # (9, 2): own offset per cell
-        patches = torch.stack([self.patch_view(cell[:, oy:oy + p, ox:ox + p])
-                               for cell, (oy, ox) in zip(cells, offsets)])  # (9, 3, P, P)
-        return view, self.normalise(patches)  # (S, S, 3), (9, P, P, 3)
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's shard order, identical on every rank and worker."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
+    return torch.randperm(num_shards, generator=generator).tolist()
 
 
-class PIRLDataset(Dataset):
-    def __init__(self, shards: IndexedShards, transform: PIRLTransform):
-        self.shards, self.transform = shards, transform
+def worker_slots(rank: int, worker: int, workers: int, batches: int, per_rank: int) -> tuple[int, int]:
+    """[first, end) of the epoch's deliveries that (rank, worker) yields: its whole batches
+    (batch b of the rank comes from worker b mod workers), as one contiguous run of slots."""
+    counts = [len(range(w, batches, workers)) for w in range(workers)]  # batches per worker
+    first = rank * batches * per_rank + per_rank * sum(counts[:worker])
+    return first, first + per_rank * counts[worker]
 
-    def __len__(self) -> int:
-        return len(self.shards)
 
-    def __getitem__(self, position: int):
-        jpeg, index, label = self.shards.read(position)
+def plan_visits(order: list[int], sizes: list[int], first: int, end: int) -> list[Visit]:
+    """The shard reads that deliver stream positions t mod N for t in [first, end), in that order."""
+    num_samples = sum(sizes)
+    starts = list(itertools.accumulate((sizes[s] for s in order), initial=0))[:-1]  # stream offset per shard
+    visits, t = [], first
+    while t < end:
+        position = t % num_samples
+        j = bisect.bisect_right(starts, position) - 1  # the (non-empty) shard holding this position
+        start = position - starts[j]
+        take = min(sizes[order[j]] - start, end - t)
+        visits.append(Visit(order[j], start, start + take))
+        t += take
+    return visits
+
+
+class ShardStream(IterableDataset):
+    """One rank's samples of the current epoch as (image view, patches, index, label), per worker.
+
+    `epoch` lives in shared memory: the loader writes it before each iter(), and persistent
+    workers read it when their next epoch begins."""
+
+    def __init__(self, cfg: DataConfig, manifest: Manifest, per_rank: int, rank: int, world_size: int):
+        self.urls = manifest.tar_paths()
+        self.sizes = [shard.samples for shard in manifest.shards]
+        self.first_index = list(itertools.accumulate(self.sizes, initial=0))  # shard k: indices from here
+        self.batches, _ = epoch_length(manifest.num_samples, per_rank * world_size)
+        self.per_rank, self.rank, self.seed = per_rank, rank, cfg.seed
+        self.workers = max(1, cfg.workers)  # workers=0: one stream, in the main process
+        self.buffer = math.ceil(cfg.shuffle_buffer / self.workers)  # per worker: a rank holds shuffle_buffer
+        self.transform = PIRLTransform(cfg)
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def plan(self, epoch: int, worker: int) -> list[Visit]:
+        first, end = worker_slots(self.rank, worker, self.workers, self.batches, self.per_rank)
+        return plan_visits(shard_order(len(self.urls), self.seed, epoch), self.sizes, first, end)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        epoch = int(self.epoch)
+        epoch_seed = derive_seed(self.seed, epoch)
+        slot = self.rank * self.workers + worker  # distinct per (rank, worker)
+        if info is not None:  # a worker's own process: augmentations become a function of (seed, epoch, slot)
+            torch.manual_seed(derive_seed(epoch_seed, 2 * slot + 1))
+        pipeline = wds.DataPipeline(
+            functools.partial(self.read, self.plan(epoch, worker)),  # (key, url, jpeg bytes, index, label)
+            wds.shuffle(self.buffer, initial=self.buffer, seed=derive_seed(epoch_seed, 2 * slot)),
+            wds.map(self.augment),  # decode after the buffer: it holds bytes, and RNG use follows delivery
+        )
+        return iter(pipeline)
+
+    def read(self, visits: list[Visit]):
+        """Stream the planned shard reads through webdataset, checking count and indices."""
+        for visit in visits:
+            url = self.urls[visit.shard]
+            position = visit.start
+            try:
+                # One shard per WebDataset: we split by rank and worker ourselves (nodesplitter and
+                # workersplitter off), the shard order is ours (shardshuffle off); seed=0 only keeps
+                # webdataset from drawing one from Python's global RNG.
+                samples = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                         empty_check=False, seed=0)
+                for sample in itertools.islice(samples, visit.start, visit.stop):
+                    index = int.from_bytes(sample["idx"][:INT64_BYTES], "little", signed=True)
+                    label = int.from_bytes(sample["lbl"][:INT64_BYTES], "little", signed=True)
+                    expected = self.first_index[visit.shard] + position
+                    if index != expected:
+                        raise ShardError(f"shard {url}: sample {position} ({sample['__key__']}) has index {index}, "
+                                         f"the manifest implies {expected} (a shard of another run?): {FIX}")
+                    yield sample["__key__"], url, sample["jpg"], index, label
+                    position += 1
+            except ShardError:
+                raise
+            except Exception as e:  # tarfile / webdataset errors, a missing member
+                raise ShardError(f"shard {url} cannot be read at sample {position} "
+                                 f"({type(e).__name__}: {e}): {FIX}") from e
+            if position != visit.stop:
+                raise ShardError(f"shard {url} ended after {position} samples, the manifest says "
+                                 f"{self.sizes[visit.shard]} (damaged after the start-up check?): {FIX}")
+
+    def augment(self, sample) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        key, url, jpeg, index, label = sample
         try:
-            view, patches = self.transform(jpeg)
+            view, patches = self.transform(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
         except RuntimeError as e:
-            tar_id = int(self.shards.rows[position, 0])
-            raise ShardError(f"sample {index} in {self.shards.paths[tar_id]} cannot be decoded ({e}): "
+            raise ShardError(f"sample {index} ({key}) in {url} cannot be decoded ({e}): "
                              f"re-run `python -m pirl_fast.shard` on its source") from e
-        return view, patches, index, label
-
-
-class EpochBatchSampler(Sampler):
-    """This rank's batches of one epoch; each iter() is the next epoch, reshuffled."""
-
-    def __init__(self, num_samples: int, per_rank: int, rank: int, world_size: int, seed: int):
-        self.num_samples, self.per_rank, self.rank, self.world_size = num_samples, per_rank, rank, world_size
-        self.batches, _ = epoch_length(num_samples, per_rank * world_size)
-        self.seed, self.epoch = seed, 0
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))  # same on every rank
-        self.epoch += 1
-        order = torch.randperm(self.num_samples, generator=generator)
-        total = self.batches * self.per_rank * self.world_size  # global_batch * ceil(N / global_batch)
-        order = torch.cat([order, order[: total - self.num_samples]])  # pad by wrapping: duplicates
-        mine = order[self.rank * self.batches * self.per_rank:][: self.batches * self.per_rank]
-        yield from mine.view(self.batches, self.per_rank).tolist()
+        return view, patches, index, label  # (S, S, 3), (9, P, P, 3), int, int
 
 
 def collate(samples):
@@ -154,22 +182,38 @@ class TorchLoader:
         self.device = device
         self.batch_size = per_rank
         self.num_samples = manifest.num_samples
-        _, self.duplicates_per_epoch = epoch_length(manifest.num_samples, per_rank * world_size)
+        self._len, self.duplicates_per_epoch = epoch_length(manifest.num_samples, per_rank * world_size)
         self.order = PatchOrder(cfg, rank, device)
-        self.sampler = EpochBatchSampler(manifest.num_samples, per_rank, rank, world_size, cfg.seed)
-        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, rank))  # worker augmentation seeds
+        self.epoch = 0  # the epoch the next iter() delivers
+        self.stream = ShardStream(cfg, manifest, per_rank, rank, world_size)
+        # Worker base seeds come from this generator, not the global RNG (which the trainer restores);
+        # each worker reseeds per epoch anyway (ShardStream.__iter__).
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, rank))
         self.loader = DataLoader(
-            PIRLDataset(IndexedShards(manifest), PIRLTransform(cfg)), batch_sampler=self.sampler,
-            num_workers=cfg.workers, collate_fn=collate, pin_memory=device.type == "cuda", generator=generator,
-            persistent_workers=cfg.workers > 0, prefetch_factor=cfg.prefetch if cfg.workers > 0 else None)
+            self.stream, batch_size=per_rank, num_workers=cfg.workers, collate_fn=collate,
+            pin_memory=device.type == "cuda", generator=generator, persistent_workers=cfg.workers > 0,
+            prefetch_factor=cfg.prefetch if cfg.workers > 0 else None)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next iter() delivers epoch `epoch` (for resuming); later ones count on from it."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return self._len
 
     def __iter__(self) -> Iterator[Batch]:
-        for views, patches, index, label in self.loader:
-            to = dict(device=self.device, non_blocking=True)
+        self.stream.epoch.fill_(self.epoch)  # before iter(): (persistent) workers read it as they start
+        self.epoch += 1
+        return self._batches(iter(self.loader))
+
+    def _batches(self, source) -> Iterator[Batch]:
+        to = dict(device=self.device, non_blocking=True)
+        count = 0
+        for views, patches, index, label in source:
+            count += 1
             yield make_batch(views.to(**to), patches.to(**to), index.to(**to), label.to(**to), self.order)
+        if count != self._len:
+            raise RuntimeError(f"the torch loader delivered {count} batches in an epoch, not {self._len}: a loader bug")
 
     def close(self) -> None:
         self.loader = None  # persistent workers exit when the DataLoader's iterator is collected

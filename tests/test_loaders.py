@@ -1,11 +1,15 @@
 """The loader layer: the Batch contract for every backend, epoch coverage, errors up front."""
 
+import itertools
+import random
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+import webdataset
 
 from pirl_fast.data import BACKENDS, DataConfig, build_loader, epoch_length
 from pirl_fast.manifest import ShardError, load_manifest
@@ -21,6 +25,16 @@ LOW = [(0 - m) / s for m, s in zip([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 HIGH = [(1 - m) / s for m, s in zip([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]  # normalised 255
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as DataLoader workers have: with data.workers=0 the torch transforms run in
+    this process, where a thread pool on a busy small machine makes each epoch 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     """20 samples in 4 shards of 6, 6, 6, 2 (greyscale/CMYK/PNG inputs normalised by the sharder)."""
@@ -31,7 +45,8 @@ def shards(tmp_path_factory) -> str:
 
 
 def config(shards: str, backend: str, world_size: int = 1, **overrides) -> DataConfig:
-    return DataConfig(shards=shards, backend=backend, batch_size=PER_RANK * world_size, workers=1,
+    overrides.setdefault("workers", 1)
+    return DataConfig(shards=shards, backend=backend, batch_size=PER_RANK * world_size,
                       synthetic_samples=NUM_SAMPLES, shuffle_buffer=8, **overrides)
 
 
@@ -65,10 +80,11 @@ def test_batch_contract(shards, backend, num_permutations):
     loader.close()
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("backend,workers", [("dali", 1), ("torch", 0), ("torch", 1), ("torch", 4)])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_epoch_covers_every_sample(shards, backend, world_size):
-    loaders = [build_loader(config(shards, backend, world_size), rank=r, world_size=world_size)
+def test_epoch_covers_every_sample(shards, backend, workers, world_size):
+    """torch with 4 workers: 7 batches split 2/2/2/1 (world 1), and one idle worker (world 3: 3 batches)."""
+    loaders = [build_loader(config(shards, backend, world_size, workers=workers), rank=r, world_size=world_size)
                for r in range(world_size)]
     global_batch = PER_RANK * world_size
     expected_len, expected_dups = epoch_length(NUM_SAMPLES, global_batch)
@@ -99,8 +115,9 @@ def test_backends_agree_on_labels(shards):
     assert set(seen.values()) == set(range(NUM_CLASSES))
 
 
-def test_epochs_are_reshuffled(shards):
-    loader = build_loader(config(shards, "dali"))
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_epochs_are_reshuffled(shards, backend):
+    loader = build_loader(config(shards, backend))
     orders = [torch.cat([b.index for b in loader]).tolist() for _ in range(3)]
     assert orders[0] != orders[1] or orders[1] != orders[2]
 
@@ -229,3 +246,101 @@ def test_abandoned_epoch_does_not_shift_the_next(shards, backend):
     loader = build_loader(config(shards, backend))
     next(iter(loader))  # one batch, then a new epoch
     assert set(torch.cat([b.index for b in loader]).tolist()) == set(range(NUM_SAMPLES))
+
+
+# ---------------------------------------------------------------------------------------------- torch backend
+def test_torch_reads_through_webdataset(shards, monkeypatch):
+    """Every shard is opened by webdataset.WebDataset, and one epoch yields exactly the (index, label)
+    pairs of a direct WebDataset iteration (cls as ASCII, idx/lbl as 8-byte little-endian int64)."""
+    import pirl_fast.loader_torch as loader_torch
+
+    real, opened = webdataset.WebDataset, []
+
+    def spy(urls, **kwargs):
+        opened.extend(urls)
+        return real(urls, **kwargs)
+
+    monkeypatch.setattr(loader_torch.wds, "WebDataset", spy)
+    delivered = {pair for batch in build_loader(config(shards, "torch", workers=0))
+                 for pair in zip(batch.index.tolist(), batch.label.tolist())}
+    tars = load_manifest(shards).tar_paths()
+    assert set(opened) == set(tars)
+    direct = set()
+    for sample in real(tars, shardshuffle=False, nodesplitter=None, empty_check=False):
+        label = int.from_bytes(sample["lbl"], "little", signed=True)
+        assert int(sample["cls"]) == label and len(sample["idx"]) == 8
+        direct.add((int.from_bytes(sample["idx"], "little", signed=True), label))
+    assert delivered == direct and len(direct) == NUM_SAMPLES
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_epoch_is_a_function_of_seed_and_epoch(shards, workers):
+    """A loader set to epoch 2 delivers what another delivered as its third epoch: the same samples in
+    the same order and, with workers (reseeded per epoch) or the same global RNG state, the same pixels."""
+    def epoch(loader, rng_seed):
+        torch.manual_seed(rng_seed)  # augmentations of workers=0 draw from the global RNG
+        batches = list(loader)
+        return torch.cat([b.index for b in batches]), torch.cat([b.images for b in batches])
+
+    straight = build_loader(config(shards, "torch", workers=workers))
+    epochs = [epoch(straight, e) for e in range(3)]
+    resumed = build_loader(config(shards, "torch", workers=workers))
+    resumed.set_epoch(2)
+    index, images = epoch(resumed, 2)
+    assert torch.equal(index, epochs[2][0]) and torch.equal(images, epochs[2][1])
+    assert epoch(resumed, 3)[0].tolist() != index.tolist() or epochs[0][0].tolist() != index.tolist()
+    other_seed = build_loader(config(shards, "torch", workers=workers, seed=1))
+    other_seed.set_epoch(2)
+    assert epoch(other_seed, 2)[0].tolist() != index.tolist()
+    for loader in (straight, resumed, other_seed):
+        loader.close()
+
+
+@pytest.mark.parametrize("world_size,per_rank,workers,sizes", [
+    (8, 7, 5, [random.Random(0).randint(1, 40) for _ in range(50)]),
+    (3, 4, 2, [5, 0, 7, 1, 0, 9]),  # empty shards
+    (2, 4, 3, [2, 0, 1]),  # 3 samples, 8 deliveries: the stream wraps more than once
+])
+def test_torch_split_delivers_every_slot_once(world_size, per_rank, workers, sizes):
+    """The plan alone (no decoding): each (rank, worker) reads its whole batches, each rank the same
+    count, and together they read stream position t mod N for every delivery t of the epoch."""
+    from pirl_fast.loader_torch import plan_visits, shard_order, worker_slots
+
+    num_samples = sum(sizes)
+    batches, duplicates = epoch_length(num_samples, per_rank * world_size)
+    order = shard_order(len(sizes), seed=3, epoch=5)
+    assert order == shard_order(len(sizes), seed=3, epoch=5) and sorted(order) == list(range(len(sizes)))
+    starts = dict(zip(order, itertools.accumulate((sizes[s] for s in order), initial=0)))  # shard -> stream offset
+    positions = []
+    for rank in range(world_size):
+        on_rank = 0
+        for worker in range(workers):
+            first, end = worker_slots(rank, worker, workers, batches, per_rank)
+            visits = plan_visits(order, sizes, first, end)
+            assert all(0 <= v.start < v.stop <= sizes[v.shard] for v in visits)
+            whole_batches = len(range(worker, batches, workers))  # batch b of a rank comes from worker b mod W
+            assert sum(v.stop - v.start for v in visits) == end - first == per_rank * whole_batches
+            positions += [starts[v.shard] + p for v in visits for p in range(v.start, v.stop)]
+            on_rank += end - first
+        assert on_rank == batches * per_rank  # identical per-rank counts
+    assert sorted(positions) == sorted(t % num_samples for t in range(batches * per_rank * world_size))
+    assert len(positions) - num_samples == duplicates
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_torch_names_a_shard_damaged_mid_epoch(damaged, workers):
+    """Damage the start-up check cannot see (same size, no SHA-256): a broken tar header or JPEG is
+    reported mid-epoch naming the shard, from the main process or a worker, without hanging."""
+    manifest = load_manifest(damaged)
+    tar, index = manifest.tar_paths()[1], manifest.index_paths()[1]
+    lines = open(index).read().splitlines()
+    jpg_offset = {fields[0]: int(fields[1]) for fields in [lines[4].split()[i:i + 4] for i in range(0, 16, 4)]}["jpg"]
+    data = bytearray(open(tar, "rb").read())
+    data[jpg_offset:jpg_offset + 2] = b"\0\0"  # sample 3's JPEG loses its SOI marker
+    open(tar, "wb").write(bytes(data))
+    with pytest.raises(ShardError, match=f"in {re.escape(tar)} cannot be decoded"):
+        list(build_loader(config(str(damaged), "torch", workers=workers)))
+    data[jpg_offset - 512:jpg_offset] = b"x" * 512  # its tar header: the stream ends there
+    open(tar, "wb").write(bytes(data))
+    with pytest.raises(ShardError, match=f"shard {re.escape(tar)} ended after 3 samples, the manifest says 6"):
+        list(build_loader(config(str(damaged), "torch", workers=workers)))

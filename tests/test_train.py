@@ -79,18 +79,21 @@ def trained_state(run) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-@pytest.mark.parametrize("backend", ["synthetic", "torch"])
+@pytest.mark.parametrize("backend", ["synthetic", "torch", "torch-2-workers"])
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, backend, request):
     """4 steps straight == 3 steps, stop, resume, 1 step. The exact cases (pirl_fast/checkpoint.py):
     synthetic: 8 samples / batch 4 = 2 steps per epoch, so the checkpoint at step 3 sits mid-way
     through epoch 1 and resuming must skip a batch and restore the RNG streams, not restart them.
-    torch with data.workers=0 on the 48 sample shards: mid-way through epoch 0, augmentations
-    drawn from the restored global torch RNG."""
+    torch on the 48 sample shards, mid-way through epoch 0: with data.workers=0 augmentations are
+    drawn from the restored global torch RNG; with 2 workers each worker reseeds from
+    (seed, epoch, rank, worker) at the epoch start and the skipped batches are read again."""
     if backend == "synthetic":
         common = ["data.backend=synthetic", "data.synthetic_samples=8", "trainer.epochs=2"]
         position = (3, 1, 1)
     else:
         common = ["data.backend=torch", f"data.shards={request.getfixturevalue('sample_shards')}", "trainer.epochs=1"]
+        if backend == "torch-2-workers":
+            common.append("data.workers=2")
         position = (3, 0, 3)
     common.append("trainer.ckpt_every=0")
     straight, _ = run_training(config(tmp_path / "a", *common, "trainer.max_steps=4"))
