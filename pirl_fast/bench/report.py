@@ -15,10 +15,22 @@ def machine_description() -> str:
     """One line naming the machine the figures came from (CPU count, GPU if any)."""
     import torch
 
-    cpu = f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.processor() or 'unknown cpu'})"
+    cpu = f"{os.cpu_count()} CPU cores ({platform.machine()}, {cpu_model()})"
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} + {cpu}"
     return cpu
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
 
 
 def format_value(value: Any) -> str:
@@ -58,4 +70,5 @@ def write_json(path: str | os.PathLike, results: dict[str, list[dict[str, Any]]]
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it 0600; results are meant to be shared
     os.replace(tmp, path)
