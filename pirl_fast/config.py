@@ -32,7 +32,7 @@ from pirl_fast.memory_bank import BankConfig
 from pirl_fast.model import ModelConfig
 from pirl_fast.optim import OptimConfig
 
-METHODS = ("pirl",)
+METHODS = ("pirl", "jigsaw")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -106,6 +106,10 @@ def validate(cfg: Config, world_size: int) -> None:
     """Everything that can be checked before a single tensor is built; raises ConfigError."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method={cfg.method!r} is not known; choose one of {', '.join(METHODS)}")
+    if cfg.method == "jigsaw" and cfg.data.num_permutations < 2:
+        raise ConfigError(f"method=jigsaw classifies the permutation among a fixed set: set data.num_permutations to "
+                          f"P >= 2 (the paper's Jigsaw uses 1000; got {cfg.data.num_permutations}, where 0 means "
+                          "'any of 9!', which has no class ids)")
     if cfg.trainer.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if cfg.trainer.device not in DEVICES:

@@ -40,6 +40,7 @@ from pirl_fast import checkpoint, dist
 from pirl_fast.checkpoint import resume_into, run_state
 from pirl_fast.config import Config, ConfigError, to_dataclass, to_yaml, validate
 from pirl_fast.data import build_loader
+from pirl_fast.jigsaw import JigsawLoss, JigsawModel
 from pirl_fast.loss import PIRLCriterion
 from pirl_fast.memory_bank import MemoryBank
 from pirl_fast.metrics import MetricsLogger, StepClock, format_summary, gpu_memory_gb
@@ -90,8 +91,14 @@ def train_step(run: Run, batch) -> list[float]:
     with run.clock.phase("compute"):
         with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32,
                             enabled=run.autocast_dtype is not None):
-            f, g = run.model(batch.images, batch.patches)  # (B, D), (B, D) float32, unit rows
-        terms = run.criterion(f, g, batch.index, run.bank)  # fp32, against the bank's old rows
+            if run.cfg.method == "jigsaw":  # the baseline: classify which of P permutations shuffled the patches
+                logits = run.model(batch.patches)  # (B, P) float32
+            else:
+                f, g = run.model(batch.images, batch.patches)  # (B, D), (B, D) float32, unit rows
+        if run.cfg.method == "jigsaw":
+            terms = run.criterion.terms(logits, batch.perm_id)  # total = jigsaw = cross-entropy, image = 0
+        else:
+            terms = run.criterion(f, g, batch.index, run.bank)  # fp32, against the bank's old rows
         # One small all-reduce: the loss for the log is the mean over ranks, and a NaN or a stop
         # request on any rank reaches all of them, so every rank stops at the same step.
         flags = torch.stack([terms.total.detach(), terms.jigsaw.detach(), terms.image.detach(),
@@ -107,8 +114,9 @@ def train_step(run: Run, batch) -> list[float]:
                 run, f"the loss is not finite at step {run.step + 1} (epoch {run.epoch}, batch "
                 f"{run.batches_in_epoch + 1}): total={values[0]}, jigsaw={values[1]}, image={values[2]}", lr))
         run.optimizer.step()
-    with run.clock.phase("bank"):
-        run.bank.update(batch.index, f.detach())  # after the loss: the positives were the old rows
+    if run.cfg.method == "pirl":
+        with run.clock.phase("bank"):
+            run.bank.update(batch.index, f.detach())  # after the loss: the positives were the old rows
     return values
 
 
@@ -205,9 +213,12 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo) -> Run:
     if len(set(lengths)) != 1:
         raise RuntimeError(f"ranks disagree on batches per epoch ({lengths}): every rank must run the same "
                            "number of steps; this is a loader bug")
-    module = PIRLModel(cfg.model).to(device)  # same seed on every rank: identical initial weights
+    # Same seed on every rank: identical initial weights. method=jigsaw keeps the (unused) bank so that
+    # checkpoints and resume stay one format.
+    jigsaw = cfg.method == "jigsaw"
+    module = (JigsawModel(cfg.model, cfg.data.num_permutations) if jigsaw else PIRLModel(cfg.model)).to(device)
     bank = MemoryBank(loader.num_samples, cfg.model.embed_dim, cfg.bank).to(device)
-    criterion = PIRLCriterion(cfg.loss, loader.num_samples).to(device)
+    criterion = (JigsawLoss() if jigsaw else PIRLCriterion(cfg.loss, loader.num_samples)).to(device)
     torch.manual_seed(cfg.trainer.seed + 1_000_003 * (info.rank + 1))  # from here on, each rank its own stream
     steps_per_epoch = len(loader)
     total = cfg.trainer.epochs * steps_per_epoch

@@ -1,0 +1,109 @@
+"""The Jigsaw pretext baseline (`method=jigsaw`): predict which permutation shuffled the patches.
+
+Noroozi & Favaro, "Unsupervised Learning of Visual Representations by Solving Jigsaw Puzzles"
+(ECCV 2016), in the ResNet form PIRL compares against (Goyal et al. 2019; PIRL Table 1: Jigsaw
+45.7% vs PIRL 63.6% ImageNet linear top-1). Same trunk and same patch pipeline as PIRL, so the
+two differ only in the objective: PIRL makes g(v_It) invariant to the shuffle, Jigsaw makes the
+representation *covariant* with it, because it must tell the shuffles apart.
+
+    e_j    = relu(patch_head(trunk(patch_j)))      (B*9, D)   per patch, shared weights
+    e      = concat_9(e_j) in the presented order  (B, 9*D)   the order *is* the signal here
+    logits = classifier(e)                         (B, P)     which of the P permutations
+
+Target: `Batch.perm_id`, the position of the sample's permutation in the fixed max-Hamming set of
+P = data.num_permutations permutations (`pirl_fast.permutations.max_hamming_permutations`; the
+loader draws from that set when P > 0). The head is the smallest that can solve the task: a
+linear map on the concatenation sees every patch at every position, and the ReLU in front of it
+lets it combine patch identities non-linearly (Noroozi & Favaro use fc6 per tile, concat, fc7,
+fc8; we keep one hidden width, D = model.embed_dim, so the parameter count stays that of PIRL's
+patch path plus a 9D x P classifier).
+
+The trainer's step for method=jigsaw:
+
+    logits = model(batch.patches)                  # (B, P)
+    terms = criterion.terms(logits, batch.perm_id) # criterion = JigsawLoss(); terms.total is the loss
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from pirl_fast.loss import LossTerms
+from pirl_fast.model import ARCHS, ModelConfig
+
+
+class JigsawModel(nn.Module):
+    """ResNet trunk + per-patch head + permutation classifier; forward(patches) -> logits (B, P).
+
+    `.trunk` and `.features(x)` match PIRLModel, so export, kNN, linear and invariance evaluation
+    treat both models alike.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_permutations: int):
+        super().__init__()
+        if cfg.arch not in ARCHS:
+            raise ValueError(f"model.arch={cfg.arch!r} is unknown; choose one of {sorted(ARCHS)}")
+        if num_permutations < 2:
+            raise ValueError(
+                f"method=jigsaw needs a fixed permutation set to classify: set data.num_permutations to P >= 2 "
+                f"(the paper's Jigsaw uses P = 1000; got {num_permutations}; 0 means 'any of 9!', which has no "
+                "class ids)"
+            )
+        self.cfg = cfg
+        self.num_permutations = num_permutations
+        builder, self.trunk_dim = ARCHS[cfg.arch]
+        self.trunk = getattr(torchvision.models, builder)(weights=None)
+        self.trunk.fc = nn.Identity()  # trunk(x) = res5 avgpool: (N, trunk_dim); torchvision's keys minus fc
+        self.patch_head = nn.Linear(self.trunk_dim, cfg.embed_dim)
+        self.classifier = nn.Linear(cfg.num_patches * cfg.embed_dim, num_permutations)
+        self.to(memory_format=torch.channels_last)
+
+    def features(self, x: Tensor) -> Tensor:
+        """res5 after average pooling: (N, 3, H, W) -> (N, trunk_dim)."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
+        return self.trunk(x.contiguous(memory_format=torch.channels_last))
+
+    def forward(self, patches: Tensor) -> Tensor:
+        """patches (B*P, 3, h, w), sample b's patches contiguous in presented order -> logits (B, num_perms)."""
+        n, p = patches.shape[0], self.cfg.num_patches
+        if n % p != 0:
+            raise ValueError(f"got {n} patches, not a multiple of num_patches={p}: patches must be "
+                             f"(B*{p}, 3, h, w) with each sample's {p} patches contiguous")
+        e = F.relu(self.patch_head(self.features(patches)))  # (B*9, D)
+        e = e.reshape(n // p, p * self.cfg.embed_dim)  # (B, 9*D), in the presented (shuffled) order
+        return self.classifier(e).float()  # (B, P); float32 for the loss even under bf16 autocast
+
+
+class JigsawLoss(nn.Module):
+    """Cross-entropy over the P permutation classes; forward(logits (B,P), perm_id (B,)) -> scalar."""
+
+    def forward(self, logits: Tensor, perm_id: Tensor) -> Tensor:
+        if logits.dim() != 2 or perm_id.shape != (logits.shape[0],):
+            raise ValueError(f"JigsawLoss: expected logits (B, P) and perm_id (B,); got {tuple(logits.shape)} "
+                             f"and {tuple(perm_id.shape)}")
+        perm_id = perm_id.to(device=logits.device, dtype=torch.long)
+        if bool((perm_id < 0).any()):
+            raise ValueError(
+                "JigsawLoss: batch.perm_id has -1 entries: the loader drew permutations from all 9! instead "
+                "of a fixed set; method=jigsaw needs data.num_permutations=P > 0 (e.g. 1000 as in the paper)"
+            )
+        if bool((perm_id >= logits.shape[1]).any()):
+            raise ValueError(f"JigsawLoss: perm_id up to {int(perm_id.max())} but the model has {logits.shape[1]} "
+                             "classes: model and loader disagree on data.num_permutations")
+        return F.cross_entropy(logits, perm_id)
+
+    def terms(self, logits: Tensor, perm_id: Tensor) -> LossTerms:
+        """The loss in the trainer's LossTerms shape (total = jigsaw = the cross-entropy, image = 0), so
+        the step's logging and finite check stay as they are for PIRL."""
+        ce = self(logits, perm_id)
+        return LossTerms(total=ce, jigsaw=ce, image=torch.zeros_like(ce))
+
+
+@torch.no_grad()
+def jigsaw_accuracy(logits: Tensor, perm_id: Tensor) -> float:
+    """Fraction of samples whose permutation is predicted exactly (chance: 1/P)."""
+    return (logits.argmax(dim=1) == perm_id.to(logits.device)).float().mean().item()

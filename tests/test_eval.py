@@ -1,0 +1,282 @@
+"""Evaluation (pirl_fast.eval, features, linear_probe, invariance) on tiny checkpoints: export round
+trip, the shard reader against webdataset, kNN end to end against a one-image-at-a-time
+recomputation, per-stage features against forward hooks, the probes, and the invariance numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import webdataset as wds
+from omegaconf import OmegaConf
+from PIL import Image
+
+from pirl_fast import eval as ev
+from pirl_fast import invariance as inv
+from pirl_fast import linear_probe as lp
+from pirl_fast.features import ShardImageDataset, eval_transform, load_pretrained, make_loader
+from pirl_fast.jigsaw import JigsawModel
+from pirl_fast.manifest import load_manifest
+from pirl_fast.model import ModelConfig, PIRLModel
+from pirl_fast.sample_data import write_sample_folder
+from pirl_fast.shard import Options, run_shard
+from test_knn import slow_knn_scores
+
+MODEL = {"arch": "resnet18", "embed_dim": 16, "num_patches": 9}
+DATA = {"image_size": 48, "patch_crop_size": 63, "grid": 3, "patch_size": 16, "num_permutations": 6}
+
+
+def save_checkpoint(run_dir: Path, method: str, shards: Path, seed: int = 0) -> Path:
+    """A checkpoint as the trainer writes it (model state + resolved config YAML), with non-trivial
+    BatchNorm statistics so that eval-mode features depend on every buffer."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**MODEL)
+    model = PIRLModel(cfg) if method == "pirl" else JigsawModel(cfg, DATA["num_permutations"])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    config = {"method": method, "model": MODEL, "data": {**DATA, "shards": str(shards)}}
+    path = run_dir / "checkpoints" / "step_000000007.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "config_yaml": OmegaConf.to_yaml(OmegaConf.create(config)), "step": 7},
+               path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory) -> Path:
+    images = write_sample_folder(tmp_path_factory.mktemp("val_images"), classes=4, per_class=4, seed=1)
+    dst = tmp_path_factory.mktemp("val_shards") / "shards"
+    run_shard(Options(src=str(images), dst=str(dst), samples_per_shard=10, max_side=160, seed=0, workers=1))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def pirl_run(tmp_path_factory, sample_shards) -> Path:
+    run = tmp_path_factory.mktemp("pirl_run")
+    save_checkpoint(run, "pirl", sample_shards)
+    return run
+
+
+def read_with_webdataset(shard_dir: Path) -> dict[int, tuple[np.ndarray, int]]:
+    """Every sample via the webdataset library (an independent reader): {global index: (RGB array, label)}."""
+    out = {}
+    for sample in wds.WebDataset(load_manifest(shard_dir).tar_paths(), shardshuffle=False, empty_check=False):
+        index = int.from_bytes(sample["idx"], "little", signed=True)
+        with Image.open(__import__("io").BytesIO(sample["jpg"])) as img:
+            out[index] = (np.asarray(img.convert("RGB")), int.from_bytes(sample["lbl"], "little", signed=True))
+    return out
+
+
+def test_export_round_trip_gives_identical_features(tmp_path, sample_shards, capsys):
+    ckpt = save_checkpoint(tmp_path / "run", "pirl", sample_shards)
+    assert ev.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    assert "trunk_resnet18.pth" in capsys.readouterr().out
+    trunk = torch.load(tmp_path / "export" / "trunk_resnet18.pth", weights_only=True)
+    plain = torchvision.models.resnet18()
+    missing, unexpected = plain.load_state_dict(trunk, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    plain.fc = torch.nn.Identity()
+    plain.load_state_dict(trunk, strict=True)
+    model = load_pretrained(ckpt).model
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        # Same weights and the same memory layout (the model runs channels-last): bit for bit equal.
+        plain = plain.eval().to(memory_format=torch.channels_last)
+        torch.testing.assert_close(plain(x.contiguous(memory_format=torch.channels_last)), model.features(x),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(plain(x), model.features(x), rtol=1e-4, atol=1e-5)  # any layout: to rounding
+    heads = torch.load(tmp_path / "export" / "heads.pth", weights_only=True)
+    assert heads["method"] == "pirl"
+    assert set(heads["state_dict"]) == {f"{h}.{p}" for h in ("image_head", "patch_head", "jigsaw_head")
+                                        for p in ("weight", "bias")}
+    torch.testing.assert_close(heads["state_dict"]["jigsaw_head.weight"], model.jigsaw_head.weight)
+
+
+def test_shard_reader_matches_webdataset(sample_shards):
+    ds = ShardImageDataset(sample_shards, transform=np.asarray)
+    reference = read_with_webdataset(sample_shards)
+    assert len(ds) == len(reference) == load_manifest(sample_shards).num_samples
+    for i in range(len(ds)):
+        pixels, label, index = ds[i]
+        assert index == i  # global-index order
+        np.testing.assert_array_equal(pixels, reference[index][0])
+        assert label == reference[index][1]
+    assert ShardImageDataset(sample_shards, np.asarray, limit=5).labels.tolist() == ds.labels[:5].tolist()
+
+
+def test_knn_cli_matches_one_image_at_a_time(pirl_run, sample_shards, val_shards):
+    assert ev.main(["knn", str(pirl_run), "--val-shards", str(val_shards), "--k", "10", "--batch-size", "7",
+                    "--workers", "0", "--device", "cpu"]) == 0
+    got = json.loads((pirl_run / "knn.json").read_text())
+    # Independent path: webdataset reader, one image at a time, the formula's slow loop.
+    model = load_pretrained(pirl_run).model
+    tf = eval_transform(DATA["image_size"])
+
+    def feats(shards):
+        samples = read_with_webdataset(shards)
+        with torch.no_grad():  # one batch of everything: independent of the CLI's batching
+            f = model.features(torch.stack([tf(Image.fromarray(samples[i][0])) for i in sorted(samples)]))
+        return f, torch.tensor([samples[i][1] for i in sorted(samples)])
+
+    (tf_, ty), (vf, vy) = feats(sample_shards), feats(val_shards)
+    scores = slow_knn_scores(tf_, ty, vf, 4, k=10, temperature=0.07)
+    ranked = scores.argsort(dim=1, descending=True)
+    assert got["top1"] == pytest.approx((ranked[:, 0] == vy).double().mean().item(), abs=1e-9)
+    assert got["top5"] == 1.0  # 4 classes: every label is within the top 4
+    assert (got["num_train"], got["num_val"], got["k"], got["method"]) == (48, 16, 10, "pirl")
+
+
+def test_knn_random_init_writes_its_own_json(pirl_run, val_shards):
+    assert ev.main(["knn", str(pirl_run), "--val-shards", str(val_shards), "--random-init", "--workers", "0"]) == 0
+    got = json.loads((pirl_run / "knn_random_init.json").read_text())
+    assert got["method"] == "random-init" and got["arch"] == "resnet18" and 0 <= got["top1"] <= 1
+
+
+def test_stage_features_match_forward_hooks():
+    torch.manual_seed(0)
+    model = PIRLModel(ModelConfig(**MODEL)).eval()
+    trunk, captured = model.trunk, {}
+    trunk.maxpool.register_forward_hook(lambda m, i, o: captured.__setitem__("conv1", i[0]))
+    for name, layer in zip(lp.STAGES[1:], (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)):
+        layer.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        res5 = model.features(x)  # the ordinary forward fills `captured`
+    ours = lp.stage_features(trunk, x)
+    for stage in lp.STAGES:
+        torch.testing.assert_close(ours[stage], captured[stage].mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["res5"], res5, rtol=1e-5, atol=1e-6)
+    assert lp.stage_widths(trunk) == {k: v.shape[1] for k, v in ours.items()} == \
+        {"conv1": 64, "res2": 64, "res3": 128, "res4": 256, "res5": 512}
+    r50 = torchvision.models.resnet50()
+    assert list(lp.stage_widths(r50).values()) == [64, 256, 512, 1024, 2048]
+
+
+def test_probe_accuracy_counts_and_schedule():
+    g = torch.Generator().manual_seed(0)
+    probes = lp.StageProbes({s: 8 for s in lp.STAGES}, num_classes=6)
+    feats = {s: torch.randn(30, 8, generator=g) for s in lp.STAGES}
+    labels = torch.randint(0, 6, (30,), generator=g)
+    got = lp.evaluate_probes(probes, lp.cached_batches(feats, labels, 7, False, 0), "cpu")
+    with torch.no_grad():
+        for s in lp.STAGES:
+            logits = probes.heads[s](feats[s])
+            top1 = sum(int(logits[i].argmax() == labels[i]) for i in range(30)) / 30
+            top5 = sum(int(labels[i] in logits[i].topk(5).indices) for i in range(30)) / 30
+            assert got[s] == {"top1": pytest.approx(top1), "top5": pytest.approx(top5)}
+    cfg = lp.ProbeConfig(epochs=28, lr=0.5)
+    assert [lp.lr_at(e / 28, cfg) for e in (0, 7, 8, 16, 24, 27)] == pytest.approx([0.5, 0.5, 0.05, 5e-3, 5e-4, 5e-4])
+
+
+def test_linear_cli_fits_separable_training_set(pirl_run, sample_shards):
+    out = pirl_run / "linear_fit"
+    # val = train: 48 points in 512 dims are linearly separable, so a working probe must fit them.
+    assert ev.main(["linear", str(pirl_run), "--val-shards", str(sample_shards), "--no-augment", "--epochs", "30",
+                    "--lr", "0.1", "--probe-batch-size", "8", "--weight-decay", "0", "--workers", "0",
+                    "--out", str(out)]) == 0
+    got = json.loads((out / "linear.json").read_text())
+    assert list(got["stages"]) == list(lp.STAGES)
+    assert got["stages"]["res5"]["top1"] >= 0.9, got["stages"]
+    assert got["loss_per_epoch"][-1] < got["loss_per_epoch"][0]
+    assert got["protocol"]["augment"] is False and got["num_train"] == 48
+
+
+def test_linear_cli_augmented_path_runs(pirl_run, val_shards):
+    out = pirl_run / "linear_aug"
+    assert ev.main(["linear", str(pirl_run), "--val-shards", str(val_shards), "--epochs", "1", "--workers", "0",
+                    "--probe-batch-size", "16", "--out", str(out)]) == 0
+    got = json.loads((out / "linear.json").read_text())
+    assert got["protocol"]["augment"] is True and len(got["loss_per_epoch"]) == 1
+    assert all(0 <= got["stages"][s]["top1"] <= 1 for s in lp.STAGES)
+
+
+# ---- invariance ---------------------------------------------------------------------------------
+
+def test_cells_split_join_and_permutation_semantics():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    cells = inv.split_cells(x, 3)  # (2, 9, 3, 2, 2)
+    torch.testing.assert_close(cells[1, 5], x[1, :, 2:4, 4:6])  # cell 5 = row 1, column 2
+    torch.testing.assert_close(inv.join_cells(cells, 3), x)
+    perm = torch.tensor([[8, 7, 6, 5, 4, 3, 2, 1, 0], [1, 0, 2, 3, 4, 5, 6, 7, 8]])
+    shuffled = inv.join_cells(inv.apply_perm(cells, perm), 3)
+    torch.testing.assert_close(shuffled[0, :, 0:2, 0:2], x[0, :, 4:6, 4:6])  # position 0 shows cell 8
+    torch.testing.assert_close(shuffled[1, :, 0:2, 2:4], x[1, :, 0:2, 0:2])  # position 1 shows cell 0
+    perms = inv.non_identity_permutations(500, 9, torch.Generator().manual_seed(0))
+    assert (perms.sort(dim=1).values == torch.arange(9)).all()
+    assert not (perms == torch.arange(9)).all(dim=1).any()
+
+
+class PooledColour(torch.nn.Module):
+    """A 'trunk' with a known answer: the mean colour is invariant to shuffling cells; the mean
+    colour of the top third is not."""
+
+    def __init__(self, top_third: bool):
+        super().__init__()
+        self.top_third = top_third
+
+    def features(self, x):
+        x = x[:, :, : x.shape[2] // 3] if self.top_third else x
+        return x.mean(dim=(2, 3)) + 3.0  # offset: keep the vector away from the origin
+
+
+def test_invariance_known_answers(sample_shards):
+    views = inv.ViewConfig(48, 63, 3, 16)
+    loader = make_loader(ShardImageDataset(sample_shards, inv.InvarianceViews(views), limit=12), 5, 0)
+    invariant = inv.invariance_distances(PooledColour(False), "jigsaw", loader, 3, "cpu")
+    assert set(invariant) == {"trunk"} and invariant["trunk"].shape == (12,)
+    assert invariant["trunk"].max() < 1e-5
+    sensitive = inv.invariance_distances(PooledColour(True), "jigsaw", loader, 3, "cpu")
+    assert sensitive["trunk"].mean() > 1e-3
+    same = inv.invariance_distances(PooledColour(True), "jigsaw", loader, 3, "cpu", identity=True)
+    assert same["trunk"].max() < 1e-5
+
+
+def test_pirl_head_distance_matches_direct_computation(pirl_run, sample_shards):
+    net = load_pretrained(pirl_run)
+    views = inv.ViewConfig(48, 63, 3, 16)
+    dataset = ShardImageDataset(sample_shards, inv.InvarianceViews(views), limit=4)
+    got = inv.invariance_distances(net.model, "pirl", make_loader(dataset, 4, 0), 3, "cpu", seed=3)
+    perms = inv.non_identity_permutations(4, 9, torch.Generator().manual_seed(3))  # the same draw
+    fs, gs = [], []
+    with torch.no_grad():
+        for i in range(4):
+            (image, patches, _), _, _ = dataset[i]
+            fs.append(net.model.embed_image(image[None])[0])
+            gs.append(net.model.embed_patches(torch.stack([patches[int(c)] for c in perms[i]]))[0])
+    for i in range(4):
+        assert got["pirl_head"][i].item() == pytest.approx((fs[i] - gs[i]).norm().item(), abs=1e-5)
+        # "other": image i against the previous image's shuffled patches (the batch rolled by one)
+        assert got["pirl_head_other"][i].item() == pytest.approx((fs[i] - gs[i - 1]).norm().item(), abs=1e-5)
+    assert ((got["pirl_head"] >= 0) & (got["pirl_head"] <= 2)).all()
+
+
+def test_invariance_cli_two_checkpoints(tmp_path, pirl_run, sample_shards, val_shards):
+    jig = save_checkpoint(tmp_path / "jigsaw_run", "jigsaw", sample_shards, seed=1)
+    out = tmp_path / "inv"
+    assert ev.main(["invariance", str(pirl_run), str(jig), "--shards", str(val_shards), "--labels", "PIRL",
+                    "Jigsaw", "--random-init", "--workers", "0", "--out", str(out)]) == 0
+    got = json.loads((out / "invariance.json").read_text())
+    assert list(got["checkpoints"]) == ["PIRL", "Jigsaw", "random-init"]
+    assert "pirl_head" in got["checkpoints"]["PIRL"] and "pirl_head" not in got["checkpoints"]["Jigsaw"]
+    for entry in got["checkpoints"].values():
+        assert 0 <= entry["trunk"]["mean"] <= 2 and entry["trunk"]["n"] == 16
+    with Image.open(out / "invariance.png") as png:
+        assert png.format == "PNG"
+
+
+def test_clear_errors(tmp_path, val_shards):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ev.main(["knn", str(tmp_path), "--val-shards", str(val_shards)])
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": 1}, bad)
+    with pytest.raises(ValueError, match="not a pirl_fast training checkpoint"):
+        ev.main(["export", str(bad)])
+    with pytest.raises(SystemExit, match="--arch"):
+        ev.main(["knn", "--random-init", "--val-shards", str(val_shards)])
