@@ -5,6 +5,8 @@ Entry points (each has --help):
     python -m pirl_fast.shard SRC DST        # ImageFolder -> WebDataset shards (+ DALI index files)
     torchrun -m pirl_fast.train ...          # PIRL pre-training (Hydra config)
     python -m pirl_fast.bench all            # throughput, side by side with baselines
+    python -m pirl_fast.eval knn RUN --val-shards VAL   # export | knn | linear | invariance
+    python -m pirl_fast.report RUN_DIRS...   # sweep results -> markdown table + plot
 """
 
 __version__ = "0.1.0"
