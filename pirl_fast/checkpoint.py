@@ -37,13 +37,14 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from pirl_fast.atomic import atomic_write
 
 CKPT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -80,29 +81,10 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
     """torch.save `state` to `path` so that `path` is always either absent, old, or complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 def save(run_dir: str | os.PathLike, state: dict[str, Any], keep: int) -> Path:

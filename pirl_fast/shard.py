@@ -35,7 +35,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pirl_fast.images import UnusableImage, normalise_image
-from pirl_fast.manifest import MANIFEST_NAME, ShardError, fsync_dir, manifest_dict, write_json_atomic
+from pirl_fast.atomic import fsync_dir, write_json
+from pirl_fast.manifest import MANIFEST_NAME, ShardError, manifest_dict
 from pirl_fast.shard_format import IndexEntry, ShardWriter, index_text, sample_key, sha256_file, shift_indices
 
 # Journal of an unfinished run: one JSON line per finished shard, appended and fsynced in shard
@@ -307,7 +308,7 @@ def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, prog
     manifest = manifest_dict(num_samples=base, classes=classes, shards=[r for r in finished if r["samples"]],
                              skipped=skipped_all, options=opts.content())
     manifest["plan_sha256"] = plan_sha
-    write_json_atomic(dst / MANIFEST_NAME, manifest)
+    write_json(dst / MANIFEST_NAME, manifest)
     (dst / PROGRESS_NAME).unlink(missing_ok=True)
 
     elapsed = time.perf_counter() - start

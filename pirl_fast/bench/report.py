@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
+
+from pirl_fast import atomic
 
 
 def machine_description() -> str:
@@ -64,11 +63,4 @@ def write_json(path: str | os.PathLike, results: dict[str, list[dict[str, Any]]]
         "command": command,
         "results": results,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes it 0600; results are meant to be shared
-    os.replace(tmp, path)
+    atomic.write_json(path, payload, indent=2)
