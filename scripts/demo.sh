@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on a small built-in sample, on whatever machine this is (CPU is fine,
-# about 3 minutes on 2 cores after the first set-up):
+# about 2.5 minutes on 2 cores after the first set-up):
 #   sample ImageFolders (generated) -> shards -> verify -> PIRL pre-training -> kNN evaluation
 #   (trained vs the same network untrained) -> export to torchvision.
 # Everything goes under ${DEMO_DIR:-demo/}; STEPS=N trains longer (scripts/learn_check.sh is
@@ -11,7 +11,7 @@ bash "$root/scripts/setup_env.sh"
 cd "$root"
 py="${PIRL_VENV:-$root/.venv}/bin/python"
 out="${DEMO_DIR:-demo}"
-steps="${STEPS:-60}"
+steps="${STEPS:-200}"
 mkdir -p "$out"
 
 echo "== 1/6 sample ImageFolders (generated, no download): train 8 x 40, val 8 x 20"
