@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pirl_fast.sample_data import write_sample_folder
 from pirl_fast.shard import Options, run_shard
@@ -21,6 +22,17 @@ from pirl_fast.shard import Options, run_shard
 SAMPLE_CLASSES = 4
 SAMPLE_PER_CLASS = 12
 SAMPLE_SHARD_SIZE = 14  # 48 images -> 14 + 14 + 14 + 6: several shards, the last one partial
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as DataLoader workers have: with data.workers=0 the torch transforms run
+    in the test process, where a thread pool on a busy small machine makes each epoch 10-100x
+    slower. Opt in per module: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

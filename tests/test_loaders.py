@@ -25,14 +25,7 @@ LOW = [(0 - m) / s for m, s in zip([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 HIGH = [(1 - m) / s for m, s in zip([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]  # normalised 255
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as DataLoader workers have: with data.workers=0 the torch transforms run in
-    this process, where a thread pool on a busy small machine makes each epoch 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
