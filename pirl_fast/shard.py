@@ -1,14 +1,26 @@
 """python -m pirl_fast.shard SRC DST [options]   |   python -m pirl_fast.shard --verify DST
 
 Turns an ImageFolder (SRC/<class>/**/<image>, classes = sorted sub-folder names) into
-WebDataset shards that DALI reads on the GPU without ever meeting a bad image. A dataset root
-(SRC/train/, SRC/val/, ...) becomes one such shard folder per split, DST/train/, DST/val/, ...
-with train's class list; a flat folder of images takes its classes from a labels file
-(see shard_source.py for the layouts and --layout, labels_file.py for the labels formats):
+WebDataset shards that DALI reads on the GPU without ever meeting a bad image:
 
     DST/shard-000000.tar ...   samples KEY.jpg, KEY.cls, KEY.idx, KEY.lbl (see shard_format.py)
     DST/shard-000000.idx ...   DALI index files (v1.2), so readers need not scan the tars
     DST/manifest.json          written last: counts, classes, shard hashes, skipped inputs, options
+
+A dataset root is sharded split by split, every split with train's class list:
+
+    python -m pirl_fast.shard /imagenet shards/in1k    # /imagenet/{train,val}/ -> shards/in1k/{train,val}/
+
+SRC is taken for a dataset root when all its sub-folders are named train, val, validation or test
+(any case) and hold class folders (or labels); a class that train lacks is an error. Split names
+mixed with other folders (classes cat, dog, test; or a devkit/ beside train/ and val/) are refused
+(exit 2) until --layout imagefolder|splits says which SRC is. A split whose images lie flat
+(ImageNet's val/ as downloaded) takes classes from a labels file: --labels [SPLIT=]FILE, or
+Kaggle's LOC_val_solution.csv in val/ or in SRC, found by itself. Labels files: a CSV of file
+name,class name (header optional; names with or without extension), Kaggle's LOC_val_solution.csv,
+or the devkit's ILSVRC2012_validation_ground_truth.txt with its meta.mat beside it (needs scipy).
+An image without a label is an error; a label without an image is reported and recorded. Details:
+shard_source.py (layouts) and labels_file.py (formats).
 
 Inputs are sorted, shuffled globally with --seed (DALI only shuffles within a small buffer),
 cut into shards of --samples-per-shard inputs, and given global indices 0..N-1 in that order.
@@ -40,6 +52,7 @@ from tqdm import tqdm
 from pirl_fast.images import UnusableImage, normalise_image
 from pirl_fast.atomic import fsync_dir, write_json
 from pirl_fast.manifest import MANIFEST_NAME, ShardError, load_manifest, manifest_dict
+# sample_key and scan_source are used through this module by the tests and pirl_fast.bench.shard.
 from pirl_fast.shard_format import IndexEntry, ShardWriter, index_text, sample_key, sha256_file, shift_indices  # noqa: F401
 from pirl_fast.shard_source import LAYOUTS, Input, Source, SourceError, Split, read_source, scan_source  # noqa: F401
 from pirl_fast.splits import EVAL_SPLITS, SPLIT_NAMES, resolve_shards, split_folders
@@ -446,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(src=str(Path(args.src).resolve()), dst=args.dst, samples_per_shard=args.samples_per_shard,
                    max_side=args.max_side, quality=args.quality, seed=args.seed, workers=args.workers)
     try:
+        _check_paths(opts)  # before scanning: a wrong DST should not wait for a scan of ImageNet
         classes = load_manifest(resolve_shards(args.classes).dir).classes if args.classes else None
         splits = [n.strip().lower() for n in args.splits.split(",") if n.strip()] if args.splits else None
         if splits and not set(splits) <= set(SPLIT_NAMES):
@@ -455,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
             run_splits(opts, source, resume=args.resume, overwrite=args.overwrite)
         else:
             manifest = run_shard(opts, resume=args.resume, overwrite=args.overwrite, source=source.splits[0])
+            if source.layout == "flat" and classes is None:
+                print(f"note: class ids are the {len(manifest['classes'])} sorted class names of "
+                      f"{manifest['labels']['file']}; to use train's, pass --classes TRAIN_SHARDS")
             if manifest.get("labels", {}).get("without_image"):
                 labels = manifest["labels"]
                 print(f"note: {labels['without_image']} label(s) of {labels['file']} name an image that is not "

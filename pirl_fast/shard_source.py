@@ -186,7 +186,7 @@ def _read(path: Path) -> LabelTable:
     if not path.is_file():
         raise SourceError(f"labels file {path} does not exist")
     try:
-        return read_labels(path)
+        return read_labels(path.resolve())  # resolved: the manifest records where it was
     except LabelsError as e:
         raise SourceError(str(e)) from e
 
@@ -251,7 +251,7 @@ def read_source(src: str | os.PathLike, layout: str = "auto", labels: list[str] 
     label_file = plain[0] if plain else _detected_labels(src, src, None)
     if label_file is None:
         raise SourceError(f"SRC {src} has no class folders: expected SRC/<class>/<image> (ImageFolder layout); "
-                          "a flat folder of images needs its labels: --labels FILE (see labels_file.py for formats)")
+                          "a flat folder of images needs its labels: --labels FILE (formats: python -m pirl_fast.shard --help)")
     return Source(src, "flat", [scan_flat(src, src, _read(label_file), classes=classes)])
 
 
@@ -293,10 +293,10 @@ def _read_root(src: Path, named: dict[str, Path], others: list[str], plain: list
                 tables[n] = found
         elif n in by_split:
             problems.append(f"--labels {n}=... but {folder} has class folders: an ImageFolder's classes are its folders")
-    if bad and "train" not in bad and len(bad) < len(order):
-        problems.append(f"or leave {', '.join(bad)} out: --splits {','.join(n for n in order if n not in bad)}")
+    hint = (f"or leave {', '.join(bad)} out: --splits {','.join(n for n in order if n not in bad)}"
+            if bad and "train" not in bad and len(bad) < len(order) else "")
     if problems:
-        raise SourceError(_together(src, problems))
+        raise SourceError(_together(src, problems, hint))
     result: list[Split] = []
     classes = _train_classes(src, named["train"], tables.get("train") or by_split.get("train"))
     for n in order:
@@ -309,7 +309,7 @@ def _read_root(src: Path, named: dict[str, Path], others: list[str], plain: list
             problems.append(str(e))
     if problems:
         raise SourceError(_together(src, problems))
-    left = [f"{o} (not a split name)" for o in others] + [f"{n} (not in --splits)" for n in sorted(named) if n not in order]
+    left = [f"{o} (not a split name)" for o in others] + [f"{n} (not in --splits)" for n in _ordered(named) if n not in order]
     return Source(src, "splits", result, left)
 
 
@@ -327,11 +327,12 @@ def _train_classes(src: Path, train: Path, table_path: Path | None) -> list[str]
     return scan_flat(src, train, _read(table_path)).classes
 
 
-def _together(src: Path, problems: list[str]) -> str:
+def _together(src: Path, problems: list[str], hint: str = "") -> str:
+    """One message for all the problems found (the user fixes them in one go), then `hint`."""
     if len(problems) == 1:
-        return f"dataset root {src}: {problems[0]}"
+        return f"dataset root {src}: {problems[0]}" + (f"; {hint}" if hint else "")
     return (f"dataset root {src}: {len(problems)} problems, nothing was written:\n"
-            + "\n".join(f"  - {p}" for p in problems))
+            + "\n".join(f"  - {p}" for p in problems) + (f"\n  {hint}" if hint else ""))
 
 
 def scan_source(src: Path) -> tuple[list[str], list[Input], list[dict]]:

@@ -320,6 +320,13 @@ def test_train_and_knn_from_a_dataset_root_without_val_shards(root_shards, tmp_p
     knn = json.loads((tmp_path / "run" / "knn.json").read_text())
     assert knn["val_shards"] == str((root_shards / "val").resolve()) and knn["num_val"] == 3 * VAL_PER_CLASS
     assert knn["train_shards"] == str((root_shards / "train").resolve())
+    # linear and invariance find the same split.
+    assert ev.main(["linear", str(tmp_path / "run"), "--no-augment", "--epochs", "1", "--workers", "0",
+                    "--out", str(tmp_path / "lin")]) == 0
+    assert json.loads((tmp_path / "lin" / "linear.json").read_text())["num_val"] == 3 * VAL_PER_CLASS
+    assert ev.main(["invariance", str(tmp_path / "run"), "--workers", "0", "--out", str(tmp_path / "inv")]) == 0
+    invariance = json.loads((tmp_path / "inv" / "invariance.json").read_text())
+    assert invariance["shards"] == str((root_shards / "val").resolve()) and invariance["num_images"] == 9
     # --val-shards still wins; with a run whose shards are no split, the error says what to pass.
     assert ev.main(["knn", str(tmp_path / "run"), "--val-shards", str(root_shards / "train"), "--k", "5",
                     "--workers", "0", "--out", str(tmp_path / "x")]) == 0
