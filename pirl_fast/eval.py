@@ -98,7 +98,8 @@ def val_shards_of(given: str | None, train: ShardPath | None, flag: str = "--val
         why = (f"the train shards {train.dir} are not a split of a dataset root's shards with a val, validation or "
                "test split beside them" if train else "the checkpoint's config names no data.shards")
         raise SystemExit(f"{flag} is required: {why}. Pass {flag} DIR, a shard folder of validation images "
-                         "(python -m pirl_fast.shard /imagenet shards/in1k writes shards/in1k/train and shards/in1k/val)")
+                         "(python -m pirl_fast.shard /imagenet shards/in1k writes shards/in1k/train and "
+                         "shards/in1k/val)")
     print(f"validation shards: {beside.dir} (the {beside.split} split beside {train.dir}; {flag} overrides)")
     return str(beside.dir)
 

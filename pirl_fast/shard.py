@@ -53,7 +53,8 @@ from pirl_fast.images import UnusableImage, normalise_image
 from pirl_fast.atomic import fsync_dir, write_json
 from pirl_fast.manifest import MANIFEST_NAME, ShardError, load_manifest, manifest_dict
 # sample_key and scan_source are used through this module by the tests and pirl_fast.bench.shard.
-from pirl_fast.shard_format import IndexEntry, ShardWriter, index_text, sample_key, sha256_file, shift_indices  # noqa: F401
+from pirl_fast.shard_format import (IndexEntry, ShardWriter, index_text, sample_key,  # noqa: F401
+                                    sha256_file, shift_indices)
 from pirl_fast.shard_source import LAYOUTS, Input, Source, SourceError, Split, read_source, scan_source  # noqa: F401
 from pirl_fast.splits import EVAL_SPLITS, SPLIT_NAMES, resolve_shards, split_folders
 
@@ -378,7 +379,8 @@ def run_splits(opts: Options, source: Source, resume: bool = False, overwrite: b
 def print_summary(source: Source, dst: Path, manifests: dict[str, dict]) -> None:
     """Per split: images, classes present, skipped inputs, where; then what to run next."""
     classes = source.splits[0].classes
-    print(f"dataset root {source.root} -> {dst}: class ids from train's {len(classes)} classes, the same in every split")
+    print(f"dataset root {source.root} -> {dst}: class ids from train's {len(classes)} classes, the same in "
+          "every split")
     for split in source.splits:
         m = manifests[split.name]
         gone = {s["path"] for s in m["skipped"]}

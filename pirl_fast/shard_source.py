@@ -35,8 +35,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pirl_fast.labels_file import (KAGGLE_VAL_NAME, EXAMPLES, LabelsError, LabelTable, is_image_name, match_labels,
-                                   read_labels, table_classes)
+from pirl_fast.labels_file import (KAGGLE_VAL_NAME, EXAMPLES, LabelsError, LabelTable, match_labels, read_labels,
+                                   table_classes)
 from pirl_fast.manifest import ShardError
 from pirl_fast.shard_format import sample_key
 from pirl_fast.splits import SPLIT_NAMES, split_folders, split_name
@@ -151,7 +151,10 @@ def scan_flat(src: Path, folder: Path, table: LabelTable, prefix: str = "", clas
     where it would be in class folders. `classes` None: the table's own sorted class names."""
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                    and p.resolve() != table.path.resolve())
-    matched = match_labels(table, files, classes)
+    try:
+        matched = match_labels(table, files, classes)
+    except LabelsError as e:
+        raise SourceError(str(e)) from e
     if matched.unlabelled:
         n = len(matched.unlabelled)
         raise SourceError(f"{folder}: {n} image file(s) have no label in {table.path}: "
@@ -251,7 +254,8 @@ def read_source(src: str | os.PathLike, layout: str = "auto", labels: list[str] 
     label_file = plain[0] if plain else _detected_labels(src, src, None)
     if label_file is None:
         raise SourceError(f"SRC {src} has no class folders: expected SRC/<class>/<image> (ImageFolder layout); "
-                          "a flat folder of images needs its labels: --labels FILE (formats: python -m pirl_fast.shard --help)")
+                          "a flat folder of images needs its labels: --labels FILE (formats: python -m "
+                          "pirl_fast.shard --help)")
     return Source(src, "flat", [scan_flat(src, src, _read(label_file), classes=classes)])
 
 
@@ -292,7 +296,8 @@ def _read_root(src: Path, named: dict[str, Path], others: list[str], plain: list
             else:
                 tables[n] = found
         elif n in by_split:
-            problems.append(f"--labels {n}=... but {folder} has class folders: an ImageFolder's classes are its folders")
+            problems.append(f"--labels {n}=... but {folder} has class folders: an ImageFolder's classes are its "
+                            "folders")
     hint = (f"or leave {', '.join(bad)} out: --splits {','.join(n for n in order if n not in bad)}"
             if bad and "train" not in bad and len(bad) < len(order) else "")
     if problems:
@@ -305,11 +310,12 @@ def _read_root(src: Path, named: dict[str, Path], others: list[str], plain: list
                 result.append(scan_flat(src, named[n], _read(tables[n]), f"{n}/", classes, n))
             else:
                 result.append(scan_imagefolder(src, named[n], f"{n}/", classes, n))
-        except (SourceError, LabelsError) as e:
+        except SourceError as e:
             problems.append(str(e))
     if problems:
         raise SourceError(_together(src, problems))
-    left = [f"{o} (not a split name)" for o in others] + [f"{n} (not in --splits)" for n in _ordered(named) if n not in order]
+    left = ([f"{o} (not a split name)" for o in others]
+            + [f"{n} (not in --splits)" for n in _ordered(named) if n not in order])
     return Source(src, "splits", result, left)
 
 
@@ -322,6 +328,8 @@ def _train_classes(src: Path, train: Path, table_path: Path | None) -> list[str]
     """train's class list: its class folders, or the classes of its labels file when it is flat."""
     if _subdirs(train):
         return [p.name for p in _subdirs(train)]
+    if _is_empty(train):
+        raise SourceError(f"{train} is empty: its class folders decide every split's class ids")
     if table_path is None:
         raise SourceError(f"{train} holds images directly and has no labels file: pass --labels train=FILE")
     return scan_flat(src, train, _read(table_path)).classes

@@ -243,13 +243,20 @@ def test_flat_val_problems_are_reported(images, tmp_path, capsys):
     assert "--labels val=FILE" in capsys.readouterr().err
 
 
-def test_flat_folder_on_its_own_takes_train_classes(images, root_shards, tmp_path):
+def test_flat_folder_on_its_own_takes_train_classes(images, root_shards, tmp_path, capsys):
     root = flat_copy(images, tmp_path / "imagenet")
     labels_kaggle(images, root)
     shutil.move(root / "LOC_val_solution.csv", root / "val")  # found beside the images
     assert main([str(root / "val"), str(tmp_path / "val"), "--classes", str(root_shards), *ARGS]) == 0
     assert load_manifest(tmp_path / "val").classes == CLASSES
     assert [int(s["cls"]) for s in samples(tmp_path / "val")] == [int(s["cls"]) for s in samples(root_shards / "val")]
+    # A labels file that does not fit: exit 2 with the line, never a traceback.
+    first = val_labels(images)[0][0]
+    for text, words in [(f"{first},{CLASSES[0]},extra\n", "line 1: expected two fields"),
+                        (f"{first},{CLASSES[0]}\n{first},{CLASSES[1]}\n", "twice")]:
+        (tmp_path / "bad.csv").write_text(text)
+        assert main([str(root / "val"), str(tmp_path / "v2"), "--labels", str(tmp_path / "bad.csv"), *ARGS]) == 2
+        assert words in capsys.readouterr().err and not (tmp_path / "v2").exists()
 
 
 # ------------------------------------------------------------------ resume, verify, overwrite per split
