@@ -28,6 +28,7 @@ import torch
 
 from pirl_fast.manifest import Manifest, ShardError, load_manifest
 from pirl_fast.permutations import max_hamming_permutations, random_permutations
+from pirl_fast.splits import resolve_shards
 
 BACKENDS = ("dali", "torch", "synthetic")
 INDEX_HEADER = "v1.2"  # DALI webdataset index format written by pirl_fast.shard / wds2idx
@@ -38,7 +39,7 @@ HASH_CHUNK = 1 << 22  # 4 MiB reads when checksumming shards
 class DataConfig:
     """Hydra structured config of the data group (plain int/float/str/bool/list fields only)."""
 
-    shards: str = "???"  # shard directory (ignored by synthetic)
+    shards: str = "???"  # shard directory, or a dataset root's (its train split is read); ignored by synthetic
     backend: str = "dali"  # dali | torch | synthetic
     batch_size: int = 256  # GLOBAL batch over all ranks; per rank = batch_size // world_size
     workers: int = 4  # DALI CPU threads / DataLoader workers, per rank
@@ -122,9 +123,10 @@ def check_shards(cfg: DataConfig) -> Manifest:
 
     Checks per shard: tar size equals the manifest's; the index file's header is `v1.2 <n>` with n
     equal to the manifest's sample count and n entry lines, each inside the tar; and, with
-    cfg.verify_sha256, the tar's SHA-256. Raises ShardError naming the file and the fix.
+    cfg.verify_sha256, the tar's SHA-256. Raises ShardError naming the file and the fix. A dataset
+    root's shards (cfg.shards/train, cfg.shards/val, ...) mean their train split (splits.py).
     """
-    manifest = load_manifest(cfg.shards)
+    manifest = load_manifest(resolve_shards(cfg.shards, "train").dir)
     fix = f"re-run `python -m pirl_fast.shard SRC {cfg.shards}` (or restore the file from a copy)"
     for shard in manifest.shards:
         tar, index = manifest.root / shard.name, manifest.root / shard.index_name

@@ -9,6 +9,12 @@ checkpoint). Every command writes its numbers as JSON into --out, by default the
     knn         weighted kNN (k=200, tau=0.07, NPID) on res5 features, train shards -> val shards
     linear      linear classifiers on conv1, res2..res5 of the frozen trunk, trained together
     invariance  distance between the representation of an image and of its jigsaw-shuffled version
+
+Shards: the train shards default to the checkpoint's data.shards. When those are a split of a
+dataset root's shards (`python -m pirl_fast.shard /imagenet shards/in1k` writes shards/in1k/train and
+shards/in1k/val), the validation shards default to the split beside them: val, else validation,
+else test. --train-shards / --val-shards (invariance: --shards) override them, and may themselves
+name a dataset root's shards (train: its train split; val: its val, validation or test split).
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from pirl_fast import linear_probe as lp
 from pirl_fast.features import (ShardImageDataset, Pretrained, eval_transform, extract, load_pretrained, make_loader,
                                 pick_device, random_init, read_checkpoint, train_transform)
 from pirl_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
+from pirl_fast.manifest import ShardError
 from pirl_fast.model import ARCHS
+from pirl_fast.splits import ShardPath, eval_split_beside, resolve_shards
 
 
 def default_out(ckpt_path: Path | None) -> Path:
@@ -73,11 +81,27 @@ def image_size_of(args, net: Pretrained) -> int:
     return args.image_size or int(net.config.get("data", {}).get("image_size", 224))
 
 
-def train_shards_of(args, net: Pretrained) -> str:
+def train_shards_of(args, net: Pretrained) -> ShardPath:
     shards = args.train_shards or net.config.get("data", {}).get("shards")
     if not shards or shards == "???":
         raise SystemExit("--train-shards is required (the checkpoint's config names no data.shards)")
-    return shards
+    return resolve_shards(shards, "train")
+
+
+def val_shards_of(given: str | None, train: ShardPath | None, flag: str = "--val-shards") -> str:
+    """`given` (a shard folder, or a dataset root's shards: its val split), else the validation
+    split beside the train shards; SystemExit saying what to pass when there is none."""
+    if given:
+        return str(resolve_shards(given, "eval").dir)
+    beside = eval_split_beside(train) if train is not None else None
+    if beside is None:
+        why = (f"the train shards {train.dir} are not a split of a dataset root's shards with a val, validation or "
+               "test split beside them" if train else "the checkpoint's config names no data.shards")
+        raise SystemExit(f"{flag} is required: {why}. Pass {flag} DIR, a shard folder of validation images "
+                         "(python -m pirl_fast.shard /imagenet shards/in1k writes shards/in1k/train and "
+                         "shards/in1k/val)")
+    print(f"validation shards: {beside.dir} (the {beside.split} split beside {train.dir}; {flag} overrides)")
+    return str(beside.dir)
 
 
 def describe(net: Pretrained) -> dict:
@@ -118,9 +142,11 @@ def cmd_knn(args) -> int:
     device = pick_device(args.device)
     net = load_network(args, device)
     size = image_size_of(args, net)
-    train = ShardImageDataset(train_shards_of(args, net), eval_transform(size), limit=args.limit)
-    val = ShardImageDataset(args.val_shards, eval_transform(size), limit=args.limit)
-    check_same_classes(train.classes, val.classes, args.val_shards)
+    shards = train_shards_of(args, net)
+    val_dir = val_shards_of(args.val_shards, shards)
+    train = ShardImageDataset(shards.dir, eval_transform(size), limit=args.limit)
+    val = ShardImageDataset(val_dir, eval_transform(size), limit=args.limit)
+    check_same_classes(train.classes, val.classes, val_dir)
     fn = net.model.features  # res5 after average pooling, (N, 2048 | 512)
     train_f, train_y, _ = extract(fn, make_loader(train, args.batch_size, args.workers), device, "features: train")
     val_f, val_y, _ = extract(fn, make_loader(val, args.batch_size, args.workers), device, "features: val")
@@ -143,9 +169,10 @@ def cmd_linear(args) -> int:
     cfg = lp.ProbeConfig(epochs=args.epochs, lr=args.lr, batch_size=args.probe_batch, weight_decay=args.weight_decay,
                          momentum=args.momentum, augment=not args.no_augment, seed=args.seed or 0)
     shards = train_shards_of(args, net)
-    train = ShardImageDataset(shards, train_transform(size) if cfg.augment else eval_transform(size), args.limit)
-    val = ShardImageDataset(args.val_shards, eval_transform(size), limit=args.limit)
-    check_same_classes(train.classes, val.classes, args.val_shards)
+    val_dir = val_shards_of(args.val_shards, shards)
+    train = ShardImageDataset(shards.dir, train_transform(size) if cfg.augment else eval_transform(size), args.limit)
+    val = ShardImageDataset(val_dir, eval_transform(size), limit=args.limit)
+    check_same_classes(train.classes, val.classes, val_dir)
     trunk = net.model.trunk
     probes = lp.StageProbes(lp.stage_widths(trunk), len(train.classes))
     torch.manual_seed(cfg.seed)
@@ -185,7 +212,10 @@ def cmd_invariance(args) -> int:
     views = inv.ViewConfig.from_run_config(nets[0].config)
     if args.image_size:
         views = inv.ViewConfig(args.image_size, views.patch_crop_size, views.grid, views.patch_size)
-    data = ShardImageDataset(args.shards, inv.InvarianceViews(views), limit=args.limit)
+    run_shards = nets[0].config.get("data", {}).get("shards")
+    train = resolve_shards(run_shards, "train") if run_shards and run_shards != "???" and not args.shards else None
+    data = ShardImageDataset(val_shards_of(args.shards, train, "--shards"), inv.InvarianceViews(views),
+                             limit=args.limit)
     loader = make_loader(data, args.batch_size, args.workers)
     dists = {label: inv.invariance_distances(net.model, net.method, loader, views.grid, device, args.seed or 0)
              for label, net in zip(labels, nets)}
@@ -225,8 +255,11 @@ def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
                         "run started from), invariance permutations and probe shuffling (default 0)")
     p.add_argument("--out", default=None, help="folder for the JSON (default: the checkpoint's run directory)")
     if shards:
-        p.add_argument("--train-shards", default=None, help="train shard dir (default: the checkpoint's data.shards)")
-        p.add_argument("--val-shards", required=True, help="validation shard dir (python -m pirl_fast.shard)")
+        p.add_argument("--train-shards", default=None, help="train shard dir (default: the checkpoint's data.shards; "
+                       "a dataset root's shards mean their train split)")
+        p.add_argument("--val-shards", default=None,
+                       help="validation shard dir (default: the val, validation or test split beside the train shards "
+                       "when those are a dataset root's train split; a dataset root's shards mean that split)")
         p.add_argument("--random-init", action="store_true",
                        help="evaluate the same arch untrained instead (the baseline); writes *_random_init.json")
         p.add_argument("--arch", choices=sorted(ARCHS), default=None, help="arch for --random-init without CHECKPOINT")
@@ -269,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("invariance", help="||f(v_I) - g(v_It)|| and res5 distances, checkpoints side by side",
                        description=inv.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (e.g. a PIRL run and a Jigsaw run)")
-    p.add_argument("--shards", required=True, help="shard dir whose images are measured (e.g. the val shards)")
+    p.add_argument("--shards", default=None, help="shard dir whose images are measured (default: the val, "
+                   "validation or test split beside the first checkpoint's train shards, as --val-shards)")
     p.add_argument("--labels", nargs="+", default=None, help="a label per checkpoint (default method:run-name)")
     p.add_argument("--random-init", action="store_true", help="add the untrained network as a third column")
     _common(p, shards=False)
@@ -279,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except ShardError as e:  # a missing or unfinished shard folder: the message names the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

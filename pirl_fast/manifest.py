@@ -17,9 +17,15 @@ manifest.json (format "pirl_fast-shards", version 1):
                   "inputs_sha256": "..."},    # fingerprint of those inputs and options (for --resume)
                  ...],
       "skipped": [{"path": "dog/x.jpg", "reason": "...", "shard": "shard-000000.tar"}, ...],
-      "options": {"src": ..., "seed": ..., "samples_per_shard": ..., "max_side": ..., "quality": ...},
+      "options": {"src": ..., "seed": ..., "samples_per_shard": ..., "max_side": ..., "quality": ...,
+                  "split": "val"},            # split: only in a dataset root's shards (DST/<split>/)
+      "labels": {"file": ..., "format": "kaggle", "rows": ..., "header": null, "labelled_images": ...,
+                 "without_image": n, "without_image_examples": [...]},   # only for a flat folder
       "plan_sha256": "..."                    # fingerprint of all inputs and options (a re-run of the
     }                                         # same plan is a no-op; a different one is refused)
+
+A dataset root's shards are one such directory per split (DST/train/, DST/val/, ...), all with the
+same `classes`; splits.py says which of them a path means.
 """
 
 from __future__ import annotations

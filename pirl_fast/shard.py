@@ -7,6 +7,21 @@ WebDataset shards that DALI reads on the GPU without ever meeting a bad image:
     DST/shard-000000.idx ...   DALI index files (v1.2), so readers need not scan the tars
     DST/manifest.json          written last: counts, classes, shard hashes, skipped inputs, options
 
+A dataset root is sharded split by split, every split with train's class list:
+
+    python -m pirl_fast.shard /imagenet shards/in1k    # /imagenet/{train,val}/ -> shards/in1k/{train,val}/
+
+SRC is taken for a dataset root when all its sub-folders are named train, val, validation or test
+(any case) and hold class folders (or labels); a class that train lacks is an error. Split names
+mixed with other folders (classes cat, dog, test; or a devkit/ beside train/ and val/) are refused
+(exit 2) until --layout imagefolder|splits says which SRC is. A split whose images lie flat
+(ImageNet's val/ as downloaded) takes classes from a labels file: --labels [SPLIT=]FILE, or
+Kaggle's LOC_val_solution.csv in val/ or in SRC, found by itself. Labels files: a CSV of file
+name,class name (header optional; names with or without extension), Kaggle's LOC_val_solution.csv,
+or the devkit's ILSVRC2012_validation_ground_truth.txt with its meta.mat beside it (needs scipy).
+An image without a label is an error; a label without an image is reported and recorded. Details:
+shard_source.py (layouts) and labels_file.py (formats).
+
 Inputs are sorted, shuffled globally with --seed (DALI only shuffles within a small buffer),
 cut into shards of --samples-per-shard inputs, and given global indices 0..N-1 in that order.
 Every image is decoded first; clean baseline RGB JPEGs are copied byte for byte, the rest
@@ -29,32 +44,23 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pirl_fast.images import UnusableImage, normalise_image
 from pirl_fast.atomic import fsync_dir, write_json
-from pirl_fast.manifest import MANIFEST_NAME, ShardError, manifest_dict
-from pirl_fast.shard_format import IndexEntry, ShardWriter, index_text, sample_key, sha256_file, shift_indices
+from pirl_fast.manifest import MANIFEST_NAME, ShardError, load_manifest, manifest_dict
+# sample_key and scan_source are used through this module by the tests and pirl_fast.bench.shard.
+from pirl_fast.shard_format import (IndexEntry, ShardWriter, index_text, sample_key,  # noqa: F401
+                                    sha256_file, shift_indices)
+from pirl_fast.shard_source import LAYOUTS, Input, Source, SourceError, Split, read_source, scan_source  # noqa: F401
+from pirl_fast.splits import EVAL_SPLITS, SPLIT_NAMES, resolve_shards, split_folders
 
 # Journal of an unfinished run: one JSON line per finished shard, appended and fsynced in shard
 # order (a line torn by a crash is ignored); removed once the manifest is written.
 PROGRESS_NAME = ".progress.jsonl"
-
-
-class SourceError(Exception):
-    """SRC or DST is unusable as given (exit code 2); the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Input:
-    relpath: str  # relative to SRC, "/"-separated
-    label: int
-    key: str
-    size: int
-    mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -75,44 +81,6 @@ class Options:
 
 def shard_name(k: int) -> str:
     return f"shard-{k:06d}.tar"
-
-
-def scan_source(src: Path) -> tuple[list[str], list[Input], list[dict]]:
-    """(classes, inputs sorted by path, skip records for loose files and unreadable folders)."""
-    if not src.is_dir():
-        raise SourceError(f"SRC {src} does not exist or is not a directory: give an ImageFolder (SRC/<class>/<image>)")
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise SourceError(f"SRC {src} has no class folders: expected SRC/<class>/<image> (ImageFolder layout)")
-    loose = [{"path": p.name, "reason": "not inside a class folder"} for p in sorted(src.iterdir()) if p.is_file()]
-    inputs = []
-    unreadable: list[dict] = []  # folders os.walk cannot list: their files are unknown, so say so
-
-    def walk_error(e: OSError) -> None:
-        unreadable.append({"path": Path(e.filename).relative_to(src).as_posix(),
-                           "reason": f"unreadable folder: {e.strerror or e}"})
-
-    for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(src / name, onerror=walk_error):
-            dirnames.sort()
-            for fname in filenames:
-                path = Path(dirpath) / fname
-                rel = path.relative_to(src).as_posix()
-                try:
-                    st = path.stat()
-                    size, mtime = st.st_size, st.st_mtime_ns
-                except OSError:  # e.g. a dangling symlink: kept as an input, skipped with its reason later
-                    size, mtime = -1, 0
-                inputs.append(Input(rel, label, sample_key(rel), size, mtime))
-    if not inputs:
-        raise SourceError(f"SRC {src} has class folders {classes[:5]}... but no files in them")
-    inputs.sort(key=lambda i: i.relpath)
-    keys = {}
-    for i in inputs:
-        if i.key in keys:  # needs a 40-bit hash collision on top of identical cleaned paths
-            raise SourceError(f"inputs {keys[i.key]} and {i.relpath} map to the same sample key {i.key}; rename one")
-        keys[i.key] = i.relpath
-    return classes, inputs, loose + unreadable
 
 
 def plan_shards(inputs: list[Input], seed: int, samples_per_shard: int) -> list[list[Input]]:
@@ -142,13 +110,13 @@ def write_shard(task: tuple[str, str, list[Input], int, int]) -> tuple[list[Inde
         writer = ShardWriter(f)
         for item in inputs:
             try:
-                data = (Path(src) / item.relpath).read_bytes()
+                data = (Path(src) / item.path).read_bytes()
                 image = normalise_image(data, max_side=max_side, quality=quality)
             except OSError as e:
-                skipped.append({"path": item.relpath, "reason": f"unreadable: {e.strerror or e}"})
+                skipped.append({"path": item.path, "reason": f"unreadable: {e.strerror or e}"})
                 continue
             except UnusableImage as e:
-                skipped.append({"path": item.relpath, "reason": str(e)})
+                skipped.append({"path": item.path, "reason": str(e)})
                 continue
             copied += image.copied
             writer.add(item.key, image.jpeg, item.label, len(writer.entries))
@@ -232,12 +200,24 @@ def _finish_shard(dst: Path, k: int, entries: list[IndexEntry], base: int) -> di
     return {"name": name, "index_name": index_name, "samples": len(entries), "bytes": size, "sha256": digest}
 
 
-def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Shard opts.src into opts.dst; returns the manifest dict. Raises SourceError for bad SRC/DST.
+@dataclass
+class Plan:
+    """One shard folder to write: its inputs cut into shards, their fingerprints, the plan's hash."""
+    opts: Options
+    split: Split
+    shards: list[list[Input]]
+    fingerprints: list[str]
+    sha: str
 
-    resume/overwrite: as the CLI flags. progress: show the tqdm bar (when stderr is a terminal).
-    """
-    start = time.perf_counter()
+
+def make_plan(opts: Options, split: Split) -> Plan:
+    shards = plan_shards(split.inputs, opts.seed, opts.samples_per_shard)
+    fingerprints = [inputs_fingerprint(shard_name(k), shard, opts) for k, shard in enumerate(shards)]
+    sha = hashlib.sha256(json.dumps([opts.seed, split.classes, fingerprints]).encode()).hexdigest()
+    return Plan(opts, split, shards, fingerprints, sha)
+
+
+def _check_paths(opts: Options) -> None:
     src, dst = Path(opts.src), Path(opts.dst)
     if opts.samples_per_shard < 1 or opts.workers < 1 or not 1 <= opts.quality <= 100 or opts.max_side < 0:
         raise SourceError("need --samples-per-shard >= 1, --workers >= 1, 1 <= --quality <= 100, --max-side >= 0")
@@ -245,24 +225,72 @@ def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, prog
         raise SourceError(f"DST {dst} exists and is not a directory: give a new or shard directory")
     if dst.resolve().is_relative_to(src.resolve()):
         raise SourceError(f"DST {dst} lies inside SRC {src}: its shards would be read as inputs; put it elsewhere")
-    classes, inputs, loose = scan_source(src)
-    plan = plan_shards(inputs, opts.seed, opts.samples_per_shard)
-    fingerprints = [inputs_fingerprint(shard_name(k), shard, opts) for k, shard in enumerate(plan)]
-    plan_sha = hashlib.sha256(json.dumps([opts.seed, classes, fingerprints]).encode()).hexdigest()
 
+
+def holds_plan(plan: Plan, resume: bool, overwrite: bool) -> bool:
+    """True when the plan's DST already holds exactly these shards, finished: nothing to do.
+
+    Raises SourceError when it holds other shards and neither --resume nor --overwrite says what
+    to do. Writes nothing, so every split of a dataset root is checked before any is written."""
+    dst = Path(plan.opts.dst)
+    if dst.exists() and not dst.is_dir():
+        raise SourceError(f"DST {dst} exists and is not a directory: give a new or shard directory")
+    existing = _our_files(dst)
+    if not existing or resume or overwrite:
+        return False
+    if _load_records(dst)[0] == plan.sha and (dst / MANIFEST_NAME).is_file():
+        return True
+    raise SourceError(f"DST {dst} already holds shards from another run ({len(existing)} files, e.g. "
+                      f"{existing[0].name}): pass --resume to finish it or --overwrite to replace it")
+
+
+def _nothing_to_do(dst: Path) -> dict:
+    print(f"{dst} already holds these shards (same inputs and options): nothing to do; "
+          f"check them with --verify", file=sys.stderr)
+    return json.loads((dst / MANIFEST_NAME).read_text())
+
+
+def _remove_ours(folder: Path) -> None:
+    """Delete the sharder's files in `folder`, and the folder if that leaves it empty."""
+    for p in _our_files(folder):
+        p.unlink()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, progress: bool = True,
+              source: Split | None = None) -> dict:
+    """Shard one folder, opts.src, into opts.dst; returns the manifest dict. Raises SourceError for
+    bad SRC/DST. source: what read_source found (default: SRC read as an ImageFolder or flat folder).
+
+    resume/overwrite: as the CLI flags. progress: show the tqdm bar (when stderr is a terminal).
+    """
+    _check_paths(opts)
+    dst = Path(opts.dst)
+    split = source or read_source(opts.src, layout="imagefolder").splits[0]
+    plan = make_plan(opts, split)
+    roots = [p for p in split_folders(dst).values() if _our_files(p)] if dst.is_dir() else []
+    if roots and not overwrite:
+        raise SourceError(f"DST {dst} holds a dataset root's shards ({', '.join(p.name for p in roots)}/): pass "
+                          "--overwrite to replace them with one shard folder, or choose another DST")
+    if holds_plan(plan, resume, overwrite):
+        return _nothing_to_do(dst)
+    for folder in roots:
+        _remove_ours(folder)
+    return write_plan(plan, resume, overwrite, progress)
+
+
+def write_plan(plan: Plan, resume: bool, overwrite: bool, progress: bool) -> dict:
+    """Write the plan's shards and manifest (keeping a matching finished prefix with resume)."""
+    start = time.perf_counter()
+    opts, split, fingerprints = plan.opts, plan.split, plan.fingerprints
+    src, dst, inputs, classes, plan_sha = Path(opts.src), Path(opts.dst), split.inputs, split.classes, plan.sha
     existing = _our_files(dst)
     if existing and overwrite:
         for p in existing:
             p.unlink()
         existing = []
-    old_plan, records, old_skipped = _load_records(dst) if existing else (None, [], [])
-    if existing and not resume:
-        if old_plan == plan_sha and (dst / MANIFEST_NAME).is_file():
-            print(f"{dst} already holds these shards (same inputs and options): nothing to do; "
-                  f"check them with --verify", file=sys.stderr)
-            return json.loads((dst / MANIFEST_NAME).read_text())
-        raise SourceError(f"DST {dst} already holds shards from another run ({len(existing)} files, e.g. "
-                          f"{existing[0].name}): pass --resume to finish it or --overwrite to replace it")
+    _, records, old_skipped = _load_records(dst) if existing else (None, [], [])
     dst.mkdir(parents=True, exist_ok=True)
     kept = _finished_prefix(dst, records, fingerprints) if resume else []
     kept_names = {r["name"] for r in kept} | {r["index_name"] for r in kept}
@@ -276,10 +304,12 @@ def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, prog
         _append_record(dst, r, skipped_by_shard[r["name"]])
     base = sum(r["samples"] for r in kept)
     copied = 0
-    todo = [(k, plan[k]) for k in range(len(kept), len(plan))]
+    shards = plan.shards
+    todo = [(k, shards[k]) for k in range(len(kept), len(shards))]
     tasks = [(str(src), str(dst / f".{shard_name(k)}.tmp"), shard, opts.max_side, opts.quality) for k, shard in todo]
-    bar = tqdm(total=len(inputs), initial=sum(len(plan[k]) for k in range(len(kept))), unit="img",
-               desc=f"sharding {src.name}", disable=None if progress else True, smoothing=0.1)
+    desc = f"sharding {src.name}" + (f"/{split.name}" if split.name else "")
+    bar = tqdm(total=len(inputs), initial=sum(len(shards[k]) for k in range(len(kept))), unit="img",
+               desc=desc, disable=None if progress else True, smoothing=0.1)
     pool = multiprocessing.get_context("spawn").Pool(opts.workers) if opts.workers > 1 and len(tasks) > 1 else None
     try:
         results = pool.imap_unordered(_numbered, enumerate(tasks)) if pool else map(_numbered, enumerate(tasks))
@@ -291,7 +321,7 @@ def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, prog
             while next_k in done:  # finish shards in order: shard k's first index needs 0..k-1's counts
                 entries, skipped, n_copied = done.pop(next_k)
                 record = _finish_shard(dst, next_k, entries, base)
-                record.update(first_index=base, inputs=len(plan[next_k]), inputs_sha256=fingerprints[next_k])
+                record.update(first_index=base, inputs=len(shards[next_k]), inputs_sha256=fingerprints[next_k])
                 base += record["samples"]
                 copied += n_copied
                 finished.append(record)
@@ -304,9 +334,12 @@ def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, prog
             pool.terminate()
             pool.join()
 
-    skipped_all = loose + sum((skipped_by_shard[r["name"]] for r in finished), [])
+    skipped_all = split.skipped + sum((skipped_by_shard[r["name"]] for r in finished), [])
+    options = {**opts.content(), **({"split": split.name} if split.name else {})}
     manifest = manifest_dict(num_samples=base, classes=classes, shards=[r for r in finished if r["samples"]],
-                             skipped=skipped_all, options=opts.content())
+                             skipped=skipped_all, options=options)
+    if split.labels:
+        manifest["labels"] = split.labels
     manifest["plan_sha256"] = plan_sha
     write_json(dst / MANIFEST_NAME, manifest)
     (dst / PROGRESS_NAME).unlink(missing_ok=True)
@@ -320,6 +353,53 @@ def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, prog
     return manifest
 
 
+def run_splits(opts: Options, source: Source, resume: bool = False, overwrite: bool = False,
+               progress: bool = True) -> dict[str, dict]:
+    """Shard every split of the dataset root `source` (opts.src) into opts.dst/<split>/; returns
+    {split: manifest}. Every split's DST is checked before any is written."""
+    _check_paths(opts)
+    dst = Path(opts.dst)
+    plans = [make_plan(replace(opts, dst=str(dst / split.name)), split) for split in source.splits]
+    own = _our_files(dst)
+    if own and not overwrite:
+        raise SourceError(f"DST {dst} is a shard folder itself ({len(own)} files, e.g. {own[0].name}); a dataset "
+                          "root's shards go into DST/<split>/: pass --overwrite to replace it, or choose another DST")
+    done = {plan.split.name: holds_plan(plan, resume, overwrite) for plan in plans}
+    for p in own:
+        p.unlink()
+    manifests = {}
+    for plan in plans:
+        name = plan.split.name
+        manifests[name] = _nothing_to_do(Path(plan.opts.dst)) if done[name] else write_plan(plan, resume, overwrite,
+                                                                                          progress)
+    print_summary(source, dst, manifests)
+    return manifests
+
+
+def print_summary(source: Source, dst: Path, manifests: dict[str, dict]) -> None:
+    """Per split: images, classes present, skipped inputs, where; then what to run next."""
+    classes = source.splits[0].classes
+    print(f"dataset root {source.root} -> {dst}: class ids from train's {len(classes)} classes, the same in "
+          "every split")
+    for split in source.splits:
+        m = manifests[split.name]
+        gone = {s["path"] for s in m["skipped"]}
+        present = len({i.label for i in split.inputs if i.path not in gone})
+        labels = m.get("labels")
+        via = f", labels from {labels['file']} ({labels['format']})" if labels else ""
+        print(f"  {split.name:<10} {m['num_samples']:>9} images {present:>6} classes {len(m['skipped']):>6} skipped"
+              f"  -> {dst / split.name}{via}")
+        if labels and labels["without_image"]:
+            print(f"  {'':<10} note: {labels['without_image']} label(s) name an image that is not there (e.g. "
+                  f"{', '.join(labels['without_image_examples'][:3])}); recorded in its manifest.json")
+    for what in source.left_out:
+        print(f"  left out: {what}")
+    names = [s.name for s in source.splits]
+    val = next((n for n in EVAL_SPLITS if n in names or (dst / n / MANIFEST_NAME).is_file()), None)
+    print(f"next: python -m pirl_fast.train data.shards={dst} (trains on {dst / 'train'}); python -m pirl_fast.eval "
+          f"knn RUN_DIR " + (f"(measures on {dst / val})" if val else "--val-shards DIR (no val split here)"))
+
+
 def _numbered(item: tuple[int, tuple]) -> tuple[int, tuple]:
     t, task = item
     return t, write_shard(task)
@@ -329,9 +409,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pirl_fast.shard", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Options("", "")
-    p.add_argument("src", nargs="?", help="ImageFolder to shard: SRC/<class>/<image files>")
-    p.add_argument("dst", nargs="?", help="output directory for the shards (created)")
-    p.add_argument("--verify", metavar="DST", help="check a finished shard directory instead of sharding")
+    p.add_argument("src", nargs="?", help="an ImageFolder (SRC/<class>/<images>), a dataset root (SRC/train/<class>/"
+                   "<images>, SRC/val/..., each split an ImageFolder or flat with labels) or a flat folder (--labels)")
+    p.add_argument("dst", nargs="?", help="output directory for the shards (created); a dataset root's splits go "
+                   "into DST/train/, DST/val/, ...")
+    p.add_argument("--verify", metavar="DST", help="check a finished shard directory (every split of a dataset "
+                   "root's) instead of sharding")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="auto (default): SRC is a dataset root when all its sub-folders are named train, val, "
+                   "validation or test and hold class folders or labels; other mixes with a split name are refused. "
+                   "imagefolder: SRC's sub-folders are classes, whatever their names. splits: SRC's split-named "
+                   "sub-folders are splits, other sub-folders are left out")
+    p.add_argument("--labels", action="append", default=[], metavar="[SPLIT=]FILE",
+                   help="labels of a flat folder of images: CSV of file name,class name (header optional), Kaggle's "
+                   "LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt (needs meta.mat "
+                   "beside it and scipy). In a dataset root: SPLIT=FILE, or FILE for its only flat split. "
+                   "LOC_val_solution.csv beside the images or in SRC is found without it")
+    p.add_argument("--splits", metavar="A,B", default=None,
+                   help="dataset root: shard only these splits (e.g. train,val); train's classes are used all the same")
+    p.add_argument("--classes", metavar="SHARDS", default=None,
+                   help="single folder: take the class list (label ids) from these train shards (a shard folder or "
+                   "a dataset root's); every class of SRC must be in it")
     cores = os.cpu_count() or 1
     p.add_argument("--workers", type=int, default=cores, help="worker processes, each writing one shard at a time "
                    f"(default: the number of CPU cores, {cores} here; the output does not depend on it)")
@@ -363,7 +461,23 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(src=str(Path(args.src).resolve()), dst=args.dst, samples_per_shard=args.samples_per_shard,
                    max_side=args.max_side, quality=args.quality, seed=args.seed, workers=args.workers)
     try:
-        run_shard(opts, resume=args.resume, overwrite=args.overwrite)
+        _check_paths(opts)  # before scanning: a wrong DST should not wait for a scan of ImageNet
+        classes = load_manifest(resolve_shards(args.classes).dir).classes if args.classes else None
+        splits = [n.strip().lower() for n in args.splits.split(",") if n.strip()] if args.splits else None
+        if splits and not set(splits) <= set(SPLIT_NAMES):
+            raise SourceError(f"--splits {args.splits}: split names are {', '.join(SPLIT_NAMES)}")
+        source = read_source(opts.src, args.layout, args.labels, splits, classes)
+        if source.layout == "splits":
+            run_splits(opts, source, resume=args.resume, overwrite=args.overwrite)
+        else:
+            manifest = run_shard(opts, resume=args.resume, overwrite=args.overwrite, source=source.splits[0])
+            if source.layout == "flat" and classes is None:
+                print(f"note: class ids are the {len(manifest['classes'])} sorted class names of "
+                      f"{manifest['labels']['file']}; to use train's, pass --classes TRAIN_SHARDS")
+            if manifest.get("labels", {}).get("without_image"):
+                labels = manifest["labels"]
+                print(f"note: {labels['without_image']} label(s) of {labels['file']} name an image that is not "
+                      f"there (e.g. {', '.join(labels['without_image_examples'][:3])}); recorded in manifest.json")
     except (SourceError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ from pirl_fast.metrics import MetricsLogger, StepClock, format_summary, gpu_memo
 from pirl_fast.model import PIRLModel
 from pirl_fast.optim import build_optimizer, set_lr
 from pirl_fast.schedule import LRSchedule, lr_at, scaled_lr
+from pirl_fast.splits import resolve_shards, shard_splits
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -309,6 +310,11 @@ def run_training(cfg: DictConfig | Config) -> tuple[Run, dict[str, Any]]:
     run.logger = MetricsLogger(run_dir, enabled=run.rank == 0, progress=config.trainer.progress,
                                total_steps=run.stop_at, initial_step=run.step)
     run.clock = StepClock(run.device, config.trainer.sync_timing, config.trainer.timing_warmup_steps)
+    shards = resolve_shards(config.data.shards) if config.data.backend != "synthetic" else None
+    if shards is not None and shards.chosen:
+        run.logger.message(f"data.shards={config.data.shards} is a dataset root with the splits "
+                           f"{', '.join(shard_splits(shards.root))}: training on its train split, {shards.dir} "
+                           f"({run.loader.num_samples} samples)")
     if run.last_checkpoint is not None:
         run.logger.message(f"resumed from {run.last_checkpoint}: step {run.step}, epoch {run.epoch}, "
                            f"batch {run.batches_in_epoch} of {len(run.loader)}")

@@ -14,29 +14,27 @@ out="${DEMO_DIR:-demo}"
 steps="${STEPS:-200}"
 mkdir -p "$out"
 
-echo "== 1/6 sample ImageFolders (generated, no download): train 8 x 40, val 8 x 20"
-"$py" -m pirl_fast.sample_data "$out/images_train" --classes 8 --per-class 40 --seed 0
-"$py" -m pirl_fast.sample_data "$out/images_val" --classes 8 --per-class 20 --seed 1
+echo "== 1/6 a sample dataset root (generated, no download): images/train 8 x 40, images/val 8 x 20"
+"$py" -m pirl_fast.sample_data "$out/images/train" --classes 8 --per-class 40 --seed 0
+"$py" -m pirl_fast.sample_data "$out/images/val" --classes 8 --per-class 20 --seed 1
 
-echo "== 2/6 shard them"
-"$py" -m pirl_fast.shard "$out/images_train" "$out/shards_train" --samples-per-shard 64 --workers 2 --seed 0 --overwrite
-"$py" -m pirl_fast.shard "$out/images_val" "$out/shards_val" --samples-per-shard 64 --workers 2 --seed 0 --overwrite
+echo "== 2/6 shard it: images/{train,val} -> shards/{train,val}"
+"$py" -m pirl_fast.shard "$out/images" "$out/shards" --samples-per-shard 64 --workers 2 --seed 0 --overwrite
 
-echo "== 3/6 verify the shards"
-"$py" -m pirl_fast.shard --verify "$out/shards_train"
-"$py" -m pirl_fast.shard --verify "$out/shards_val"
+echo "== 3/6 verify the shards (both splits)"
+"$py" -m pirl_fast.shard --verify "$out/shards"
 
 echo "== 4/6 PIRL pre-training: experiment=smoke (ResNet-18, 64 px), $steps steps of 32"
 # loss=infonce: on 320 samples the reference NCE's noise ratio K/N = 256/320 is far from its
 # large-dataset regime (see README, "Loss"); the paper's recipe keeps loss=nce.
-"$py" -m pirl_fast.train experiment=smoke data.shards="$out/shards_train" data.batch_size=32 \
+"$py" -m pirl_fast.train experiment=smoke data.shards="$out/shards" data.batch_size=32 \
   loss=infonce optim.lr=0.03 optim.reference_batch=32 trainer.epochs=$(( (steps + 9) / 10 )) \
   trainer.max_steps="$steps" trainer.log_every=10 trainer.ckpt_every=0 trainer.progress=false \
   resume=none hydra.run.dir="$out/run"
 
-echo "== 5/6 kNN top-1 (k=200): trained, then the same network at its initial weights"
-"$py" -m pirl_fast.eval knn "$out/run" --val-shards "$out/shards_val" --workers 2
-"$py" -m pirl_fast.eval knn "$out/run" --val-shards "$out/shards_val" --workers 2 --random-init
+echo "== 5/6 kNN top-1 (k=200) on shards/val: trained, then the same network at its initial weights"
+"$py" -m pirl_fast.eval knn "$out/run" --workers 2
+"$py" -m pirl_fast.eval knn "$out/run" --workers 2 --random-init
 
 echo "== 6/6 export the trunk for torchvision"
 "$py" -m pirl_fast.eval export "$out/run"
