@@ -140,33 +140,38 @@ def cmd_linear(args) -> int:
     device = pick_device(args.device)
     net = load_network(args, device)
     size = image_size_of(args, net)
-    cfg = lp.ProbeConfig(epochs=args.epochs, lr=args.lr, batch_size=args.probe_batch, weight_decay=args.weight_decay,
-                         momentum=args.momentum, augment=not args.no_augment, seed=args.seed or 0)
+    cfg = lp.ProbeConfig(protocol=args.protocol, epochs=args.epochs, lr=args.lr, batch_size=args.probe_batch,
+                         weight_decay=args.weight_decay, momentum=args.momentum, nesterov=not args.no_nesterov,
+                         augment=not args.no_augment, seed=args.seed or 0)
     shards = train_shards_of(args, net)
     train = ShardImageDataset(shards, train_transform(size) if cfg.augment else eval_transform(size), args.limit)
     val = ShardImageDataset(args.val_shards, eval_transform(size), limit=args.limit)
     check_same_classes(train.classes, val.classes, args.val_shards)
     trunk = net.model.trunk
-    probes = lp.StageProbes(lp.stage_widths(trunk), len(train.classes))
     torch.manual_seed(cfg.seed)
+    probes = lp.build_probes(cfg.protocol, lp.stage_widths(trunk), len(train.classes))
     val_feats, val_y = lp.cache_stage_features(trunk, make_loader(val, args.batch_size, args.workers), device,
-                                               "stage features: val")
-    if cfg.augment:  # a fresh random crop per epoch: the trunk runs every epoch, once for all five heads
+                                               "stage features: val", cfg.protocol)
+    if cfg.augment:  # a fresh random crop per epoch: the trunk runs every epoch, once for all heads
         loader = make_loader(train, cfg.batch_size, args.workers, shuffle=True, seed=cfg.seed)
-        batches, steps = (lambda epoch: lp.image_batches(trunk, loader, device)), len(loader)
+        batches, steps = (lambda epoch: lp.image_batches(trunk, loader, device, cfg.protocol)), len(loader)
     else:  # the same centre crop every epoch: run the trunk once
         feats, labels = lp.cache_stage_features(trunk, make_loader(train, args.batch_size, args.workers), device,
-                                                "stage features: train")
+                                                "stage features: train", cfg.protocol)
         batches = lambda epoch: lp.cached_batches(feats, labels, cfg.batch_size, True, cfg.seed + epoch)  # noqa: E731
         steps = -(-labels.shape[0] // cfg.batch_size)
     history = lp.train_probes(probes, batches, cfg, steps, device)
     results = lp.evaluate_probes(probes, lp.cached_batches(val_feats, val_y, 1024, False, 0), device)
-    print(f"linear probes ({net.method}, {describe(net)['arch']}; chance {100 / len(train.classes):.2f}%):")
-    for stage, r in results.items():
-        print(f"  {stage:5s}  top-1 {100 * r['top1']:6.2f}%  top-5 {100 * r['top5']:6.2f}%")
+    dims = lp.head_in_features(probes)
+    print(f"linear probes, protocol {cfg.protocol} ({net.method}, {describe(net)['arch']}, {size} px; "
+          f"chance {100 / len(train.classes):.2f}%):")
+    for head, r in results.items():
+        print(f"  {head:10s} {dims[head]:6d} dims  top-1 {100 * r['top1']:6.2f}%  top-5 {100 * r['top5']:6.2f}%")
+    best = max(results, key=lambda h: results[h]["top1"])
     out = Path(args.out) if args.out else default_out(net.path)
     write_json(out, "linear_random_init.json" if args.random_init else "linear.json",
-               {**describe(net), "stages": results, "protocol": cfg.as_dict(), "loss_per_epoch": history,
+               {**describe(net), "stages": results, "best": {"head": best, **results[best]},
+                "head_in_features": dims, "protocol": cfg.as_dict(), "loss_per_epoch": history,
                 "image_size": size, "num_train": len(train), "num_val": len(val), "num_classes": len(train.classes)})
     return 0
 
@@ -252,15 +257,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_knn)
 
     d = lp.ProbeConfig()
-    p = sub.add_parser("linear", help="linear classifiers on conv1, res2..res5, trained together",
+    p = sub.add_parser("linear", help="linear classifiers on conv1, res2..res5 (+res5avg), trained together",
                        description=lp.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)
+    p.add_argument("--protocol", choices=lp.PROTOCOLS, default=d.protocol,
+                   help="goyal (default): each stage average-pooled to ~9k dims + BatchNorm + Linear, as the "
+                        "reference's benchmark; gap: global-average-pooled stages (quick, not comparable)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs} (Goyal et al. 2019)")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"SGD lr, x0.1 at 8/28, 16/28, 24/28 (default {d.lr})")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help=f"SGD lr per 256 images, scaled linearly with --probe-batch-size; x0.1 at 8/28, 16/28, "
+                        f"24/28 of training (default {d.lr})")
     p.add_argument("--probe-batch-size", dest="probe_batch", type=int, default=d.batch_size,
                    help=f"probe training batch (default {d.batch_size})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"on the Linear layers, not BatchNorm (default {d.weight_decay})")
     p.add_argument("--momentum", type=float, default=d.momentum, help=f"default {d.momentum}")
+    p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
     p.add_argument("--no-augment", action="store_true",
                    help="centre crops only: runs the trunk once and trains the heads on stored features")
     _common(p)
