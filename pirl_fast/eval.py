@@ -1,5 +1,5 @@
-"""python -m pirl_fast.eval {export,knn,linear,invariance} CHECKPOINT ... : is the representation good,
-and is it invariant?
+"""python -m pirl_fast.eval {export,knn,linear,svm,finetune,invariance,import-vissl} CHECKPOINT ... : is the
+representation good, and is it invariant?
 
 CHECKPOINT is a checkpoint file (run_dir/checkpoints/step_*.pt) or a run directory (its newest
 checkpoint). Every command writes its numbers as JSON into --out, by default the run directory
@@ -9,6 +9,8 @@ checkpoint). Every command writes its numbers as JSON into --out, by default the
     knn         weighted kNN (k=200, tau=0.07, NPID) on res5 features, train shards -> val shards
     linear      linear classifiers on conv1, res2..res5 of the frozen trunk, trained together
     invariance  distance between the representation of an image and of its jigsaw-shuffled version
+    import-vissl  a reference (facebookresearch/vissl) checkpoint converted into this layout, so that
+                every command above runs on the published models
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torchvision
 
 from pirl_fast import invariance as inv
 from pirl_fast import linear_probe as lp
+from pirl_fast import vissl_import
+from pirl_fast.checkpoint import list_checkpoints
 from pirl_fast.features import (ShardImageDataset, Pretrained, eval_transform, extract, load_pretrained, make_loader,
                                 pick_device, random_init, read_checkpoint, train_transform)
 from pirl_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
@@ -179,6 +183,10 @@ def cmd_linear(args) -> int:
 def cmd_invariance(args) -> int:
     device = pick_device(args.device)
     nets = [load_pretrained(c, device) for c in args.checkpoints]
+    for net in nets:
+        if net.config.get("imported", {}).get("heads") is False:
+            raise SystemExit(f"{net.path} was imported with --trunk-only: its heads are not the reference's, so "
+                             "the head distances would be meaningless; invariance needs a checkpoint with heads")
     labels = args.labels or [f"{n.method}:{n.path.parent.parent.name if n.path else '?'}" for n in nets]
     if len(labels) != len(nets) or len(set(labels)) != len(labels):
         raise SystemExit(f"--labels needs one distinct label per checkpoint ({len(nets)}); got {labels}")
@@ -206,6 +214,25 @@ def cmd_invariance(args) -> int:
     write_json(out, "invariance.json", {"checkpoints": summary, "views": views.__dict__, "num_images": len(data),
                                         "seed": args.seed or 0, "shards": str(data.manifest.root),
                                         "definition": "Distances" + inv.__doc__.split("Distances", 1)[1].strip()})
+    return 0
+
+
+def cmd_import_vissl(args) -> int:
+    out = Path(args.out)
+    if list_checkpoints(out) and not args.overwrite:
+        raise SystemExit(f"{out} already holds checkpoints ({list_checkpoints(out)[0].name}); pass a new --out "
+                         "folder, or --overwrite")
+    try:
+        path = vissl_import.import_checkpoint(args.checkpoint, out, trunk_only=args.trunk_only)
+    except (vissl_import.ImportRefused, FileNotFoundError) as e:
+        raise SystemExit(f"import-vissl: {e}") from e
+    net = load_pretrained(path, "cpu")
+    report = torch.load(path, map_location="cpu", weights_only=True)["import_report"]
+    heads = report["heads"] or "none (--trunk-only: heads at a seeded init, marked imported.heads=false)"
+    print(f"wrote {path}\n  method {net.method}, arch {report['arch']}, trunk {report['trunk_tensors']} tensors "
+          f"(torchvision keys), heads mapped: {heads}")
+    print(f"  evaluate it like any run: python -m pirl_fast.eval linear {out} --train-shards T --val-shards V")
+    write_json(out, "import.json", {**describe(net), **report, "source": str(Path(args.checkpoint).resolve())})
     return 0
 
 
@@ -277,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="centre crops only: runs the trunk once and trains the heads on stored features")
     _common(p)
     p.set_defaults(fn=cmd_linear)
+
+    p = sub.add_parser("import-vissl", help="convert a reference (vissl) checkpoint into this project's layout",
+                       description=vissl_import.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="the reference's checkpoint file (model_final_checkpoint_phase*.torch)")
+    p.add_argument("--out", required=True, help="run directory to create: OUT/checkpoints/step_*.pt + config.yaml")
+    p.add_argument("--trunk-only", action="store_true",
+                   help="import the trunk even when the heads have no counterpart here (e.g. MLP heads)")
+    p.add_argument("--overwrite", action="store_true", help="replace checkpoints already in --out")
+    p.set_defaults(fn=cmd_import_vissl)
 
     p = sub.add_parser("invariance", help="||f(v_I) - g(v_It)|| and res5 distances, checkpoints side by side",
                        description=inv.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
