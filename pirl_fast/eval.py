@@ -8,6 +8,8 @@ checkpoint). Every command writes its numbers as JSON into --out, by default the
     export      trunk as a torchvision ResNet state dict + the heads, separately
     knn         weighted kNN (k=200, tau=0.07, NPID) on res5 features, train shards -> val shards
     linear      linear classifiers on conv1, res2..res5 of the frozen trunk, trained together
+    svm         one-vs-rest linear SVMs on one frozen stage (VOC07-style mAP, top-1, low-shot)
+    finetune    the whole network fine-tuned on a class-balanced 1% / 10% of the labels
     invariance  distance between the representation of an image and of its jigsaw-shuffled version
     import-vissl  a reference (facebookresearch/vissl) checkpoint converted into this layout, so that
                 every command above runs on the published models
@@ -27,10 +29,11 @@ import torchvision
 
 from pirl_fast import invariance as inv
 from pirl_fast import linear_probe as lp
+from pirl_fast import svm
 from pirl_fast import vissl_import
 from pirl_fast.checkpoint import list_checkpoints
 from pirl_fast.features import (ShardImageDataset, Pretrained, eval_transform, extract, load_pretrained, make_loader,
-                                pick_device, random_init, read_checkpoint, train_transform)
+                                pick_device, random_init, read_checkpoint, svm_transform, train_transform)
 from pirl_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
 from pirl_fast.model import ARCHS
 
@@ -217,6 +220,47 @@ def cmd_invariance(args) -> int:
     return 0
 
 
+def cmd_svm(args) -> int:
+    device = pick_device(args.device)
+    net = load_network(args, device)
+    size = image_size_of(args, net)
+    train = ShardImageDataset(train_shards_of(args, net), svm_transform(size), limit=args.limit)
+    val = ShardImageDataset(args.val_shards, svm_transform(size), limit=args.limit)
+    check_same_classes(train.classes, val.classes, args.val_shards)
+    if train.multi_label != val.multi_label:
+        raise SystemExit(f"the train shards are {'multi' if train.multi_label else 'single'}-label but the val shards "
+                         f"{args.val_shards} are not: shard both splits the same way")
+    trunk, stage = net.model.trunk, args.feature
+
+    def fn(x):  # (N, 3, S, S) -> (N, D): one stage, Goyal-pooled and flattened
+        return lp.goyal_features(trunk, x)[stage].flatten(1)
+
+    train_x, _, _ = extract(fn, make_loader(train, args.batch_size, args.workers), device, f"{stage}: train")
+    val_x, _, _ = extract(fn, make_loader(val, args.batch_size, args.workers), device, f"{stage}: val")
+    cfg = svm.SVMConfig(costs=tuple(args.costs), folds=args.folds, normalize=not args.no_normalize, dual=args.dual,
+                        jobs=args.jobs, seed=args.seed or 0)
+    single = not train.multi_label
+    info = {**describe(net), "feature": stage, "dims": int(train_x.shape[1]), "image_size": size,
+            "label_kind": "single" if single else "multi", "num_train": len(train), "num_val": len(val),
+            "num_classes": len(train.classes), "classes": train.classes, "svm": cfg.as_dict()}
+    out = Path(args.out) if args.out else default_out(net.path)
+    suffix = "_random_init" if args.random_init else ""
+    if args.low_shot:
+        result = svm.low_shot(train_x.numpy(), train.targets, val_x.numpy(), val.targets, args.low_shot, single, cfg,
+                              draws=args.draws)
+        for k, r in result.items():
+            print(f"low-shot k={k}: {r['metric']} {100 * r['mean']:.2f} +- {100 * r['std']:.2f} "
+                  f"(min {100 * r['min']:.2f}, max {100 * r['max']:.2f}; {args.draws} draws, cost {r['cost']})")
+        write_json(out, f"svm_lowshot{suffix}.json", {**info, "draws": args.draws, "low_shot": result})
+        return 0
+    result = svm.train_and_test(train_x.numpy(), train.targets, val_x.numpy(), val.targets, single, cfg)
+    top1 = f"top-1 {100 * result.top1:.2f}%, " if single else ""
+    print(f"SVM on {stage} ({info['dims']} dims, {net.method}): {top1}mAP {100 * result.mAP:.2f} over "
+          f"{len(train.classes)} classes ({len(train)} train -> {len(val)} val)")
+    write_json(out, f"svm{suffix}.json", {**info, **result.as_dict()})
+    return 0
+
+
 def cmd_import_vissl(args) -> int:
     out = Path(args.out)
     if list_checkpoints(out) and not args.overwrite:
@@ -304,6 +348,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="centre crops only: runs the trunk once and trains the heads on stored features")
     _common(p)
     p.set_defaults(fn=cmd_linear)
+
+    p = sub.add_parser("svm", help="one-vs-rest linear SVMs on a frozen stage: mAP / top-1, or low-shot",
+                       description=svm.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)
+    p.add_argument("--feature", choices=lp.GOYAL_HEADS[:-1], default="res5",
+                   help="stage, Goyal-pooled as in the reference (res5: 2048x2x2 = 8192 dims on a ResNet-50 at "
+                        "224 px; res5avg: the 2048-d global pool, the one to use at ImageNet scale); default res5")
+    p.add_argument("--costs", type=float, nargs="+", default=list(svm.COSTS),
+                   help="SVM costs C swept per class (default: the reference's 0.01 ... 1000)")
+    p.add_argument("--folds", type=int, default=svm.CV_FOLDS, help="cross-validation folds (default 3)")
+    p.add_argument("--low-shot", type=int, nargs="+", default=None, metavar="K",
+                   help="low-shot mode: K training samples per class (single-label) or K positives and (C-1)K "
+                        "negatives per class (multi-label), e.g. --low-shot 1 2 4 8 16 32 64 96")
+    p.add_argument("--draws", type=int, default=svm.LOW_SHOT_DRAWS, help="independent low-shot draws (default 5)")
+    p.add_argument("--jobs", type=int, default=1, help="processes fitting (class, cost) SVMs in parallel")
+    p.add_argument("--dual", choices=("auto", "true", "false"), default="auto",
+                   help="liblinear formulation: auto (dual when samples <= features, as the reference; primal "
+                        "Newton otherwise), true (always dual, the reference's setting), false (always primal)")
+    p.add_argument("--no-normalize", action="store_true", help="skip the per-sample L2 normalisation")
+    _common(p)
+    p.set_defaults(fn=cmd_svm)
 
     p = sub.add_parser("import-vissl", help="convert a reference (vissl) checkpoint into this project's layout",
                        description=vissl_import.__doc__,
