@@ -24,14 +24,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 
 from pirl_fast import invariance as inv
+from pirl_fast import finetune as ft
+from pirl_fast import finetune_data as ftd
 from pirl_fast import linear_probe as lp
 from pirl_fast import svm
 from pirl_fast import vissl_import
-from pirl_fast.checkpoint import list_checkpoints
+from pirl_fast.checkpoint import list_checkpoints, save_atomic
 from pirl_fast.features import (ShardImageDataset, Pretrained, eval_transform, extract, load_pretrained, make_loader,
                                 pick_device, random_init, read_checkpoint, svm_transform, train_transform)
 from pirl_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
@@ -261,6 +264,52 @@ def cmd_svm(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    device = pick_device(args.device)
+    net = load_network(args, device)
+    size = image_size_of(args, net)
+    train_data = ShardImageDataset(train_shards_of(args, net), train_transform(size), limit=args.limit)
+    val_data = ShardImageDataset(args.val_shards, eval_transform(size), limit=args.limit)
+    check_same_classes(train_data.classes, val_data.classes, args.val_shards)
+    if (args.fraction is None) == (args.subset is None):
+        raise SystemExit("finetune needs exactly one of --fraction F (a class-balanced subset) and --subset FILE")
+    try:
+        if args.subset:
+            positions, tag = ftd.subset_from_file(args.subset, train_data), Path(args.subset).stem
+        else:
+            positions, tag = ftd.balanced_subset(train_data.labels.numpy(), args.fraction, args.seed or 0), \
+                f"{100 * args.fraction:g}pct"
+    except ValueError as e:
+        raise SystemExit(f"finetune: {e}") from e
+    cfg = ft.FinetuneConfig(epochs=args.epochs, lr=args.lr, milestones=tuple(args.milestones),
+                            batch_size=args.ft_batch, weight_decay=args.weight_decay, freeze_trunk=args.freeze_trunk,
+                            seed=args.seed or 0)
+    out = Path(args.out) if args.out else default_out(net.path)
+    name = f"finetune_{tag}{'_frozen' if cfg.freeze_trunk else ''}{'_random_init' if args.random_init else ''}"
+    torch.manual_seed(cfg.seed)
+    model = ft.Classifier(net.model.trunk, net.model.trunk_dim, len(train_data.classes))
+    loaders = [ftd.build_loader(args.backend, data, pos, out / f"{name}_index" / split, size,
+                                cfg.batch_size if split == "train" else args.batch_size, split == "train",
+                                args.workers, device, cfg.seed)
+               for data, pos, split in ((train_data, positions, "train"),
+                                        (val_data, np.arange(len(val_data)), "val"))]
+    counts = np.bincount(train_data.labels.numpy()[positions], minlength=len(train_data.classes))
+    print(f"finetune on {positions.size} of {len(train_data)} labelled images ({tag}; {counts.min()}-{counts.max()} "
+          f"per class), {type(loaders[0]).__name__}, {'trunk frozen' if cfg.freeze_trunk else 'whole network'}")
+    history = ft.train(model, loaders[0], cfg, device)
+    result = ft.evaluate(model, loaders[1], device)
+    print(f"finetune {tag}: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+          f"({len(val_data)} val images, chance {100 / len(train_data.classes):.2f}%)")
+    save_atomic({"model": {k: v.contiguous() for k, v in model.state_dict().items()}, "classes": train_data.classes,
+                 "arch": describe(net)["arch"]}, out / f"{name}.pt")
+    write_json(out, f"{name}.json", {**describe(net), **result, "subset": tag, "num_labelled": int(positions.size),
+                                     "per_class_min": int(counts.min()), "per_class_max": int(counts.max()),
+                                     "loader": type(loaders[0]).__name__, "schedule": cfg.as_dict(),
+                                     "loss_per_epoch": history, "image_size": size, "num_val": len(val_data),
+                                     "num_classes": len(train_data.classes), "weights": str(out / f"{name}.pt")})
+    return 0
+
+
 def cmd_import_vissl(args) -> int:
     out = Path(args.out)
     if list_checkpoints(out) and not args.overwrite:
@@ -369,6 +418,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalize", action="store_true", help="skip the per-sample L2 normalisation")
     _common(p)
     p.set_defaults(fn=cmd_svm)
+
+    d = ft.FinetuneConfig()
+    p = sub.add_parser("finetune", help="fine-tune the whole network on a 1% / 10% labelled subset",
+                       description=ft.__doc__ + "\n" + ftd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)
+    p.add_argument("--fraction", type=float, default=None, help="class-balanced subset of this fraction, e.g. 0.01")
+    p.add_argument("--subset", default=None, help="the reference's subset list (.txt of paths or .npy)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"lr per 256 images (default {d.lr}; SimCLR's lists: 0.05)")
+    p.add_argument("--milestones", type=int, nargs="*", default=list(d.milestones),
+                   help="epochs at which the lr drops x0.1 (default 30)")
+    p.add_argument("--ft-batch-size", dest="ft_batch", type=int, default=d.batch_size,
+                   help=f"training batch (default {d.batch_size})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
+    p.add_argument("--freeze-trunk", action="store_true", help="train the Linear only: the frozen-probe baseline")
+    p.add_argument("--backend", choices=ftd.BACKENDS, default="auto",
+                   help="auto (DALI when installed, else torch) | dali | torch")
+    _common(p)
+    p.set_defaults(fn=cmd_finetune)
 
     p = sub.add_parser("import-vissl", help="convert a reference (vissl) checkpoint into this project's layout",
                        description=vissl_import.__doc__,

@@ -81,6 +81,7 @@ class _Entry:
     label: int
     index: int  # global sample index (the memory-bank row in pre-training)
     multi_hot: bytes | None = None  # KEY.mlb of multi-label shards: C int8 in {1, 0, -1}
+    key: str = ""  # the sample key (member name without extension)
 
 
 class ShardImageDataset(Dataset):
@@ -127,7 +128,7 @@ class ShardImageDataset(Dataset):
                 if mlb is not None and len(mlb) != len(self.classes):
                     raise ShardError(f"{path}: {key}.mlb has {len(mlb)} bytes but the manifest lists "
                                      f"{len(self.classes)} classes (one int8 per class): re-shard it")
-                out.append(_Entry(shard, members["jpg"].offset_data, members["jpg"].size, label, index, mlb))
+                out.append(_Entry(shard, members["jpg"].offset_data, members["jpg"].size, label, index, mlb, key))
         if len(out) != expected:
             raise ShardError(f"{path} holds {len(out)} samples but manifest.json says {expected}: re-shard it "
                              "(`python -m pirl_fast.shard SRC DST --overwrite`)")
