@@ -90,6 +90,18 @@ def train_shards_of(args, net: Pretrained) -> str:
     return shards
 
 
+def open_splits(args, train_view, val_view):
+    """(device, network, image size, train dataset, val dataset) for the commands that read both splits;
+    `train_view` / `val_view` map the image size to a transform."""
+    device = pick_device(args.device)
+    net = load_network(args, device)
+    size = image_size_of(args, net)
+    train = ShardImageDataset(train_shards_of(args, net), train_view(size), limit=args.limit)
+    val = ShardImageDataset(args.val_shards, val_view(size), limit=args.limit)
+    check_same_classes(train.classes, val.classes, args.val_shards)
+    return device, net, size, train, val
+
+
 def describe(net: Pretrained) -> dict:
     out = {"checkpoint": str(net.path) if net.path else None, "method": net.method,
            "arch": net.config.get("model", {}).get("arch")}
@@ -125,12 +137,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_knn(args) -> int:
-    device = pick_device(args.device)
-    net = load_network(args, device)
-    size = image_size_of(args, net)
-    train = ShardImageDataset(train_shards_of(args, net), eval_transform(size), limit=args.limit)
-    val = ShardImageDataset(args.val_shards, eval_transform(size), limit=args.limit)
-    check_same_classes(train.classes, val.classes, args.val_shards)
+    device, net, size, train, val = open_splits(args, eval_transform, eval_transform)
     fn = net.model.features  # res5 after average pooling, (N, 2048 | 512)
     train_f, train_y, _ = extract(fn, make_loader(train, args.batch_size, args.workers), device, "features: train")
     val_f, val_y, _ = extract(fn, make_loader(val, args.batch_size, args.workers), device, "features: val")
@@ -147,23 +154,22 @@ def cmd_knn(args) -> int:
 
 
 def cmd_linear(args) -> int:
-    device = pick_device(args.device)
-    net = load_network(args, device)
-    size = image_size_of(args, net)
     cfg = lp.ProbeConfig(protocol=args.protocol, epochs=args.epochs, lr=args.lr, batch_size=args.probe_batch,
                          weight_decay=args.weight_decay, momentum=args.momentum, nesterov=not args.no_nesterov,
                          augment=not args.no_augment, seed=args.seed or 0)
-    shards = train_shards_of(args, net)
-    train = ShardImageDataset(shards, train_transform(size) if cfg.augment else eval_transform(size), args.limit)
-    val = ShardImageDataset(args.val_shards, eval_transform(size), limit=args.limit)
-    check_same_classes(train.classes, val.classes, args.val_shards)
+    device, net, size, train, val = open_splits(args, train_transform if cfg.augment else eval_transform,
+                                                eval_transform)
     trunk = net.model.trunk
     torch.manual_seed(cfg.seed)
     probes = lp.build_probes(cfg.protocol, lp.stage_widths(trunk), len(train.classes))
     val_feats, val_y = lp.cache_stage_features(trunk, make_loader(val, args.batch_size, args.workers), device,
                                                "stage features: val", cfg.protocol)
+    out = Path(args.out) if args.out else default_out(net.path)
     if cfg.augment:  # a fresh random crop per epoch: the trunk runs every epoch, once for all heads
-        loader = make_loader(train, cfg.batch_size, args.workers, shuffle=True, seed=cfg.seed)
+        # The fine-tuning loaders: DALI (GPU decode + crop) where installed; the reference's train view
+        # (RandomResizedCrop + flip), last partial batch dropped.
+        loader = ftd.build_loader(args.backend, train, np.arange(len(train)), out / "linear_index", size,
+                                  cfg.batch_size, True, args.workers, device, cfg.seed)
         batches, steps = (lambda epoch: lp.image_batches(trunk, loader, device, cfg.protocol)), len(loader)
     else:  # the same centre crop every epoch: run the trunk once
         feats, labels = lp.cache_stage_features(trunk, make_loader(train, args.batch_size, args.workers), device,
@@ -178,10 +184,10 @@ def cmd_linear(args) -> int:
     for head, r in results.items():
         print(f"  {head:10s} {dims[head]:6d} dims  top-1 {100 * r['top1']:6.2f}%  top-5 {100 * r['top5']:6.2f}%")
     best = max(results, key=lambda h: results[h]["top1"])
-    out = Path(args.out) if args.out else default_out(net.path)
     write_json(out, "linear_random_init.json" if args.random_init else "linear.json",
                {**describe(net), "stages": results, "best": {"head": best, **results[best]},
                 "head_in_features": dims, "protocol": cfg.as_dict(), "loss_per_epoch": history,
+                "train_loader": type(loader).__name__ if cfg.augment else "cached centre-crop features",
                 "image_size": size, "num_train": len(train), "num_val": len(val), "num_classes": len(train.classes)})
     return 0
 
@@ -224,12 +230,7 @@ def cmd_invariance(args) -> int:
 
 
 def cmd_svm(args) -> int:
-    device = pick_device(args.device)
-    net = load_network(args, device)
-    size = image_size_of(args, net)
-    train = ShardImageDataset(train_shards_of(args, net), svm_transform(size), limit=args.limit)
-    val = ShardImageDataset(args.val_shards, svm_transform(size), limit=args.limit)
-    check_same_classes(train.classes, val.classes, args.val_shards)
+    device, net, size, train, val = open_splits(args, svm_transform, svm_transform)
     if train.multi_label != val.multi_label:
         raise SystemExit(f"the train shards are {'multi' if train.multi_label else 'single'}-label but the val shards "
                          f"{args.val_shards} are not: shard both splits the same way")
@@ -265,12 +266,7 @@ def cmd_svm(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    device = pick_device(args.device)
-    net = load_network(args, device)
-    size = image_size_of(args, net)
-    train_data = ShardImageDataset(train_shards_of(args, net), train_transform(size), limit=args.limit)
-    val_data = ShardImageDataset(args.val_shards, eval_transform(size), limit=args.limit)
-    check_same_classes(train_data.classes, val_data.classes, args.val_shards)
+    device, net, size, train_data, val_data = open_splits(args, train_transform, eval_transform)
     if (args.fraction is None) == (args.subset is None):
         raise SystemExit("finetune needs exactly one of --fraction F (a class-balanced subset) and --subset FILE")
     try:
@@ -395,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
     p.add_argument("--no-augment", action="store_true",
                    help="centre crops only: runs the trunk once and trains the heads on stored features")
+    p.add_argument("--backend", choices=ftd.BACKENDS, default="auto",
+                   help="training images: auto (DALI when installed, else torch) | dali | torch")
     _common(p)
     p.set_defaults(fn=cmd_linear)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pirl_fast.linear_probe import REFERENCE_BATCH, param_groups
+from pirl_fast.linear_probe import REFERENCE_BATCH, param_groups, sgd_step
 
 
 @dataclass
@@ -98,13 +98,7 @@ def train(model: Classifier, loader, cfg: FinetuneConfig, device: torch.device) 
         for images, labels in loader:
             with autocast:
                 loss = F.cross_entropy(model(images), labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at epoch {epoch}: lower --lr (now "
-                                         f"{cfg.lr} per 256 images)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count = total + loss.item(), count + 1
+            total, count = total + sgd_step(optimizer, loss, f"fine-tuning, epoch {epoch}", cfg.lr), count + 1
             bar.update(1)
         if count == 0:
             raise ValueError(f"the training subset yields no full batch of {cfg.batch_size}: lower --batch-size")

@@ -208,6 +208,16 @@ def param_groups(probes: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": rest, "weight_decay": weight_decay}] + ([{"params": bn, "weight_decay": 0.0}] if bn else [])
 
 
+def sgd_step(optimizer: torch.optim.Optimizer, loss: Tensor, where: str, lr_per_256: float) -> float:
+    """Check the loss is finite, then backward and one optimiser step; returns the loss value."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: the loss is {loss.item()}: lower --lr (now {lr_per_256} per 256 images)")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train_probes(probes: nn.Module, epoch_batches, cfg: ProbeConfig, steps_per_epoch: int, device) -> list[float]:
     """Train all heads together (one optimiser, the sum of their cross-entropies: they share no
     parameters, so the sum trains each exactly as alone). `epoch_batches(epoch)` yields
@@ -225,13 +235,7 @@ def train_probes(probes: nn.Module, epoch_batches, cfg: ProbeConfig, steps_per_e
             logits = probes({s: f.to(device) for s, f in feats.items()})
             labels = labels.to(device)
             loss = sum(F.cross_entropy(out, labels) for out in logits.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"linear probe loss is {loss.item()} at epoch {epoch}: lower --lr "
-                                         f"(now {cfg.lr} per 256 images)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item(), count + 1
+            total, count = total + sgd_step(opt, loss, f"linear probes, epoch {epoch}", cfg.lr), count + 1
             bar.update(1)
         history.append(total / max(1, count))
         bar.set_postfix(loss=f"{history[-1]:.3f}")

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pirl_fast import eval as ev
+from pirl_fast import finetune_data as ftd
 from pirl_fast import invariance as inv
 from pirl_fast import linear_probe as lp
 from pirl_fast.features import ShardImageDataset, eval_transform, load_pretrained, make_loader
@@ -202,6 +203,7 @@ def test_linear_cli_augmented_path_runs(pirl_run, val_shards):
     got = json.loads((out / "linear.json").read_text())
     assert got["protocol"]["augment"] is True and len(got["loss_per_epoch"]) == 1
     assert got["protocol"]["protocol"] == "goyal" and got["protocol"]["nesterov"] is True
+    assert got["train_loader"] == ("DaliClassifyLoader" if ftd.dali_available() else "TorchClassifyLoader")
     assert all(0 <= got["stages"][s]["top1"] <= 1 for s in lp.GOYAL_HEADS)
 
 

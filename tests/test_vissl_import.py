@@ -180,4 +180,7 @@ def test_every_eval_command_runs_on_an_imported_checkpoint(tmp_path, sample_shar
     assert ev.main(["knn", str(run), *common, "--k", "5"]) == 0
     assert ev.main(["linear", str(run), *common, "--epochs", "1", "--no-augment", "--probe-batch-size", "8"]) == 0
     assert ev.main(["export", str(run)]) == 0
-    assert {p.name for p in run.iterdir()} >= {"knn.json", "linear.json", "export.json", "import.json"}
+    assert ev.main(["finetune", str(run), *common, "--fraction", "0.5", "--epochs", "1", "--ft-batch-size", "8",
+                    "--backend", "torch"]) == 0
+    assert {p.name for p in run.iterdir()} >= {"knn.json", "linear.json", "export.json", "import.json",
+                                               "finetune_50pct.json"}
