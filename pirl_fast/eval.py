@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = ft.FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune the whole network on a 1% / 10% labelled subset",
-                       description=ft.__doc__ + "\n" + ftd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=ft.__doc__ + "\n" + ftd.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)
     p.add_argument("--fraction", type=float, default=None, help="class-balanced subset of this fraction, e.g. 0.01")
     p.add_argument("--subset", default=None, help="the reference's subset list (.txt of paths or .npy)")

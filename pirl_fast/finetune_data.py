@@ -148,7 +148,8 @@ class DaliClassifyLoader:
 
 
 def write_subset_index(data: ShardImageDataset, positions: np.ndarray, index_dir: Path) -> tuple[list, list]:
-    """Index files listing only the chosen samples of each tar (tars without any are left out)."""
+    """Index files listing only the chosen samples of each tar (tars without any are left out; a tar whose
+    samples are all chosen keeps its own index file)."""
     index_dir.mkdir(parents=True, exist_ok=True)
     wanted: dict[int, set[int]] = {}
     for p in positions:
@@ -157,12 +158,16 @@ def write_subset_index(data: ShardImageDataset, positions: np.ndarray, index_dir
     tars, indices = [], []
     for shard, offsets in sorted(wanted.items()):
         source = data.manifest.index_paths()[shard]
-        lines = [e for e in parse_index(Path(source).read_text()) if e.offset_of("jpg") in offsets]
+        every = parse_index(Path(source).read_text())
+        lines = [e for e in every if e.offset_of("jpg") in offsets]
         if len(lines) != len(offsets):
             raise RuntimeError(f"{source} lists {len(lines)} of the {len(offsets)} chosen samples: re-shard it")
+        tars.append(data.paths[shard])
+        if len(lines) == len(every):  # the whole shard: its own index file serves
+            indices.append(source)
+            continue
         target = index_dir / Path(source).name
         target.write_text(index_text(lines))
-        tars.append(data.paths[shard])
         indices.append(str(target))
     return tars, indices
 

@@ -56,7 +56,8 @@ class JigsawModel(nn.Module):
     def __init__(self, cfg: ModelConfig, num_permutations: int):
         super().__init__()
         if cfg.jigsaw_head not in JIGSAW_HEADS:
-            raise ValueError(f"model.jigsaw_head={cfg.jigsaw_head!r} is unknown; choose one of {', '.join(JIGSAW_HEADS)}")
+            raise ValueError(f"model.jigsaw_head={cfg.jigsaw_head!r} is unknown; choose one of "
+                             f"{', '.join(JIGSAW_HEADS)}")
         if cfg.arch not in ARCHS:
             raise ValueError(f"model.arch={cfg.arch!r} is unknown; choose one of {sorted(ARCHS)}")
         if num_permutations < 2:

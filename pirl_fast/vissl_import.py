@@ -85,7 +85,9 @@ def load_reference(path: str | Path) -> tuple[dict, list[str]]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True), []
     except pickle.UnpicklingError:
-        pass
+        pass  # a global outside torch's allow-list: numpy arrays are the expected case, handled below
+    except Exception as e:  # truncated download, not a torch file at all
+        raise ImportRefused(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {e})") from e
     allowed = _numpy_globals()
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -107,8 +109,10 @@ def load_reference(path: str | Path) -> tuple[dict, list[str]]:
         with torch.serialization.safe_globals([(allowed[n], n) for n in names] + dtype_classes):
             return torch.load(path, map_location="cpu", weights_only=True), sorted(set(names))
     except pickle.UnpicklingError as e:
-        raise ImportRefused(f"{path} cannot be loaded with weights_only=True ({str(e).splitlines()[-1][:300]}); "
-                            "import-vissl loads nothing that needs arbitrary Python objects") from e
+        lines = str(e).splitlines()
+        reason = next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[-1])[:300]
+        raise ImportRefused(f"{path} cannot be loaded with weights_only=True ({reason}); import-vissl loads "
+                            "nothing that needs arbitrary Python objects") from e
 
 
 def _tensor(value, key: str) -> Tensor:
@@ -209,9 +213,9 @@ def convert(ckpt: dict, *, trunk_only: bool = False) -> tuple[dict[str, Tensor],
     report = {"arch": arch, "trunk_tensors": len(tv), "reference_head_keys": sorted(heads)}
     if layout is None and not trunk_only:
         shapes = {k: list(v.shape) for k, v in sorted(heads.items())}
-        raise ImportRefused(f"the heads match neither the reference's PIRL linear heads nor its Jigsaw head "
-                            f"(see `python -m pirl_fast.eval import-vissl --help`): {shapes}. Pass --trunk-only to import "
-                            "the trunk alone (enough for linear, kNN, SVM and fine-tuning)")
+        raise ImportRefused(f"the heads match neither the reference's PIRL linear heads nor its Jigsaw head (see "
+                            f"`python -m pirl_fast.eval import-vissl --help`): {shapes}. Pass --trunk-only to "
+                            "import the trunk alone (enough for linear, kNN, SVM and fine-tuning)")
     config = {"method": layout.method if layout else "pirl",
               "model": {"arch": arch, **(layout.model if layout else {})},
               "data": {"image_size": 224, **(layout.data if layout else {})}}

@@ -64,7 +64,8 @@ def randomise(module: nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, t in module.state_dict().items():
             if t.dtype.is_floating_point:
-                t.copy_(torch.rand(t.shape, generator=g) * (1.0 if "var" in name else 0.2) + (0.5 if "var" in name else -0.1))
+                scale, shift = (1.0, 0.5) if "var" in name else (0.2, -0.1)  # variances stay positive
+                t.copy_(torch.rand(t.shape, generator=g) * scale + shift)
 
 
 def reference_checkpoint(path: Path, arch: str, heads: nn.ModuleList, extra: dict | None = None,
@@ -184,3 +185,10 @@ def test_every_eval_command_runs_on_an_imported_checkpoint(tmp_path, sample_shar
                     "--backend", "torch"]) == 0
     assert {p.name for p in run.iterdir()} >= {"knn.json", "linear.json", "export.json", "import.json",
                                                "finetune_50pct.json"}
+
+
+def test_a_broken_file_is_refused_with_its_name(tmp_path):
+    (tmp_path / "half.torch").write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read .*half.torch"):
+        ev.main(["import-vissl", str(tmp_path / "half.torch"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "checkpoints").exists()
