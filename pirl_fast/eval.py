@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_svm)
 
     d = ft.FinetuneConfig()
-    p = sub.add_parser("finetune", help="fine-tune the whole network on a 1% / 10% labelled subset",
+    p = sub.add_parser("finetune", help="fine-tune the whole network on a 1%% / 10%% labelled subset",
                        description=ft.__doc__ + "\n" + ftd.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)

@@ -290,3 +290,11 @@ def test_clear_errors(tmp_path, val_shards):
         ev.main(["export", str(bad)])
     with pytest.raises(SystemExit, match="--arch"):
         ev.main(["knn", "--random-init", "--val-shards", str(val_shards)])
+
+
+@pytest.mark.parametrize("argv", [[], ["export"], ["knn"], ["linear"], ["svm"], ["finetune"], ["invariance"],
+                                  ["import-vissl"]])
+def test_every_command_prints_its_help(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ev.main([*argv, "--help"])
+    assert stop.value.code == 0 and "usage: python -m pirl_fast.eval" in capsys.readouterr().out
