@@ -30,7 +30,7 @@ from pirl_fast.data import DataConfig
 from pirl_fast.loss import LossConfig
 from pirl_fast.memory_bank import BankConfig
 from pirl_fast.model import ModelConfig
-from pirl_fast.optim import OptimConfig
+from pirl_fast.optim import SCHEDULES, OptimConfig
 
 METHODS = ("pirl", "jigsaw")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -135,6 +135,10 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.optim.lr <= 0 or not 0 <= cfg.optim.final_lr_ratio <= 1 or cfg.optim.warmup_epochs < 0:
         raise ConfigError(f"need optim.lr > 0 (got {cfg.optim.lr}), 0 <= optim.final_lr_ratio <= 1 (got "
                           f"{cfg.optim.final_lr_ratio}) and optim.warmup_epochs >= 0 (got {cfg.optim.warmup_epochs})")
+    if cfg.optim.schedule not in SCHEDULES or (cfg.optim.schedule == "multistep"
+                                                              and not cfg.optim.milestones):
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: use cosine, or multistep with optim.milestones "
+                          f"(epochs, e.g. [30, 60, 90, 100]; got {list(cfg.optim.milestones)})")
     if cfg.resume not in ("auto", "none") and not cfg.resume.endswith(".pt"):
         raise ConfigError(f"resume={cfg.resume!r}: use auto, none, or the path of a checkpoint file (*.pt)")
 

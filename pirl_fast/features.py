@@ -10,6 +10,8 @@ in a fixed order, with its label, and the standard deterministic view:
 (the 256 -> 224 centre crop of every ImageNet evaluation; image_size defaults to the size the
 checkpoint was pre-trained at, `data.image_size`). Per sample the shards hold KEY.jpg (RGB JPEG),
 KEY.lbl (int64 LE label) and KEY.idx (int64 LE global index); see pirl_fast/manifest.py.
+Multi-label shards (the proposal in shards/README.md) add KEY.mlb: C signed bytes, 1 = the class
+is present, 0 = absent, -1 = present but "difficult" (VOC), read into `ShardImageDataset.targets`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
@@ -59,6 +62,17 @@ def train_transform(image_size: int) -> Callable[[Image.Image], Tensor]:
     ])
 
 
+def svm_transform(image_size: int) -> Callable[[Image.Image], Tensor]:
+    """The reference's SVM view (eval_resnet_8gpu_transfer_voc07_svm.yaml): resize the shorter side to
+    256, then squash to 224 x 224, no crop (scaled to image_size)."""
+    return T.Compose([
+        T.Resize(round(image_size * RESIZE_RATIO)),
+        T.Resize((image_size, image_size)),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
 @dataclass(frozen=True)
 class _Entry:
     shard: int  # position in manifest.tar_paths()
@@ -66,6 +80,8 @@ class _Entry:
     size: int  # JPEG size in bytes
     label: int
     index: int  # global sample index (the memory-bank row in pre-training)
+    multi_hot: bytes | None = None  # KEY.mlb of multi-label shards: C int8 in {1, 0, -1}
+    key: str = ""  # the sample key (member name without extension)
 
 
 class ShardImageDataset(Dataset):
@@ -108,7 +124,11 @@ class ShardImageDataset(Dataset):
                                      "was not written by `python -m pirl_fast.shard`, or is damaged: re-shard it")
                 label = _int64(tar, members["lbl"], path)
                 index = _int64(tar, members["idx"], path)
-                out.append(_Entry(shard, members["jpg"].offset_data, members["jpg"].size, label, index))
+                mlb = tar.extractfile(members["mlb"]).read() if "mlb" in members else None
+                if mlb is not None and len(mlb) != len(self.classes):
+                    raise ShardError(f"{path}: {key}.mlb has {len(mlb)} bytes but the manifest lists "
+                                     f"{len(self.classes)} classes (one int8 per class): re-shard it")
+                out.append(_Entry(shard, members["jpg"].offset_data, members["jpg"].size, label, index, mlb, key))
         if len(out) != expected:
             raise ShardError(f"{path} holds {len(out)} samples but manifest.json says {expected}: re-shard it "
                              "(`python -m pirl_fast.shard SRC DST --overwrite`)")
@@ -132,6 +152,23 @@ class ShardImageDataset(Dataset):
     @property
     def labels(self) -> Tensor:
         return torch.tensor([e.label for e in self.entries], dtype=torch.long)
+
+    @property
+    def multi_label(self) -> bool:
+        """True for shards whose samples carry KEY.mlb (several classes per image)."""
+        return bool(self.entries) and self.entries[0].multi_hot is not None
+
+    @property
+    def targets(self) -> np.ndarray:
+        """(N, C) int8 per class: 1 present, 0 absent, -1 difficult (multi-label), or the one-hot
+        labels of single-label shards; rows in dataset order."""
+        if self.multi_label:
+            if any(e.multi_hot is None for e in self.entries):
+                raise ShardError(f"{self.manifest.root}: some samples have KEY.mlb and some do not: re-shard it")
+            return np.stack([np.frombuffer(e.multi_hot, np.int8) for e in self.entries])
+        out = np.zeros((len(self.entries), len(self.classes)), np.int8)
+        out[np.arange(len(self.entries)), [e.label for e in self.entries]] = 1
+        return out
 
 
 def _int64(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> int:

@@ -32,6 +32,7 @@ class ModelConfig:
     arch: str = "resnet50"  # resnet50 (the paper's) | resnet18 (tests, quick runs)
     embed_dim: int = 128  # the paper's embedding width; the memory bank rows have this width
     num_patches: int = 9  # a 3x3 jigsaw grid
+    jigsaw_head: str = "light"  # method=jigsaw only: light | reference (pirl_fast/jigsaw.py)
 
 
 class PIRLModel(nn.Module):

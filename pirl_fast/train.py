@@ -225,7 +225,11 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo) -> Run:
     total = cfg.trainer.epochs * steps_per_epoch
     peak = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.reference_batch)
     schedule = LRSchedule(peak_lr=peak, final_lr=peak * cfg.optim.final_lr_ratio, total_steps=total,
-                          warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch))
+                          warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch),
+                          # optim.schedule=multistep (the reference's Jigsaw): x0.1 at each milestone epoch
+                          milestones=tuple(round(m * steps_per_epoch) for m in cfg.optim.milestones)
+                          if cfg.optim.schedule == "multistep" else (),
+                          warmup_start_ratio=cfg.optim.warmup_start_ratio)
     optimizer = build_optimizer(module, cfg.optim, lr_at(0, schedule))
     precision = cfg.trainer.precision if cfg.trainer.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")

@@ -101,3 +101,17 @@ def test_slurm_launcher_is_documented_but_not_imported():
 
     slurm = files("pirl_fast.conf").joinpath("hydra/launcher/slurm.yaml").read_text()
     assert "pip install hydra-submitit-launcher" in slurm and "submitit_slurm" in slurm
+
+
+def test_jigsaw_experiment_carries_the_reference_recipe():
+    cfg = to_dataclass(make("experiment=jigsaw_in1k_r50", "data.shards=/x"))
+    assert cfg.method == "jigsaw" and cfg.model.jigsaw_head == "reference" and cfg.data.num_permutations == 2000
+    assert cfg.data.batch_size == 256 and cfg.optim.lr * cfg.data.batch_size / cfg.optim.reference_batch == 0.1
+    assert cfg.optim.schedule == "multistep" and cfg.optim.milestones == [30, 60, 90, 100]
+    assert cfg.optim.warmup_epochs == 5 and cfg.optim.warmup_start_ratio == 0.25 and cfg.trainer.epochs == 105
+    assert cfg.optim.weight_decay == 1e-4 and not cfg.optim.nesterov
+    assert (cfg.data.patch_crop_size // cfg.data.grid - cfg.data.patch_size) == 21  # patch_jitter 21
+    validate(cfg, world_size=8)
+    check_config(cfg.data, world_size=8)
+    with pytest.raises(ConfigError, match="milestones"):
+        validate(to_dataclass(make("data.backend=synthetic", "optim.schedule=multistep")), world_size=1)

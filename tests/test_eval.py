@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pirl_fast import eval as ev
+from pirl_fast import finetune_data as ftd
 from pirl_fast import invariance as inv
 from pirl_fast import linear_probe as lp
 from pirl_fast.features import ShardImageDataset, eval_transform, load_pretrained, make_loader
@@ -175,17 +176,24 @@ def test_probe_accuracy_counts_and_schedule():
     assert [lp.lr_at(e / 28, cfg) for e in (0, 7, 8, 16, 24, 27)] == pytest.approx([0.5, 0.5, 0.05, 5e-3, 5e-4, 5e-4])
 
 
-def test_linear_cli_fits_separable_training_set(pirl_run, sample_shards):
-    out = pirl_run / "linear_fit"
-    # val = train: 48 points in 512 dims are linearly separable, so a working probe must fit them.
+@pytest.mark.parametrize("protocol", ["goyal", "gap"])
+def test_linear_cli_fits_separable_training_set(pirl_run, sample_shards, protocol):
+    out = pirl_run / f"linear_fit_{protocol}"
+    # val = train: 48 points in 512+ dims are linearly separable, so a working probe must fit them.
+    # lr 3.2 per 256 images at batch 8 is 0.1 per step.
     assert ev.main(["linear", str(pirl_run), "--val-shards", str(sample_shards), "--no-augment", "--epochs", "30",
-                    "--lr", "0.1", "--probe-batch-size", "8", "--weight-decay", "0", "--workers", "0",
-                    "--out", str(out)]) == 0
+                    "--lr", "3.2", "--probe-batch-size", "8", "--weight-decay", "0", "--workers", "0",
+                    "--protocol", protocol, "--out", str(out)]) == 0
     got = json.loads((out / "linear.json").read_text())
-    assert list(got["stages"]) == list(lp.STAGES)
+    heads = lp.GOYAL_HEADS if protocol == "goyal" else lp.STAGES
+    assert list(got["stages"]) == list(heads)
     assert got["stages"]["res5"]["top1"] >= 0.9, got["stages"]
     assert got["loss_per_epoch"][-1] < got["loss_per_epoch"][0]
     assert got["protocol"]["augment"] is False and got["num_train"] == 48
+    assert got["protocol"]["protocol"] == protocol and got["protocol"]["effective_lr"] == pytest.approx(0.1)
+    if protocol == "goyal":  # resnet18 at 48 px: adaptive pooling to the reference's grids
+        assert got["head_in_features"] == {"conv1": 64 * 144, "res2": 64 * 36, "res3": 128 * 16, "res4": 256 * 9,
+                                           "res5": 512 * 4, "res5avg": 512, "res5avg_fc": 512}
 
 
 def test_linear_cli_augmented_path_runs(pirl_run, val_shards):
@@ -194,7 +202,9 @@ def test_linear_cli_augmented_path_runs(pirl_run, val_shards):
                     "--probe-batch-size", "16", "--out", str(out)]) == 0
     got = json.loads((out / "linear.json").read_text())
     assert got["protocol"]["augment"] is True and len(got["loss_per_epoch"]) == 1
-    assert all(0 <= got["stages"][s]["top1"] <= 1 for s in lp.STAGES)
+    assert got["protocol"]["protocol"] == "goyal" and got["protocol"]["nesterov"] is True
+    assert got["train_loader"] == ("DaliClassifyLoader" if ftd.dali_available() else "TorchClassifyLoader")
+    assert all(0 <= got["stages"][s]["top1"] <= 1 for s in lp.GOYAL_HEADS)
 
 
 # ---- invariance ---------------------------------------------------------------------------------
@@ -280,3 +290,11 @@ def test_clear_errors(tmp_path, val_shards):
         ev.main(["export", str(bad)])
     with pytest.raises(SystemExit, match="--arch"):
         ev.main(["knn", "--random-init", "--val-shards", str(val_shards)])
+
+
+@pytest.mark.parametrize("argv", [[], ["export"], ["knn"], ["linear"], ["svm"], ["finetune"], ["invariance"],
+                                  ["import-vissl"]])
+def test_every_command_prints_its_help(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ev.main([*argv, "--help"])
+    assert stop.value.code == 0 and "usage: python -m pirl_fast.eval" in capsys.readouterr().out
