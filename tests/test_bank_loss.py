@@ -177,6 +177,18 @@ def test_range_check_runs_unless_the_bank_drew_the_indices(monkeypatch):
     assert len(calls) == 1
 
 
+def test_criterion_skips_the_range_check_for_the_banks_own_draws(monkeypatch):
+    from pirl_fast.loss import LossConfig, PIRLCriterion
+    from pirl_fast.memory_bank import BankConfig, MemoryBank
+
+    calls = []
+    monkeypatch.setattr(bank_loss_module, "check_index_range", lambda *a: calls.append(a))
+    bank = MemoryBank(30, 8, BankConfig(num_negatives=7, kernel="torch"))
+    f, g = (F.normalize(torch.randn(4, 8), dim=1) for _ in range(2))
+    PIRLCriterion(LossConfig(), 30)(f, g, torch.arange(4), bank)
+    assert calls == []
+
+
 def test_bad_arguments_raise():
     bank, index, positives, query = make_case((2, 10, 20, 8), torch.float32, seed=4)
     pos = (bank[positives] * query).sum(1)
