@@ -7,17 +7,31 @@
                       manifest.json. Read it through pirl_fast.manifest.load_manifest.
 
 Both are read-only for tests: copy them (shutil.copytree) before changing anything.
+
+    triton_device     Where this session's Triton kernels run: the CPU (interpreted) on a machine
+                      without CUDA, CUDA (compiled) on one with it. See the note below.
+    needs_interpreter A test that runs Triton kernels on CPU tensors: skipped in a compiling session.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
 import torch
 
-from pirl_fast.sample_data import write_sample_folder
-from pirl_fast.shard import Options, run_shard
+# Triton reads TRITON_INTERPRET once, when it is imported, and then interprets or compiles every
+# kernel of the process, its own library (tl.sum, tl.max) included: the two never mix. Decided
+# here, before anything imports triton: the interpreter (on CPU tensors) where there is no CUDA,
+# the compiled kernels (on CUDA tensors) where there is. Set TRITON_INTERPRET to choose yourself.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pirl_fast import bank_kernels  # noqa: E402
+from pirl_fast.sample_data import write_sample_folder  # noqa: E402
+from pirl_fast.shard import Options, run_shard  # noqa: E402
 
 SAMPLE_CLASSES = 4
 SAMPLE_PER_CLASS = 12
@@ -33,6 +47,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    return torch.device("cpu" if bank_kernels.interpreted() else "cuda")
+
+
+@pytest.fixture
+def needs_interpreter() -> None:
+    if not bank_kernels.interpreted():
+        pytest.skip("runs Triton on CPU tensors, which needs TRITON_INTERPRET=1; this session compiles the "
+                    "kernels (CUDA is present), and the tests on triton_device cover them")
 
 
 @pytest.fixture(scope="session")
