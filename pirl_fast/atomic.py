@@ -35,9 +35,9 @@ MB = 1 << 20
 class NoSpaceError(OSError):
     """Not enough free space for a write whose size is known; the message says how much is missing."""
 
-    def __init__(self, folder: str | os.PathLike, need: int, free: int, hint: str = ""):
-        super().__init__(errno.ENOSPC, f"no space left on device: need about {need / MB:,.0f} MB in {folder}, "
-                                       f"have {free / MB:,.0f} MB free{hint}")
+    def __init__(self, folder: str | os.PathLike, need: int, free: int, hint: str = "", during: str = ""):
+        super().__init__(errno.ENOSPC, f"no space left on device{during}: need about {need / MB:,.0f} MB in "
+                                       f"{folder}, have {free / MB:,.0f} MB free{hint}")
 
 
 @contextmanager

@@ -99,7 +99,8 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike, hint: str = "") 
             torch.save(state, f)
     except (OSError, RuntimeError) as e:
         if is_no_space(e):
-            raise NoSpaceError(path.parent, need, shutil.disk_usage(path.parent).free, hint) from e
+            free = shutil.disk_usage(path.parent).free  # after the temp file was removed
+            raise NoSpaceError(path.parent, need, free, hint, during=f" while writing {path.name}") from e
         raise
 
 
