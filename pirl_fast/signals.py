@@ -1,10 +1,16 @@
 """Stopping on a signal: SIGTERM, SIGINT or SIGUSR1 become one checkpoint at a step boundary on every rank.
 
 How a stop request travels:
-    1. Any process of the job receives the signal: a rank (kill PID, SLURM, a cluster agent), the
-       whole process group (Ctrl-C in a terminal, `kill -TERM -PGID`, SLURM signalling every
-       process of a job step), or torchrun, which forwards SIGTERM / SIGINT (and SIGUSR1 when told
-       to, below) to every rank it started.
+    1. Any process of the job receives the signal: a rank (kill PID, a cluster agent), the whole
+       process group (Ctrl-C in a terminal, `kill -TERM -PGID`), every process of the job (SLURM
+       with cgroup process tracking), or torchrun. torchrun (torch 2.14) starts each rank in a
+       session of its own, so a signal to torchrun's group reaches torchrun alone; it forwards
+       SIGTERM, SIGINT, SIGHUP and SIGQUIT to each rank's process group (the rank and its DataLoader
+       workers: `os.killpg`), waits --shutdown-timeout seconds (default 30, or
+       TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and then sends SIGKILL. SIGUSR1 is forwarded only with
+       --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1; otherwise torchrun dies of it,
+       and `stop_with_launcher` turns that into a SIGTERM for each rank (torch/distributed/elastic/
+       multiprocessing/api.py and subprocess_handler/subprocess_handler.py in this torch version).
     2. `StopRequest.handler`, on the main thread of a rank, only records the signal. DataLoader
        workers ignore the stop signals (`shield_worker`): the rank that owns them decides, and shuts
        them down after its checkpoint, instead of dying under it ("DataLoader worker is killed by
@@ -17,20 +23,22 @@ How a stop request travels:
 
 Exit statuses of `python -m pirl_fast.train` (and of each rank under torchrun or srun):
     143 (128 + SIGTERM)  pre-emption, scancel, the end of a SLURM time limit, kill
-    130 (128 + SIGINT)   Ctrl-C; a second Ctrl-C aborts without a checkpoint (not under torchrun,
-                         whose forwarding delivers every Ctrl-C twice: there torchrun's SIGKILL after
-                         --shutdown-timeout is the hard stop)
+    130 (128 + SIGINT)   Ctrl-C; a second Ctrl-C aborts without a checkpoint. Not under torchrun:
+                         there a rank can get one signal twice (from SLURM directly and forwarded
+                         by torchrun), and torchrun's SIGKILL after --shutdown-timeout is the hard stop
     138 (128 + SIGUSR1)  "checkpoint, then exit so the job can be requeued": SLURM's
                          `--signal=USR1@120` warning before the time limit (README, SLURM)
-torchrun itself exits 1 whenever a rank exits non-zero or it was signalled (torch 2.14,
-torch/distributed/elastic/agent/server/api.py: SignalException / ChildFailedError); the run's
-summary.json records `stopped_by` for scripts that need to know why.
+torchrun itself exits 1 whenever a rank exits non-zero or it handled a signal (torch 2.14,
+torch/distributed/elastic/agent/server/api.py: SignalException / ChildFailedError), and dies of a
+signal it does not handle; the run's summary.json records `stopped_by` for scripts that need to know.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -48,6 +56,18 @@ WHAT_HAPPENS = {
 def under_torchrun() -> bool:
     """True in a process started by torchrun (its elastic agent sets TORCHELASTIC_RUN_ID)."""
     return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun on Linux: ask the kernel for a SIGTERM when torchrun dies (killed, out of
+    memory, or a signal it does not handle), so that the rank checkpoints and exits instead of
+    training on, orphaned. Not for plain `python -m` runs, whose parent is a shell that may
+    legitimately exit first (nohup)."""
+    if under_torchrun() and sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def exit_status(sig: signal.Signals) -> int:

@@ -45,7 +45,7 @@ from pirl_fast.metrics import MetricsLogger, StepClock, format_summary, gpu_memo
 from pirl_fast.model import PIRLModel
 from pirl_fast.optim import build_optimizer, set_lr
 from pirl_fast.schedule import LRSchedule, lr_at, scaled_lr
-from pirl_fast.signals import STOP_SIGNALS, StopRequest, exit_status
+from pirl_fast.signals import STOP_SIGNALS, StopRequest, exit_status, stop_with_launcher
 from pirl_fast.splits import resolve_shards, shard_splits
 
 
@@ -302,6 +302,7 @@ def run_training(cfg: DictConfig | Config) -> tuple[Run, dict[str, Any]]:
     """`train`, also returning the Run: its trained model, bank and optimiser (for tests and notebooks)."""
     config = to_dataclass(cfg) if isinstance(cfg, DictConfig) else cfg
     dist.slurm_to_torchrun_env()
+    stop_with_launcher()  # under torchrun: its death is a SIGTERM for this rank
     info = dist.init()
     validate(config, info.world_size)  # before any data or model is touched
     if not config.run_dir:

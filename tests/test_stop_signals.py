@@ -1,5 +1,7 @@
-"""Stop signals the way clusters send them (pirl_fast/signals.py): to the whole process group, to
-torchrun alone, or to one rank, with DataLoader workers and DALI threads running.
+"""Stop signals the way clusters send them (pirl_fast/signals.py): to the process group (which, as
+torchrun starts each rank in a session of its own, reaches torchrun alone, and torchrun forwards
+it to each rank's group), to every process of the job (SLURM's cgroup tracking: each rank then
+gets it twice), to torchrun alone, or to one rank; with DataLoader workers and DALI threads running.
 
 Each case starts a real `torchrun --nproc_per_node=2` (gloo on the CPU) or `python -m
 pirl_fast.train`, waits until a step is logged (the run is past start-up, its DataLoader workers
@@ -60,15 +62,17 @@ def test_repeated_signals_never_lose_the_checkpoint_under_torchrun(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- real processes
-def launch(tmp_path: Path, backend: str, shards: Path | None, torchrun: bool) -> tuple[subprocess.Popen, Path]:
+def launch(tmp_path: Path, backend: str, shards: Path | None, torchrun: bool, forward_usr1: bool = True,
+           ) -> tuple[subprocess.Popen, Path]:
     run_dir = tmp_path / "run"
     overrides = [*TINY, *BACKENDS[backend], f"hydra.run.dir={run_dir}"]
     if shards is not None:
         overrides.append(f"data.shards={shards}")
     if torchrun:
         # SIGUSR1 is not among torchrun's default signals_to_handle: without it, torchrun dies of it.
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-               "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", "pirl_fast.train", *overrides]
+        forward = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"] if forward_usr1 else []
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", *forward,
+               "-m", "pirl_fast.train", *overrides]
     else:
         cmd = [sys.executable, "-m", "pirl_fast.train", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -109,9 +113,15 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def stop_and_check(proc: subprocess.Popen, run_dir: Path, target: str, sig: signal.Signals, ranks: int) -> str:
+def stop_and_check(proc: subprocess.Popen, run_dir: Path, target: str, sig: signal.Signals, ranks: int,
+                   returncode: int | None = None, acted_on: signal.Signals | None = None) -> str:
+    """Send `sig` to `target` ("group", "every" process of the run, the "launcher", one "rank"), then
+    check the exit status (default: 1 for torchrun, 128 + sig otherwise) and what the ranks acted on."""
     if target == "group":
         os.killpg(proc.pid, sig)
+    elif target == "every":
+        for pid in processes_mentioning(str(run_dir)):  # torchrun, the ranks, their DataLoader workers
+            os.kill(pid, sig)
     elif target == "launcher":
         proc.send_signal(sig)
     else:
@@ -120,13 +130,15 @@ def stop_and_check(proc: subprocess.Popen, run_dir: Path, target: str, sig: sign
         output, _ = proc.communicate(timeout=EXIT_S)
     finally:
         proc.kill()
-    assert proc.returncode == (1 if ranks > 1 else exit_status(sig)), output[-4000:]
+    acted_on = acted_on or sig
+    expected = returncode if returncode is not None else 1 if ranks > 1 else exit_status(sig)
+    assert proc.returncode == expected, output[-4000:]
     assert "killed by signal" not in output and "KeyboardInterrupt" not in output, output[-4000:]
-    assert f"{sig.name} received" in output, output[-4000:]
+    assert f"{acted_on.name} received" in output, output[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     (path,) = checkpoint.list_checkpoints(run_dir)  # ckpt_every=0: the signal's checkpoint and no other
     state = checkpoint.load(path)
-    assert summary["stopped_by"] == sig.name and summary["step"] == state["step"] >= 1
+    assert summary["stopped_by"] == acted_on.name and summary["step"] == state["step"] >= 1
     assert summary["checkpoint"] == str(path) and len(state["rng"]) == ranks  # every rank's RNG states
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
     deadline = time.monotonic() + 30
@@ -137,9 +149,8 @@ def stop_and_check(proc: subprocess.Popen, run_dir: Path, target: str, sig: sign
 
 
 @pytest.mark.parametrize("backend, target, sig", [
-    ("torch-2-workers", "group", signal.SIGTERM),  # SLURM / kill -TERM -PGID: the workers get it too
-    ("dali", "group", signal.SIGINT),  # Ctrl-C: torchrun forwards it, so every rank gets it twice
-    ("synthetic", "launcher", signal.SIGTERM),  # torchrun alone: it forwards to the ranks
+    ("torch-2-workers", "group", signal.SIGTERM),  # kill -TERM -PGID: torchrun killpg()s each rank's workers too
+    ("dali", "every", signal.SIGINT),  # SLURM signalling every process: each rank gets it twice
     ("torch-2-workers", "rank", signal.SIGUSR1),  # one rank: the all-reduced flag stops the other too
 ])
 def test_torchrun_two_ranks_stop_at_one_step_with_one_checkpoint(tmp_path, sample_shards, backend, target, sig):
@@ -149,9 +160,18 @@ def test_torchrun_two_ranks_stop_at_one_step_with_one_checkpoint(tmp_path, sampl
         assert f"exitcode: {exit_status(sig)}" in output, output[-4000:]
 
 
+def test_ranks_stop_when_torchrun_dies_of_a_signal_it_does_not_forward(tmp_path):
+    """Plain torchrun and SLURM's --signal=USR1 sent to it alone: torchrun dies of SIGUSR1 (not in
+    its default --signals-to-handle); its ranks get SIGTERM from the kernel (stop_with_launcher)
+    and checkpoint instead of training on, orphaned."""
+    proc, run_dir = launch(tmp_path, "synthetic", None, torchrun=True, forward_usr1=False)
+    stop_and_check(proc, run_dir, "launcher", signal.SIGUSR1, ranks=2, returncode=-signal.SIGUSR1,
+                   acted_on=signal.SIGTERM)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["synthetic", "torch-2-workers", "dali"])
-@pytest.mark.parametrize("target, sig", [("group", signal.SIGTERM), ("group", signal.SIGUSR1),
+@pytest.mark.parametrize("target, sig", [("group", signal.SIGTERM), ("every", signal.SIGUSR1),
                                          ("launcher", signal.SIGINT), ("rank", signal.SIGTERM)])
 def test_torchrun_every_backend_and_target(tmp_path, sample_shards, backend, target, sig):
     proc, run_dir = launch(tmp_path, backend, None if backend == "synthetic" else sample_shards, torchrun=True)
