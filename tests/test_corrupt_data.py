@@ -10,6 +10,7 @@ decoder fails the whole pipeline, "nvImageCodec failure").
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -149,6 +150,27 @@ def test_torch_skips_a_sample_that_does_not_decode_in_shards_without_checksums(s
     damaged, _ = damage(sample_shards, tmp_path / "d", "header")
     seen, batches, corrupt = one_epoch(build_loader(config(damaged, "torch", "skip", workers=0)))
     assert set(seen) == set(range(NUM_SAMPLES)) - {INDEX} and batches == 12 and corrupt == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["middle", "header"])
+def test_dali_gpu_graph_checks_checksums_before_nvjpeg(checksum_shards, sample_shards, tmp_path, kind):
+    """The gate (a python_function) in the device="mixed" graph: damage is named, or skipped with the
+    epoch contract, before nvJPEG sees it; in old shards a header nvJPEG rejects is still named."""
+    damaged, key = damage(checksum_shards, tmp_path / "crc", kind)
+    with pytest.raises(ShardError, match=rf"sample {INDEX} \({key}\)"):
+        one_epoch(build_loader(config(damaged, "dali", "error"), device="cuda"))
+    seen, batches, corrupt = one_epoch(build_loader(config(damaged, "dali", "skip"), device="cuda"))
+    assert set(seen) == set(range(NUM_SAMPLES)) - {INDEX} and batches == 12 and corrupt == 1
+    if kind == "header":  # old shards: whether nvJPEG rejects this header is nvJPEG's call; if it does, it is named
+        old, key = damage(sample_shards, tmp_path / "old", kind)
+        with pytest.warns(RuntimeWarning, match="no per-sample checksums"):
+            loader = build_loader(config(old, "dali", "error"), device="cuda")
+        try:
+            one_epoch(loader)
+        except ShardError as e:
+            assert re.search(rf"decoder failed .*\n  sample \({key}\)", str(e)), str(e)
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
