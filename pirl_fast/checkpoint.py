@@ -7,8 +7,9 @@ A save writes a temporary file in the same folder, fsyncs it, renames it over th
 new complete one, never half a file. Before writing, the free space is checked against the
 checkpoint's size (the bytes of its tensors' storages, plus a margin): a full disk gives
 "no space left on device: need about N MB in DIR, have M" (NoSpaceError), not torch's "unexpected
-pos". Temp files of killed saves are removed at the next start (`remove_stale_temps`). Loading uses `torch.load(weights_only=True)`: only tensors,
-numbers, strings, lists, tuples and dicts are accepted, so the resolved config is stored as YAML
+pos". Temp files of killed saves are removed at the next start (`remove_stale_temps`).
+Loading uses `torch.load(weights_only=True)`: only tensors, numbers, strings, lists, tuples and
+dicts are accepted, so the resolved config is stored as YAML
 text and RNG states as tensors and lists (see `rng_state`).
 
 `load_latest` walks the checkpoints newest first and returns the first one that loads and has

@@ -72,7 +72,7 @@ class DataConfig:
     seed: int = 0
     prefetch: int = 2  # batches prepared ahead: DALI prefetch_queue_depth / DataLoader prefetch_factor
     verify_sha256: bool = False  # hash every shard at start-up (minutes for ImageNet; sizes are always checked)
-    on_corrupt: str = "error"  # a sample that fails to decode or its checksum: error (stop, naming it) | skip (count it)
+    on_corrupt: str = "error"  # a sample failing its decode or checksum: error (stop, naming it) | skip (count it)
 
 
 @dataclass
@@ -129,7 +129,8 @@ def check_config(cfg: DataConfig, world_size: int) -> int:
 SIZES_AND_RATES = (
     ("image_size", 1, math.inf, "224 in the paper"), ("patch_crop_size", 1, math.inf, "255: a 3x3 grid of 85 px"),
     ("grid", 1, math.inf, "3 for the 3x3 jigsaw"), ("patch_size", 1, math.inf, "64: one patch per 85 px cell"),
-    ("shuffle_buffer", 1, math.inf, "4096"), ("prefetch", 1, math.inf, "2"), ("synthetic_samples", 1, math.inf, "10000"),
+    ("shuffle_buffer", 1, math.inf, "4096"), ("prefetch", 1, math.inf, "2"),
+    ("synthetic_samples", 1, math.inf, "10000"),
     ("num_permutations", 0, math.inf, "0: any order, or 1000"), ("workers", 0, math.inf, "4"),
     ("brightness", 0, math.inf, "0.4"), ("contrast", 0, math.inf, "0.4"), ("saturation", 0, math.inf, "0.4"),
     ("hue", 0, 0.5, "0.2: a fraction of the colour circle"), ("gray_p", 0, 1, "0.2"), ("flip_p", 0, 1, "0.5"),

@@ -57,10 +57,11 @@ class DaliLoader:
         self.order = PatchOrder(cfg, rank, device)
         self.skip = cfg.on_corrupt == "skip"
         if not manifest.has_checksums and rank == 0:
-            warnings.warn(f"the shards in {manifest.root} carry no per-sample checksums (crc members, shards/README.md): "
-                          "a JPEG damaged after sharding can train silently on DALI, whose decoder only warns about "
-                          "some damage (libjpeg) or does not notice it (nvJPEG); re-shard to add them, or check the "
-                          "shards with `python -m pirl_fast.shard --verify DIR`", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"the shards in {manifest.root} carry no per-sample checksums (crc members, "
+                          "shards/README.md): a JPEG damaged after sharding can train silently on DALI, whose "
+                          "decoder only warns about some damage (libjpeg) or does not notice it (nvJPEG); re-shard "
+                          "to add them, or check the shards with `python -m pirl_fast.shard --verify DIR`",
+                          RuntimeWarning, stacklevel=2)
         # Batches the gate may have passed on beyond the one being delivered: the prefetch queue and
         # the executor's own stages (a margin of 3).
         self.gate = DaliGate(manifest.has_checksums, keep=cfg.prefetch + 3)
@@ -97,7 +98,8 @@ class DaliLoader:
             bad, where = self._corrupt_in(index)
             if bad:  # data.on_corrupt=skip: the gate fed the decoder a placeholder for these
                 for w in where:
-                    warnings.warn(f"skipping a corrupt sample (data.on_corrupt=skip): {w}", RuntimeWarning, stacklevel=2)
+                    warnings.warn(f"skipping a corrupt sample (data.on_corrupt=skip): {w}", RuntimeWarning,
+                                  stacklevel=2)
                 images, patches, index, label = replace_corrupt(bad, where, images, patches, index, label)
             yield make_batch(images, patches, index.to(self.device), label.to(self.device), self.order,
                              corrupt=len(bad))

@@ -246,7 +246,8 @@ class TorchLoader:
             if corrupt:  # data.on_corrupt=skip (with error, the worker raised)
                 bad, where = [b for b, _ in corrupt], [w for _, w in corrupt]
                 for w in where:
-                    warnings.warn(f"skipping a corrupt sample (data.on_corrupt=skip): {w}", RuntimeWarning, stacklevel=2)
+                    warnings.warn(f"skipping a corrupt sample (data.on_corrupt=skip): {w}", RuntimeWarning,
+                                  stacklevel=2)
                 views, patches, index, label = replace_corrupt(bad, where, views, patches, index, label)
             yield make_batch(views.to(**to), patches.to(**to), index.to(**to), label.to(**to), self.order,
                              corrupt=len(corrupt))

@@ -2,8 +2,9 @@
 
 Checks, shard by shard: size and sha256 against the manifest; the index file equals the one
 rebuilt from the tar's own member offsets; every sample has exactly jpg, cls, idx, lbl in that
-order (and crc last, matching the jpg bytes, in shards written with checksums); cls and lbl agree and name a class; idx runs on from the previous shard; every JPEG
-decodes fully as a baseline RGB JPEG. Globally: the indices are exactly 0..N-1. Prints one line
+order (and crc last, matching the jpg bytes, in shards written with checksums); cls and lbl
+agree and name a class; idx runs on from the previous shard; every JPEG decodes fully as a
+baseline RGB JPEG. Globally: the indices are exactly 0..N-1. Prints one line
 per problem (naming the shard and key) and returns the list; empty means all good.
 
 A dataset root's shards (DST/train/, DST/val/, ...) are verified split by split, and their class

@@ -167,7 +167,8 @@ def test_stale_temp_cleanup_touches_only_our_names_and_never_a_live_writer(tmp_p
         ".step_000000008.pt.othernode.12.zz99yy88.tmp": ("removed", hour_ago),  # another host's, untouched for long
         ".step_000000009.pt.k2j3h4g5.tmp": ("kept", None),  # the name before host and pid were in it: recent
         ".step_000000010.pt.q9w8e7r6.tmp": ("removed", hour_ago),  # ... and untouched for long
-        "notes.tmp": ("kept", hour_ago), ".step_000000011.pt": ("kept", hour_ago), "step_000000004.pt": ("kept", hour_ago),
+        "notes.tmp": ("kept", hour_ago), ".step_000000011.pt": ("kept", hour_ago),
+        "step_000000004.pt": ("kept", hour_ago),
         ".step_000000012.pt.othernode.12.TOOLONG_random.tmp": ("kept", hour_ago),  # not mkstemp's 8 characters
     }
     for name, (_, mtime) in files.items():
@@ -215,16 +216,17 @@ def test_a_full_tmpfs_gives_the_clear_error_before_and_during_the_write(tmp_path
         "    except NoSpaceError as e:\n"
         "        print(name, '->', e)\n")
     (tmp_path / "save.py").write_text(script)
-    cmd = ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=2m tmpfs {mount} && exec "$0" {tmp_path / "save.py"} {mount}',
-           sys.executable]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    mount_and_run = f'mount -t tmpfs -o size=2m tmpfs {mount} && exec "$0" {tmp_path / "save.py"} {mount}'
+    cmd = ["unshare", "-rm", "sh", "-c", mount_and_run, sys.executable]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            timeout=120)
     if "mount" in result.stderr and result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2, result.stdout + result.stderr
-    assert lines[0].startswith(f"tensors -> [Errno 28] no space left on device: need about 5 MB in {mount}/checkpoints, "
-                               "have 2 MB free")
+    assert lines[0].startswith(f"tensors -> [Errno 28] no space left on device: need about 5 MB in "
+                               f"{mount}/checkpoints, have 2 MB free")
     assert lines[1].startswith(f"a list -> [Errno 28] no space left on device while writing step_000000001.pt: need "
                                f"about 1 MB in {mount}/checkpoints, have 2 MB free")
     assert "unexpected pos" not in result.stdout + result.stderr
