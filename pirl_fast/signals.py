@@ -96,7 +96,7 @@ class StopRequest:
         if sig in self.received:
             if sig == signal.SIGINT and not under_torchrun():
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-            return  # the same signal again (torchrun's forwarded copy of a group signal): already acted on
+            return  # a copy (SLURM signals every process, torchrun forwards it too): already acted on
         first = not self.received
         self.received.append(sig)
         if first:
