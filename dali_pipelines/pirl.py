@@ -16,6 +16,9 @@ Per sample (S = image_size, C = patch_crop_size, G = grid, c = C // G, P = patch
                   → colour twist (+grey) drawn per frame → normalise
                   ─▶ patches (9, P, P, 3) float32, FHWC, frames in cell order
       index, label: int64 scalars read from KEY.idx / KEY.lbl, shape (1,)
+With `gate` (pirl_fast.corrupt.DaliGate), the encoded bytes pass it on the host before the decoder:
+it checks the KEY.crc member (read only when the shards have one) and records where each sample
+came from, so that a corrupt sample is named, and with data.on_corrupt=skip never decoded.
 
 Channels stay last (HWC / FHWC), so a torch view (B, H, W, 3).permute(0, 3, 1, 2) is already
 channels_last-strided: no copy between DALI and the model. Patches leave DALI in cell order; the
@@ -114,18 +117,19 @@ def colour_twist(images, cfg, frames: int | None = None):
 
 @pipeline_def(enable_conditionals=False)
 def pirl_pipeline(tar_paths: list[str], index_paths: list[str], cfg, shard_id: int, num_shards: int,
-                  gpu: bool):
-    """Build with pirl_pipeline(tar_paths, index_paths, cfg, shard_id, num_shards, gpu,
+                  gpu: bool, gate=None):
+    """Build with pirl_pipeline(tar_paths, index_paths, cfg, shard_id, num_shards, gpu, gate,
     batch_size=per_rank, num_threads=cfg.workers, device_id=(cuda index | None), seed=...).
 
     Returns (images (B,S,S,3) f32, patches (B,9,P,P,3) f32, index (B,1) i64, label (B,1) i64).
     """
     num_cells = cfg.grid * cfg.grid
-    jpegs, index, label = fn.readers.webdataset(
+    checksums = ["crc"] if gate is not None and gate.checksums else []
+    jpegs, index, label, *crc = fn.readers.webdataset(
         paths=tar_paths,
         index_paths=index_paths,
-        ext=["jpg", "idx", "lbl"],
-        dtypes=[types.UINT8, types.INT64, types.INT64],
+        ext=["jpg", "idx", "lbl", *checksums],
+        dtypes=[types.UINT8, types.INT64, types.INT64, *[types.INT64 for _ in checksums]],
         missing_component_behavior="error",
         shard_id=shard_id,
         num_shards=num_shards,
@@ -140,6 +144,9 @@ def pirl_pipeline(tar_paths: list[str], index_paths: list[str], cfg, shard_id: i
         pad_last_batch=True,
         name=READER_NAME,
     )
+    if gate is not None:  # on the host, before decoding: checksums, and where each sample came from
+        jpegs = fn.python_function(jpegs, index, fn.get_property(jpegs, key="source_info"), *crc, function=gate,
+                                   batch_processing=True)
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
     # Image view.

@@ -12,6 +12,15 @@ batch_size // world_size samples; over all ranks every sample comes at least onc
 global_batch * ceil(N / global_batch) - N < global_batch extra deliveries are duplicates of
 real samples (`duplicates_per_epoch`). Iterating again starts the next epoch, reshuffled.
 
+Corrupt data found while training (a JPEG that does not decode, or whose bytes do not match the
+crc member written with it, shards/README.md): with data.on_corrupt=error (the default) the
+loader raises ShardError naming the shard and the sample key; with data.on_corrupt=skip the
+sample's place in its batch is taken by a copy of another sample of the same batch
+(`replace_corrupt`), and Batch.corrupt counts it (metrics.jsonl: corrupt_skipped). So the
+contract above holds for every sample that is not corrupt: the number and size of batches, and
+so every rank's step count, do not change; a corrupt sample never reaches the model or its
+memory-bank row (which keeps its initial value), and its copy's index is one more duplicate.
+
 Patch order: every backend delivers patches in cell order; `PatchOrder` draws a permutation per
 sample (any of 9!, or one of a fixed max-Hamming set) and applies it as one gather on the device.
 """
@@ -33,6 +42,7 @@ from pirl_fast.splits import resolve_shards
 BACKENDS = ("dali", "torch", "synthetic")
 INDEX_HEADER = "v1.2"  # DALI webdataset index format written by pirl_fast.shard / wds2idx
 HASH_CHUNK = 1 << 22  # 4 MiB reads when checksumming shards
+ON_CORRUPT = ("error", "skip")
 
 
 @dataclass
@@ -62,6 +72,7 @@ class DataConfig:
     seed: int = 0
     prefetch: int = 2  # batches prepared ahead: DALI prefetch_queue_depth / DataLoader prefetch_factor
     verify_sha256: bool = False  # hash every shard at start-up (minutes for ImageNet; sizes are always checked)
+    on_corrupt: str = "error"  # a sample failing its decode or checksum: error (stop, naming it) | skip (count it)
 
 
 @dataclass
@@ -72,6 +83,7 @@ class Batch:
     label: torch.Tensor  # (B,) int64
     perm: torch.Tensor  # (B, 9) int64: patches[9b+j] was cut from grid cell perm[b, j] (row-major)
     perm_id: torch.Tensor  # (B,) int64: row of perm in the fixed set, -1 when num_permutations == 0
+    corrupt: int = 0  # samples of this batch replaced by copies of others: their data was corrupt (on_corrupt=skip)
 
 
 class PIRLLoader(Protocol):
@@ -88,6 +100,13 @@ def check_config(cfg: DataConfig, world_size: int) -> int:
     """Validate `cfg` for `world_size` ranks; returns the per-rank batch size."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"data.backend={cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    if cfg.on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"data.on_corrupt={cfg.on_corrupt!r} is not one of {', '.join(ON_CORRUPT)}")
+    for name, low, high, example in SIZES_AND_RATES:
+        value = getattr(cfg, name)
+        if not low <= value <= high:
+            valid = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise ValueError(f"data.{name}={value} is out of range: it must be {valid} ({example})")
     if world_size < 1 or cfg.batch_size % world_size or cfg.batch_size < world_size:
         raise ValueError(f"data.batch_size={cfg.batch_size} (global) must be a positive multiple of the world "
                          f"size {world_size}")
@@ -104,6 +123,18 @@ def check_config(cfg: DataConfig, world_size: int) -> int:
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
     return cfg.batch_size // world_size
+
+
+# (key, lowest, highest, an example of a valid value) checked by check_config; sizes are pixels.
+SIZES_AND_RATES = (
+    ("image_size", 1, math.inf, "224 in the paper"), ("patch_crop_size", 1, math.inf, "255: a 3x3 grid of 85 px"),
+    ("grid", 1, math.inf, "3 for the 3x3 jigsaw"), ("patch_size", 1, math.inf, "64: one patch per 85 px cell"),
+    ("shuffle_buffer", 1, math.inf, "4096"), ("prefetch", 1, math.inf, "2"),
+    ("synthetic_samples", 1, math.inf, "10000"),
+    ("num_permutations", 0, math.inf, "0: any order, or 1000"), ("workers", 0, math.inf, "4"),
+    ("brightness", 0, math.inf, "0.4"), ("contrast", 0, math.inf, "0.4"), ("saturation", 0, math.inf, "0.4"),
+    ("hue", 0, 0.5, "0.2: a fraction of the colour circle"), ("gray_p", 0, 1, "0.2"), ("flip_p", 0, 1, "0.5"),
+)
 
 
 def derive_seed(seed: int, k: int) -> int:
@@ -203,14 +234,30 @@ class PatchOrder:
 
 
 def make_batch(images_nhwc: torch.Tensor, patches_cells: torch.Tensor, index: torch.Tensor, label: torch.Tensor,
-               order: PatchOrder) -> Batch:
+               order: PatchOrder, corrupt: int = 0) -> Batch:
     """Assemble a Batch from backend outputs already on the device.
 
     images_nhwc (B, S, S, 3) contiguous; patches_cells (B, 9, P, P, 3) in cell order; index, label (B,)."""
     perm, perm_id = order.draw(images_nhwc.shape[0])
     return Batch(images=images_nhwc.permute(0, 3, 1, 2),  # (B, 3, S, S), channels_last strides
                  patches=order.apply(patches_cells, perm), index=index.reshape(-1), label=label.reshape(-1),
-                 perm=perm, perm_id=perm_id)
+                 perm=perm, perm_id=perm_id, corrupt=corrupt)
+
+
+def replace_corrupt(bad: list[int], where: list[str], *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """data.on_corrupt=skip: batch rows `bad` of every tensor in `rows` (dim 0 = the batch) become
+    copies of the batch's good rows, taken in turn; new tensors, the inputs are left alone.
+
+    `where` describes the bad samples (shard and key) for the error raised when no row is good."""
+    batch = rows[0].shape[0]
+    good = [b for b in range(batch) if b not in set(bad)]
+    if not good:
+        raise ShardError(f"every sample of a batch is corrupt ({'; '.join(where)}): the shards are damaged beyond "
+                         "skipping a few samples; check them with `python -m pirl_fast.shard --verify DIR`")
+    source = list(range(batch))
+    for k, b in enumerate(bad):
+        source[b] = good[k % len(good)]
+    return tuple(t.index_select(0, torch.tensor(source, device=t.device)) for t in rows)
 
 
 def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,

@@ -5,6 +5,8 @@
     sample_shards     Path of a shard directory made from it with 14 samples per shard:
                       shards of 14, 14, 14 and 6 samples (indices 0..47), DALI index files and
                       manifest.json. Read it through pirl_fast.manifest.load_manifest.
+    checksum_shards   The same samples rewritten with per-sample crc members (ShardWriter(checksums=True),
+                      sample_members ending in "crc"), as the sharder writes them with checksums.
 
 Both are read-only for tests: copy them (shutil.copytree) before changing anything.
 
@@ -15,6 +17,7 @@ Both are read-only for tests: copy them (shutil.copytree) before changing anythi
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -30,8 +33,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from pirl_fast import bank_kernels  # noqa: E402
+from pirl_fast.manifest import CHECKSUM_MEMBERS, MANIFEST_NAME  # noqa: E402
 from pirl_fast.sample_data import write_sample_folder  # noqa: E402
 from pirl_fast.shard import Options, run_shard  # noqa: E402
+from pirl_fast.shard_format import ShardWriter, decode_int64, index_text, iter_samples, sha256_file  # noqa: E402
 
 SAMPLE_CLASSES = 4
 SAMPLE_PER_CLASS = 12
@@ -72,4 +77,22 @@ def sample_shards(tmp_path_factory: pytest.TempPathFactory, sample_image_dir: Pa
     dst = tmp_path_factory.mktemp("sample_shards") / "shards"
     run_shard(Options(src=str(sample_image_dir), dst=str(dst), samples_per_shard=SAMPLE_SHARD_SIZE,
                       max_side=320, seed=0, workers=1))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def checksum_shards(tmp_path_factory: pytest.TempPathFactory, sample_shards: Path) -> Path:
+    dst = tmp_path_factory.mktemp("checksum_shards") / "shards"
+    dst.mkdir()
+    manifest = json.loads((sample_shards / MANIFEST_NAME).read_text())
+    for shard in manifest["shards"]:
+        with open(sample_shards / shard["name"], "rb") as src, open(dst / shard["name"], "wb") as out:
+            writer = ShardWriter(out, checksums=True)
+            for key, data, _ in iter_samples(src):
+                writer.add(key, data["jpg"], decode_int64(data["lbl"]), decode_int64(data["idx"]))
+            writer.close()
+        (dst / shard["index_name"]).write_text(index_text(writer.entries))
+        shard.update(bytes=(dst / shard["name"]).stat().st_size, sha256=sha256_file(str(dst / shard["name"])))
+    manifest["sample_members"] = CHECKSUM_MEMBERS
+    (dst / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
     return dst

@@ -54,6 +54,41 @@ def test_missing_shards_without_synthetic_backend_names_the_fix():
     validate(to_dataclass(make("data.backend=synthetic")), world_size=1)  # synthetic needs no shards
 
 
+@pytest.mark.parametrize("overrides, named", [
+    (["optim.lr=nan"], "optim.lr=nan"), (["loss.temperature=inf"], "loss.temperature=inf"),
+    (["bank.momentum=-inf", "optim.weight_decay=nan"], "bank.momentum=-inf, optim.weight_decay=nan"),
+    (["data.image_scale=[0.08,nan]"], r"data.image_scale\[1\]=nan"),
+])
+def test_non_finite_numbers_anywhere_in_the_tree_are_refused_at_start(overrides, named):
+    """Found by walking the dataclass tree, not key by key: a float any group adds later is covered."""
+    with pytest.raises(ConfigError, match=rf"^{named}: every number in the configuration must be finite"):
+        validate(to_dataclass(make("data.backend=synthetic", *overrides)), world_size=1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.image_size=0", r"data.image_size=0 is out of range: it must be >= 1 \(224"),
+    ("data.grid=0", r"data.grid=0 is out of range: it must be >= 1 \(3 for the 3x3 jigsaw"),
+    ("data.patch_size=0", r"data.patch_size=0 is out of range: it must be >= 1"),
+    ("data.patch_crop_size=-3", r"data.patch_crop_size=-3 is out of range: it must be >= 1"),
+    ("data.hue=0.7", r"data.hue=0.7 is out of range: it must be in \[0, 0.5\]"),
+    ("data.gray_p=1.5", r"data.gray_p=1.5 is out of range: it must be in \[0, 1\]"),
+    ("data.prefetch=0", r"data.prefetch=0 is out of range: it must be >= 1"),
+    ("data.on_corrupt=ignore", r"data.on_corrupt='ignore' is not one of error, skip"),
+    ("data.grid=1", r"model.num_patches=9 but data.grid=1 cuts 1 patches per image: set model.num_patches=1"),
+])
+def test_sizes_and_rates_are_checked_naming_the_key_and_the_range(override, message):
+    """Before: image_size=0 blamed the shards, grid=0 raised ZeroDivisionError, patch_size=0 a conv error."""
+    with pytest.raises(ConfigError, match=message):
+        validate(to_dataclass(make("data.backend=synthetic", "data.patch_crop_size=255", override)), world_size=1)
+
+
+def test_sizes_between_the_extremes_pass():
+    validate(to_dataclass(make("data.backend=synthetic", "data.image_size=96", "data.patch_crop_size=90",
+                               "data.patch_size=24", "data.hue=0.5", "data.gray_p=1", "data.flip_p=0")), world_size=1)
+    validate(to_dataclass(make("data.backend=synthetic", "data.grid=2", "model.num_patches=4",
+                               "data.patch_crop_size=64", "data.patch_size=20")), world_size=1)
+
+
 @pytest.mark.parametrize("override,key", [("method=jigsaw", "method"), ("trainer.precision=fp8", "trainer.precision"),
                                           ("resume=sometimes", "resume"), ("trainer.device=tpu", "trainer.device")])
 def test_unknown_choices_name_the_valid_ones(override, key):
