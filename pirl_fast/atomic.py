@@ -6,8 +6,10 @@ Used for checkpoints, shard manifests and benchmark results.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,3 +55,23 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class NoSpaceError(OSError):
+    """Not enough free space for a write whose size is known (errno ENOSPC); str() is the message."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def no_space_message(directory: str | os.PathLike, need_bytes: int) -> str:
+    """'no space left on device: need about N MB in DIR, have M MB' (free space as an unprivileged user sees it)."""
+    free = shutil.disk_usage(directory).free
+    return f"no space left on device: need about {need_bytes / 1e6:.1f} MB in {directory}, have {free / 1e6:.1f} MB"
+
+
+def require_free_space(directory: str | os.PathLike, need_bytes: int) -> None:
+    """Raise NoSpaceError (no_space_message) before a write of about `need_bytes` into `directory`
+    when its filesystem has less free; the caller decides how much margin `need_bytes` includes."""
+    if shutil.disk_usage(directory).free < need_bytes:
+        raise NoSpaceError(errno.ENOSPC, no_space_message(directory, need_bytes))

@@ -128,7 +128,7 @@ def test_manifest_fields(sample_image_dir, sample_shards):
     assert raw["num_samples"] == 48 and raw["classes"] == sorted(p.name for p in sample_image_dir.iterdir())
     assert raw["skipped"] == [] and raw["sample_members"] == ["jpg", "cls", "idx", "lbl"]
     assert raw["options"] == {"src": str(sample_image_dir), "seed": 0, "samples_per_shard": SHARD_SIZE,
-                              "max_side": MAX_SIDE, "quality": 95}
+                              "max_side": MAX_SIDE, "quality": 95, "max_bytes": 2**28}
     first = 0
     for s in raw["shards"]:
         data = (sample_shards / s["name"]).read_bytes()
@@ -204,12 +204,13 @@ def test_same_seed_gives_identical_bytes_different_seed_another_order(sample_ima
 KILL_AT_SHARD_2 = """
 import os, signal, sys
 import pirl_fast.shard as s
-real = s._finish_shard
+import pirl_fast.shard_write as w
+real = w.finish_shard
 def finish_or_die(dst, k, entries, base):
     if k == 2:  # shard 2 sits complete in its temp file: the process dies before renaming it
         os.kill(os.getpid(), signal.SIGKILL)
     return real(dst, k, entries, base)
-s._finish_shard = finish_or_die
+w.finish_shard = finish_or_die
 sys.exit(s.main(sys.argv[1:]))
 """
 
