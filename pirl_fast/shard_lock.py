@@ -14,10 +14,11 @@ A second run is refused at once (exit 2), naming the holder; it never waits.
 
 The lock is the kernel's (`fcntl.flock`), not a pid file: it goes away with its holder, however
 that dies (SIGKILL, OOM killer, a node reboot), and a lock file left behind by a killed run locks
-nothing. The holder removes the file when it finishes. Where the filesystem cannot lock (Lustre
-mounted without `-o flock`, NFS mounted with `nolock`: flock fails with ENOSYS/ENOLCK/EOPNOTSUPP)
-the run is refused with the fix; `--no-lock` skips the lock for whoever knows no other sharder
-writes DST. What the lock does not do on network filesystems is said in shards/README.md.
+nothing. The holder removes the file when it finishes. Where flock fails (ENOSYS on Lustre mounted
+without `-o flock`, ENOLCK on NFSv3 without a reachable lock daemon, EOPNOTSUPP) the run is refused
+with the fix; `--no-lock` skips the lock for whoever knows no other sharder writes DST. What the
+lock does not do on network filesystems (`nolock` NFS mounts, Lustre `-o localflock`: locks that
+succeed but stay on one host) is said in shards/README.md.
 """
 
 from __future__ import annotations
@@ -77,12 +78,29 @@ def _new_folders(folder: Path) -> list[Path]:
 
 def _acquire(folder: Path) -> None:
     created = _new_folders(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    key = os.path.realpath(folder)
-    if key in _held:
-        _held[key].count += 1
-        return
-    path = os.path.join(key, LOCK_NAME)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(folder)
+        if key in _held:
+            _held[key].count += 1
+            return
+        path = os.path.join(key, LOCK_NAME)
+        fd = _lock(folder, path)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+            "command": shlex.join(getattr(sys, "orig_argv", sys.argv))}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+    except OSError:  # a full disk: the lock holds all the same, a second run just cannot name us
+        pass
+    _held[key] = _Held(fd, 1, created)
+
+
+def _lock(folder: Path, path: str) -> int:
+    """An fd of `path` holding flock(LOCK_EX); raises LockError when another process holds it."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -90,7 +108,6 @@ def _acquire(folder: Path) -> None:
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            _remove_empty(created)
             raise LockError(f"{folder} is being written by another sharder: {holder}. Two sharders writing one "
                             "destination corrupt each other's shards: wait for it to finish (or stop it), or "
                             "choose another DST") from None
@@ -99,21 +116,16 @@ def _acquire(folder: Path) -> None:
             if e.errno not in _UNSUPPORTED:
                 raise
             os.unlink(path)  # no process can lock on this filesystem, so the file is nobody's
-            _remove_empty(created)
             raise LockError(f"cannot lock {path} ({e.strerror}): this filesystem does not support flock (Lustre "
-                            "without `-o flock`, NFS with `nolock`?). Shard onto a local disk and copy, mount with "
-                            "locking, or pass --no-lock if you are sure no other sharder writes there") from e
+                            "mounted without `-o flock`, NFSv3 without a reachable lock daemon?). Shard onto a local "
+                            "disk and copy, mount with locking, or pass --no-lock if you are sure no other sharder "
+                            "writes there") from e
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
+                return fd
         except FileNotFoundError:
             pass
         os.close(fd)  # the previous holder removed the file between our open and our flock: lock the new one
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-            "command": shlex.join(getattr(sys, "orig_argv", sys.argv))}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
-    _held[key] = _Held(fd, 1, created)
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -160,13 +160,13 @@ def write_plan(plan: Plan, resume: bool, overwrite: bool, progress: bool) -> dic
     done = _clear(plan, resume, overwrite)
     n_kept, kept_samples = len(done.records), done.samples
     input_bytes = [sum(max(i.size, 0) for i in shard) for shard in shards]
-    need, measured = _space_needed(plan, done, input_bytes)
-    if measured:
-        require_free_space(dst, need)
-    elif need > shutil.disk_usage(dst).free:
-        print(f"warning: this may not fit: {no_space_message(dst, need)} (estimated from the input sizes; "
-              "images over --max-side shrink); checked again after each shard", file=sys.stderr)
     try:
+        need, measured = _space_needed(plan, done, input_bytes)
+        if measured:  # --resume: the kept shards tell how big the rest will be
+            require_free_space(dst, need)
+        elif need > shutil.disk_usage(dst).free:
+            print(f"warning: this may not fit: {no_space_message(dst, need)} (estimated from the input sizes; "
+                  "images over --max-side shrink); checked again after each shard", file=sys.stderr)
         _write_shards(plan, done, input_bytes, progress)
     except (WorkerDied, OSError) as e:
         _remove_temp_files(dst)
