@@ -18,6 +18,7 @@ on --resume), so a run that will not fit stops early with "need about N MB, have
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pirl_fast.atomic import NoSpaceError, fsync_dir, no_space_message, require_free_space, write_json
+from pirl_fast.atomic import NoSpaceError, atomic_write, fsync_dir, no_space_message, require_free_space
 from pirl_fast.images import UnusableImage, normalise_image
 from pirl_fast.manifest import MANIFEST_NAME, manifest_dict
 from pirl_fast.shard_format import IndexEntry, ShardWriter, index_text, sha256_file, shift_indices
@@ -182,14 +183,16 @@ def write_plan(plan: Plan, resume: bool, overwrite: bool, progress: bool) -> dic
         more = " ..." if len(skipped_all) > 3 else ""
         raise SourceError(f"nothing usable in {src}{'/' + split.name if split.name else ''}: all "
                           f"{len(split.inputs)} input file(s) were skipped ({examples}{more}); no shards were written")
-    _check_written(dst, done)
     manifest = manifest_dict(num_samples=done.samples, classes=split.classes,
                              shards=[r for r in done.records if r["samples"]], skipped=skipped_all,
                              options=plan_options(plan))
     if split.labels:
         manifest["labels"] = split.labels
     manifest["plan_sha256"] = plan.sha
-    write_json(dst / MANIFEST_NAME, manifest)
+    with atomic_write(dst / MANIFEST_NAME, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+        _check_written(dst, done)  # last thing before the rename: raising here leaves no manifest
     (dst / PROGRESS_NAME).unlink(missing_ok=True)
 
     elapsed = time.perf_counter() - start
