@@ -1,7 +1,8 @@
 """Crash-safe file writes: a reader sees either the old file or the complete new one, never a
 torn write (temp file in the same directory, fsync, rename, fsync the directory).
 
-Used for checkpoints, shard manifests and benchmark results.
+Used for checkpoints, shard manifests and benchmark results. `require_free_space` refuses a
+write of known size up front with "no space left on device: need about N MB in DIR, have M MB".
 """
 
 from __future__ import annotations
