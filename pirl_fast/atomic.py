@@ -6,6 +6,8 @@ Used for checkpoints, shard manifests and benchmark results.
 Temp files are named `.NAME.HOST.PID.XXXXXXXX.tmp` (NAME the target's name, HOST this machine,
 PID the writing process, XXXXXXXX mkstemp's random part). A process killed mid-write leaves one
 behind; `remove_stale_temp_files` deletes those whose writer is gone, and nothing else.
+`require_free_space` refuses a write of known size up front with "no space left on device: need
+about N MB in DIR, have M MB".
 """
 
 from __future__ import annotations
@@ -33,11 +35,28 @@ MB = 1 << 20
 
 
 class NoSpaceError(OSError):
-    """Not enough free space for a write whose size is known; the message says how much is missing."""
+    """Not enough free space for a write whose size is known (errno ENOSPC); str() is the message."""
 
     def __init__(self, folder: str | os.PathLike, need: int, free: int, hint: str = "", during: str = ""):
-        super().__init__(errno.ENOSPC, f"no space left on device{during}: need about {need / MB:,.0f} MB in "
-                                       f"{folder}, have {free / MB:,.0f} MB free{hint}")
+        super().__init__(errno.ENOSPC, space_message(folder, need, free, during) + hint)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def space_message(folder: str | os.PathLike, need: int, free: int, during: str = "") -> str:
+    """'no space left on device: need about N MB in DIR, have M MB free'."""
+    return f"no space left on device{during}: need about {_mb(need)} MB in {folder}, have {_mb(free)} MB free"
+
+
+def _mb(n: int) -> str:
+    """Whole MiB, or tenths below one MiB (so a nearly full disk does not read 'have 0 MB')."""
+    return f"{n / MB:,.0f}" if n >= MB else f"{n / MB:.1f}"
+
+
+def no_space_message(folder: str | os.PathLike, need: int) -> str:
+    """space_message with the free space `folder`'s filesystem has now."""
+    return space_message(folder, need, shutil.disk_usage(folder).free)
 
 
 @contextmanager
@@ -136,3 +155,4 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+

@@ -41,6 +41,7 @@ FORMAT_NAME = "pirl_fast-shards"
 FORMAT_VERSION = 1
 SAMPLE_MEMBERS = ["jpg", "cls", "idx", "lbl"]  # member order inside every sample (the team contract)
 CHECKSUM_MEMBERS = [*SAMPLE_MEMBERS, "crc"]  # the same, with the per-sample CRC-32 of the jpg (shard_format.py)
+OPTIONAL_MEMBERS = ("crc", "mlb")  # after the four, in this order: checksum, multi-hot labels (shards/README.md)
 
 _FIX = "run `python -m pirl_fast.shard SRC {dir}` to (re)make it, or `--resume` to finish an interrupted run"
 
@@ -108,8 +109,11 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
         manifest = Manifest(root=root, num_samples=int(raw["num_samples"]), classes=[str(c) for c in raw["classes"]],
                             shards=shards, skipped=list(raw.get("skipped", [])), options=dict(raw.get("options", {})),
                             members=[str(m) for m in raw.get("sample_members", SAMPLE_MEMBERS)])
-        if manifest.members not in (SAMPLE_MEMBERS, CHECKSUM_MEMBERS):
-            raise ValueError(f"sample_members {manifest.members}, expected {SAMPLE_MEMBERS} or {CHECKSUM_MEMBERS}")
+        extra = manifest.members[len(SAMPLE_MEMBERS):]
+        if manifest.members[:len(SAMPLE_MEMBERS)] != SAMPLE_MEMBERS or extra != [
+                m for m in OPTIONAL_MEMBERS if m in extra]:
+            raise ValueError(f"sample_members {manifest.members}: expected {SAMPLE_MEMBERS} followed by any of "
+                             f"{list(OPTIONAL_MEMBERS)}, in that order")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ShardError(f"{path} is malformed ({type(e).__name__}: {e}): {fix}") from e
     total = sum(s.samples for s in manifest.shards)

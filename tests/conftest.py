@@ -5,8 +5,8 @@
     sample_shards     Path of a shard directory made from it with 14 samples per shard:
                       shards of 14, 14, 14 and 6 samples (indices 0..47), DALI index files and
                       manifest.json. Read it through pirl_fast.manifest.load_manifest.
-    checksum_shards   The same samples rewritten with per-sample crc members (ShardWriter(checksums=True),
-                      sample_members ending in "crc"), as the sharder writes them with checksums.
+    legacy_shards     The same samples rewritten without the per-sample crc member, as the sharder
+                      wrote them before checksums (sample_members jpg, cls, idx, lbl).
 
 Both are read-only for tests: copy them (shutil.copytree) before changing anything.
 
@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from pirl_fast import bank_kernels  # noqa: E402
-from pirl_fast.manifest import CHECKSUM_MEMBERS, MANIFEST_NAME  # noqa: E402
+from pirl_fast.manifest import MANIFEST_NAME, SAMPLE_MEMBERS  # noqa: E402
 from pirl_fast.sample_data import write_sample_folder  # noqa: E402
 from pirl_fast.shard import Options, run_shard  # noqa: E402
 from pirl_fast.shard_format import ShardWriter, decode_int64, index_text, iter_samples, sha256_file  # noqa: E402
@@ -81,18 +81,20 @@ def sample_shards(tmp_path_factory: pytest.TempPathFactory, sample_image_dir: Pa
 
 
 @pytest.fixture(scope="session")
-def checksum_shards(tmp_path_factory: pytest.TempPathFactory, sample_shards: Path) -> Path:
-    dst = tmp_path_factory.mktemp("checksum_shards") / "shards"
+def legacy_shards(tmp_path_factory: pytest.TempPathFactory, sample_shards: Path) -> Path:
+    """sample_shards rewritten as the sharder wrote them before per-sample checksums: four members
+    (jpg, cls, idx, lbl), no KEY.crc. Old shards must keep working."""
+    dst = tmp_path_factory.mktemp("legacy_shards") / "shards"
     dst.mkdir()
     manifest = json.loads((sample_shards / MANIFEST_NAME).read_text())
     for shard in manifest["shards"]:
         with open(sample_shards / shard["name"], "rb") as src, open(dst / shard["name"], "wb") as out:
-            writer = ShardWriter(out, checksums=True)
+            writer = ShardWriter(out, checksums=False)
             for key, data, _ in iter_samples(src):
                 writer.add(key, data["jpg"], decode_int64(data["lbl"]), decode_int64(data["idx"]))
             writer.close()
         (dst / shard["index_name"]).write_text(index_text(writer.entries))
         shard.update(bytes=(dst / shard["name"]).stat().st_size, sha256=sha256_file(str(dst / shard["name"])))
-    manifest["sample_members"] = CHECKSUM_MEMBERS
+    manifest["sample_members"] = SAMPLE_MEMBERS
     (dst / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
     return dst

@@ -67,17 +67,17 @@ def one_epoch(loader) -> tuple[list[int], int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- checksums
-def test_checksum_members_are_written_read_and_verified(checksum_shards, sample_shards, tmp_path):
-    manifest = load_manifest(checksum_shards)
+def test_checksum_members_are_written_read_and_verified(sample_shards, legacy_shards, tmp_path):
+    manifest = load_manifest(sample_shards)
     assert manifest.has_checksums and manifest.members == ["jpg", "cls", "idx", "lbl", "crc"]
-    assert not load_manifest(sample_shards).has_checksums
+    assert not load_manifest(legacy_shards).has_checksums
     for sample in webdataset.WebDataset(manifest.tar_paths()[:1], shardshuffle=False, empty_check=False):
         assert int.from_bytes(sample["crc"], "little") == zlib.crc32(sample["jpg"])  # independent of our reader
         assert checksum_problem(sample["jpg"], sample["crc"]) is None
         assert "do not match" in checksum_problem(sample["jpg"][:-1] + b"\0", sample["crc"])
     assert checksum_problem(b"abc", encode_int64(zlib.crc32(b"abc"))) is None
-    assert verify_shards(checksum_shards) == []
-    damaged, key = damage(checksum_shards, tmp_path / "d", "middle")
+    assert verify_shards(sample_shards) == []
+    damaged, key = damage(sample_shards, tmp_path / "d", "middle")
     problems = verify_shards(damaged)
     assert any(key in p and "do not match their CRC-32" in p for p in problems), problems
 
@@ -110,8 +110,8 @@ def test_replace_corrupt_copies_good_rows_of_the_batch():
 # ---------------------------------------------------------------------------------------------- loaders
 @pytest.mark.parametrize("backend, workers", [("dali", 1), ("torch", 0), ("torch", 2)])
 @pytest.mark.parametrize("kind", ["middle", "header"])
-def test_error_names_the_shard_and_key(checksum_shards, tmp_path, backend, workers, kind):
-    damaged, key = damage(checksum_shards, tmp_path / "d", kind)
+def test_error_names_the_shard_and_key(sample_shards, tmp_path, backend, workers, kind):
+    damaged, key = damage(sample_shards, tmp_path / "d", kind)
     loader = build_loader(config(damaged, backend, "error", workers=workers))
     with pytest.raises(ShardError, match=rf"sample {INDEX} \({key}\) in .*shard-{SHARD:06d}\.tar"):
         one_epoch(loader)
@@ -119,10 +119,10 @@ def test_error_names_the_shard_and_key(checksum_shards, tmp_path, backend, worke
 
 
 @pytest.mark.parametrize("backend, workers", [("dali", 1), ("torch", 0), ("torch", 2)])
-def test_skip_keeps_the_epoch_contract_on_two_ranks(checksum_shards, tmp_path, backend, workers):
+def test_skip_keeps_the_epoch_contract_on_two_ranks(sample_shards, tmp_path, backend, workers):
     """Each rank yields its usual number of full batches; every other sample comes at least once over
     the ranks in each epoch; the damaged one never, and is counted once per epoch."""
-    damaged, _ = damage(checksum_shards, tmp_path / "d", "middle")
+    damaged, _ = damage(sample_shards, tmp_path / "d", "middle")
     loaders = [build_loader(config(damaged, backend, "skip", 2, workers), rank=r, world_size=2) for r in (0, 1)]
     for epoch in range(2):
         results = [one_epoch(loader) for loader in loaders]
@@ -135,10 +135,10 @@ def test_skip_keeps_the_epoch_contract_on_two_ranks(checksum_shards, tmp_path, b
 
 
 @pytest.mark.parametrize("on_corrupt", ["error", "skip"])
-def test_dali_names_a_sample_its_decoder_rejects_in_shards_without_checksums(sample_shards, tmp_path, on_corrupt):
+def test_dali_names_a_sample_its_decoder_rejects_in_shards_without_checksums(legacy_shards, tmp_path, on_corrupt):
     """Old shards: the header damage fails DALI's pipeline; the sample is found by decoding the
     samples in flight on the host. It cannot be skipped, and the error says why and what helps."""
-    damaged, key = damage(sample_shards, tmp_path / "d", "header")
+    damaged, key = damage(legacy_shards, tmp_path / "d", "header")
     with pytest.warns(RuntimeWarning, match="no per-sample checksums"):
         loader = build_loader(config(damaged, "dali", on_corrupt))
     with pytest.raises(ShardError, match=rf"decoder failed .*\n  sample \({key}\) in .*shard-{SHARD:06d}\.tar") as e:
@@ -146,8 +146,8 @@ def test_dali_names_a_sample_its_decoder_rejects_in_shards_without_checksums(sam
     assert "cannot skip this one" in str(e.value) and "checksums" in str(e.value)
 
 
-def test_torch_skips_a_sample_that_does_not_decode_in_shards_without_checksums(sample_shards, tmp_path):
-    damaged, _ = damage(sample_shards, tmp_path / "d", "header")
+def test_torch_skips_a_sample_that_does_not_decode_in_shards_without_checksums(legacy_shards, tmp_path):
+    damaged, _ = damage(legacy_shards, tmp_path / "d", "header")
     seen, batches, corrupt = one_epoch(build_loader(config(damaged, "torch", "skip", workers=0)))
     assert set(seen) == set(range(NUM_SAMPLES)) - {INDEX} and batches == 12 and corrupt == 1
 
@@ -155,16 +155,16 @@ def test_torch_skips_a_sample_that_does_not_decode_in_shards_without_checksums(s
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["middle", "header"])
-def test_dali_gpu_graph_checks_checksums_before_nvjpeg(checksum_shards, sample_shards, tmp_path, kind):
+def test_dali_gpu_graph_checks_checksums_before_nvjpeg(sample_shards, legacy_shards, tmp_path, kind):
     """The gate (a python_function) in the device="mixed" graph: damage is named, or skipped with the
     epoch contract, before nvJPEG sees it; in old shards a header nvJPEG rejects is still named."""
-    damaged, key = damage(checksum_shards, tmp_path / "crc", kind)
+    damaged, key = damage(sample_shards, tmp_path / "crc", kind)
     with pytest.raises(ShardError, match=rf"sample {INDEX} \({key}\)"):
         one_epoch(build_loader(config(damaged, "dali", "error"), device="cuda"))
     seen, batches, corrupt = one_epoch(build_loader(config(damaged, "dali", "skip"), device="cuda"))
     assert set(seen) == set(range(NUM_SAMPLES)) - {INDEX} and batches == 12 and corrupt == 1
     if kind == "header":  # old shards: whether nvJPEG rejects this header is nvJPEG's call; if it does, it is named
-        old, key = damage(sample_shards, tmp_path / "old", kind)
+        old, key = damage(legacy_shards, tmp_path / "old", kind)
         with pytest.warns(RuntimeWarning, match="no per-sample checksums"):
             loader = build_loader(config(old, "dali", "error"), device="cuda")
         try:
@@ -174,8 +174,8 @@ def test_dali_gpu_graph_checks_checksums_before_nvjpeg(checksum_shards, sample_s
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
-def test_training_skips_the_sample_counts_it_and_leaves_its_bank_row_alone(checksum_shards, tmp_path):
-    damaged, _ = damage(checksum_shards, tmp_path / "d", "middle")
+def test_training_skips_the_sample_counts_it_and_leaves_its_bank_row_alone(sample_shards, tmp_path):
+    damaged, _ = damage(sample_shards, tmp_path / "d", "middle")
     with initialize_config_module("pirl_fast.conf", version_base="1.3"):
         cfg = compose("config", overrides=[
             "experiment=smoke", "trainer.progress=false", f"data.shards={damaged}", "data.backend=dali",
