@@ -11,8 +11,8 @@ Per sample (S = image_size, C = patch_crop_size, G = grid, c = C // G, P = patch
       patch view: random_resized_crop C (patch_scale) ─▶ (C, C, 3)
                   → reshape/transpose into its 9 cells (9, c, c, 3), row-major
                   → warp_affine with 9 per-frame matrices: frame k is a P×P crop of cell k at
-                    its own random integer offset in [0, c - P], mirrored with probability
-                    flip_p (the mirror folded into the matrix) ─▶ (9, P, P, 3)
+                    its own random integer offset in [0, c - P], mirrored on its own coin with
+                    probability flip_p (the mirror folded into the matrix) ─▶ (9, P, P, 3)
                   → colour twist (+grey) drawn per frame → normalise
                   ─▶ patches (9, P, P, 3) float32, FHWC, frames in cell order
       index, label: int64 scalars read from KEY.idx / KEY.lbl, shape (1,)
@@ -65,27 +65,28 @@ def grid_cells(crop, cfg):
 def patch_matrices(cfg, num_cells: int):
     """Per-sample (num_cells, 2, 3) destination->source affine matrices, one per grid cell.
 
-    Frame k crops P×P pixels from cell k at an integer offset (ox, oy) drawn uniformly from
-    [0, c - P], mirrored horizontally with probability flip_p:
-        x_src = s·x + ox + f·P,  y_src = y + oy,  f ~ Bernoulli(flip_p), s = 1 - 2f.
-    Integer translations and unit scale put every destination pixel centre on a source pixel
-    centre, so nearest-neighbour sampling is an exact crop (and an exact mirror). Built as
-    BASE + offsets·T + f·F with constant masks, so no broadcasting is needed.
+    Frame k crops P×P pixels from cell k at an integer offset (ox, oy), each drawn uniformly from
+    [0, c - P], mirrored horizontally on its own coin f ~ Bernoulli(flip_p):
+        x_src = s·x + ox + f·P,  y_src = y + oy,  s = 1 - 2f.
+    One coin per patch and one offset per patch and axis, broadcast over the matrix elements they
+    set (a coin per element would give a patch's scale and shift different coins). Integer
+    translations and unit scale put every destination pixel centre on a source pixel centre, so
+    nearest-neighbour sampling is an exact crop (and an exact mirror).
     """
     slack = cfg.patch_crop_size // cfg.grid - cfg.patch_size  # 85 - 64 = 21: offset range in a cell
     base = np.zeros((num_cells, 2, 3), np.float32)
     base[:, 0, 0] = 1.0  # identity scale
     base[:, 1, 1] = 1.0
     translation_mask = np.zeros_like(base)
-    translation_mask[:, :, 2] = 1.0  # offsets land only in the translation column
+    translation_mask[:, :, 2] = 1.0  # row 0 gets ox, row 1 gets oy, in the translation column
     flip_mask = np.zeros_like(base)
     flip_mask[:, 0, 0] = -2.0  # s = 1 - 2f
     flip_mask[:, 0, 2] = float(cfg.patch_size)  # shift so the mirrored patch covers the same pixels
 
-    offsets = fn.random.uniform(values=[float(v) for v in range(slack + 1)], shape=[num_cells, 2, 3])
-    matrices = types.Constant(base) + offsets * types.Constant(translation_mask)
+    offsets = fn.random.uniform(values=[float(v) for v in range(slack + 1)], shape=[num_cells, 2, 1])  # (9, 2, 1)
+    matrices = types.Constant(base) + offsets * types.Constant(translation_mask)  # (9, 2, 3)
     if cfg.flip_p > 0:
-        flips = fn.cast(fn.random.coin_flip(probability=cfg.flip_p, shape=[num_cells, 2, 3]), dtype=types.FLOAT)
+        flips = fn.cast(fn.random.coin_flip(probability=cfg.flip_p, shape=[num_cells, 1, 1]), dtype=types.FLOAT)  # (9,1,1)
         matrices = matrices + flips * types.Constant(flip_mask)
     return matrices
 
