@@ -188,7 +188,8 @@ def operand(draw, frames: int | None, images):
 def mean_grey(images):
     """Mean of Y over each crop: () per sample or (F,) per frame, float32, on the images' device."""
     means = fn.reductions.mean(images, axis_names="HW", dtype=types.FLOAT)  # (C,) or (F, C)
-    return fn.reductions.sum(means * types.Constant(np.array(GREY_WEIGHTS, np.float32)), axes=[-1])
+    weights = types.Constant(np.array(GREY_WEIGHTS, np.float32), device=images.device)  # an array: on the data's device
+    return fn.reductions.sum(means * weights, axes=[-1])
 
 
 # ------------------------------------------------------------------------------------ contract steps
@@ -235,59 +236,76 @@ def contrast_brightness(images, brightness, contrast, frames: int | None, arithm
     return fn.cast(dmath.clamp(out, 0.0, 255.0), dtype=types.UINT8)
 
 
-def photometric(images, cfg, frames: int | None, size: int):
-    """Step 2 on uint8 size x size crops: posterize, sharpness, solarize, autocontrast, one coin."""
-    applied = coin(cfg.photometric_p, frames, types.UINT8)  # () or (F,)
+def masked(value, identity: float, applied):
+    """value where the crop's coin `applied` is 1, `identity` where it is 0; value itself without a coin."""
+    if applied is None:
+        return value
+    return identity + fn.cast(applied, dtype=types.FLOAT) * (value - identity)
+
+
+def photometric(images, cfg, frames: int | None, size: int, applied=None):
+    """Step 2 on uint8 size x size crops: posterize, sharpness, solarize, autocontrast, all on one
+    coin `applied` (0/1 per crop; None: every crop). A crop whose coin is 0 gets identity parameters."""
     u8 = lambda v: types.Constant(v, dtype=types.UINT8)  # noqa: E731
 
-    # posterize: x & mask, mask = 255 - (2^(8 - n) - 1); an identity mask (255) where not applied
+    # posterize: x & mask, mask = 255 - (2^(8 - n) - 1) keeps the top n bits
     lo_bits, hi_bits = cfg.posterize_bits
     masks = [float(255 ^ ((1 << (8 - n)) - 1)) for n in range(lo_bits, hi_bits + 1)]
-    mask = fn.random.uniform(values=masks, shape=_shape(frames))
-    mask = fn.cast(255.0 - fn.cast(applied, dtype=types.FLOAT) * (255.0 - mask), dtype=types.UINT8)
-    images = images & operand(mask, frames, images)
+    mask = masked(fn.random.uniform(values=masks, shape=_shape(frames)), 255.0, applied)
+    images = images & operand(fn.cast(mask, dtype=types.UINT8), frames, images)
 
     # sharpness: correlation with smooth + v (identity - smooth) = identity + (1 - v)(smooth - identity),
     # on the interior only: PIL's 3x3 filter leaves the 1-px border as it was, and autocontrast's
     # min and max would otherwise see a changed border.
-    v = uniform(*cfg.sharpness, frames)
-    weight = fn.cast(applied, dtype=types.FLOAT) * (1.0 - v)  # 0 where not applied: the identity kernel
+    weight = masked(1.0 - uniform(*cfg.sharpness, frames), 0.0, applied)  # 0: the identity kernel
     if frames is not None:
         weight = fn.reshape(weight, shape=[frames, 1, 1])
     kernel = argument(types.Constant(IDENTITY3) + weight * types.Constant(SMOOTH - IDENTITY3), frames)  # (3,3)|(F,3,3)
     sharpened = fn.filter(images, kernel.gpu() if images.device == "gpu" else kernel)
     border = np.full(_shape(frames) + [size, size, 3], 255, np.uint8)  # full shape: no broadcasting, 2x faster
     border[..., 1:-1, 1:-1, :] = 0
-    images = (images & types.Constant(border)) | (sharpened & types.Constant(255 - border))
+    keep, take = (types.Constant(m, device=images.device) for m in (border, 255 - border))
+    images = (images & keep) | (sharpened & take)
 
-    # solarize: x >= t -> 255 - x, i.e. x XOR 255; threshold 256 (never) where not applied
-    t = integers(*cfg.solarize_threshold, frames)
-    t = fn.cast(256.0 + fn.cast(applied, dtype=types.FLOAT) * (t - 256.0), dtype=types.INT16)
+    # solarize: x >= t -> 255 - x, i.e. x XOR 255 (t = 256: never)
+    t = fn.cast(masked(integers(*cfg.solarize_threshold, frames), 256.0, applied), dtype=types.INT16)
     images = images ^ ((images >= operand(t, frames, images)) * u8(255))
 
-    # autocontrast per channel: floor((x - lo) * 255 / (hi - lo)); identity where not applied or hi == lo
+    # autocontrast per channel: floor((x - lo) * 255 / (hi - lo)); identity where hi == lo (or not applied)
     lo = fn.reductions.min(images, axis_names="HW", keep_dims=True)  # (1, 1, C) | (F, 1, 1, C)
     hi = fn.reductions.max(images, axis_names="HW", keep_dims=True)
-    stretch = (hi > lo) * operand(applied, frames, images)  # 0/1
+    stretch = hi > lo if applied is None else (hi > lo) * operand(fn.cast(applied, dtype=types.UINT8), frames, images)
     offset = lo * stretch  # uint8
     scale = types.Constant(1, dtype=types.UINT16) + stretch * types.Constant(254, dtype=types.UINT16)  # 255 or 1
     divisor = types.Constant(1, dtype=types.UINT16) + stretch * (hi - lo - u8(1))  # hi - lo or 1
     return fn.cast(((images - offset) * scale) // divisor, dtype=types.UINT8)
 
 
-def greyscale(images, grey, frames: int | None):
-    """Step 3 on its own (after step 2): Y in all three channels where grey is 1."""
+def greyscale(images, frames: int | None, applied=None):
+    """Step 3 on its own (after step 2): Y in all three channels where the coin `applied` is 1."""
     y = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)  # (.., 1)
-    g = operand(fn.cast(grey, dtype=types.UINT8), frames, images)
+    if applied is None:
+        return fn.cat(y, y, y, axis_name="C")
+    g = operand(fn.cast(applied, dtype=types.UINT8), frames, images)
     return images * (types.Constant(1, dtype=types.UINT8) - g) + y * g
 
 
-def gaussian_blur(images, cfg, frames: int | None):
+def gaussian_blur(images, cfg, frames: int | None, applied=None):
     """Step 4: sigma ~ U[blur_sigma), window 2 ceil(3 sigma) + 1; window 1 (identity) where not applied."""
-    applied = coin(cfg.blur_p, frames)
     sigma = uniform(*cfg.blur_sigma, frames)
-    window = fn.cast(1.0 + applied * 2.0 * dmath.ceil(3.0 * sigma), dtype=types.INT32)
+    window = fn.cast(masked(1.0 + 2.0 * dmath.ceil(3.0 * sigma), 1.0, applied), dtype=types.INT32)
     return fn.gaussian_blur(images, sigma=argument(sigma, frames), window_size=argument(window, frames))
+
+
+def on_coin(step, images, applied, frames: int | None, **kwargs):
+    """`step` on the crops whose coin `applied` is 1. Samples (the view): a DALI conditional, so the
+    others skip the work (a third less photometric work on the views, four fifths less greyscale).
+    Frames (the patches, one operator call for all 9): the coin turns the parameters into identities."""
+    if frames is not None:
+        return step(images, frames=frames, applied=applied, **kwargs)
+    if fn.cast(applied, dtype=types.BOOL):
+        images = step(images, frames=None, **kwargs)
+    return images
 
 
 def colour_steps(images, cfg, frames: int | None, size: int):
@@ -296,15 +314,15 @@ def colour_steps(images, cfg, frames: int | None, size: int):
     fold_grey = grey is not None and cfg.photometric_p == 0  # nothing between jitter and greyscale
     images = colour_jitter(images, cfg, frames, grey if fold_grey else None)
     if cfg.photometric_p > 0:
-        images = photometric(images, cfg, frames, size)
+        images = on_coin(photometric, images, coin(cfg.photometric_p, frames), frames, cfg=cfg, size=size)
         if grey is not None:
-            images = greyscale(images, grey, frames)
+            images = on_coin(greyscale, images, grey, frames)
     if cfg.blur_p > 0:
-        images = gaussian_blur(images, cfg, frames)
+        images = on_coin(gaussian_blur, images, coin(cfg.blur_p, frames), frames, cfg=cfg)
     return images
 
 
-@pipeline_def(enable_conditionals=False)
+@pipeline_def(enable_conditionals=True)  # the view's coins (on_coin)
 def pirl_pipeline(tar_paths: list[str], index_paths: list[str], cfg, shard_id: int, num_shards: int,
                   gpu: bool):
     """Build with pirl_pipeline(tar_paths, index_paths, cfg, shard_id, num_shards, gpu,

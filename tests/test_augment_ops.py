@@ -93,7 +93,7 @@ def test_dali_photometric_is_pils(images, bits, factor, threshold):
 
 def test_photometric_not_applied_is_identity(images):
     cfg = DataConfig(photometric_p=0.0)  # the coin always 0: identity parameters in DALI, a skip in torch
-    view, frames = dali_step(pirl.photometric, images, cfg=cfg, size=SIZE)
+    view, frames = dali_step(lambda x, frames: pirl.photometric(x, cfg, frames, SIZE, pirl.coin(0.0, frames)), images)
     assert np.array_equal(view, images[0]) and np.array_equal(frames, images)
     image = torch.from_numpy(images[0]).permute(2, 0, 1)
     assert RandomPhotometric(cfg)(image) is image
@@ -126,10 +126,7 @@ def test_dali_jitter_is_torchvisions_without_hue(brightness, contrast, saturatio
 
 
 def test_dali_greyscale_is_torchvisions(images):
-    def step(x, frames):
-        return pirl.greyscale(x, pirl.coin(1.0, frames), frames)
-
-    view, frames = dali_step(step, images)
+    view, frames = dali_step(pirl.greyscale, images)
     for out, image in zip([view, *frames], [images[0], *images]):
         expected = F.rgb_to_grayscale(torch.from_numpy(image).permute(2, 0, 1), num_output_channels=3)
         assert np.abs(out.astype(int) - expected.permute(1, 2, 0).numpy()).max() <= 1
