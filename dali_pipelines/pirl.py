@@ -82,12 +82,24 @@ Channels stay last (HWC / FHWC), so a torch view (B, H, W, 3).permute(0, 3, 1, 2
 channels_last-strided: no copy between DALI and the model. Patches leave DALI in cell order; the
 random presentation order is applied by the loader (pirl_fast.data.PatchOrder).
 
-Cost on the CPU graph (measured with 1 thread, per sample = one 224 view + 9 patches of 64): the
-colour ops stay in uint8 (DALI's float->uint8 conversions cost more than the ops), posterize
-and solarize are one bitwise expression each, autocontrast is an integer expression after a
-min and a max reduction, greyscale after the photometric step is a 1-channel colour conversion
-and a blend. A per-frame 0/1 coin becomes an identity parameter (bits 8, threshold 256, sharpness
-1, window 1), so each step is one operator call for all 9 patches and no conditional split.
+Why one full decode for both views: on the CPU (400-500 px JPEGs, 2 threads) decode + two
+random_resized_crops cost 3.9 CPU-ms per sample against 4.6 for two ROI decodes
+(fn.decoders.image_random_crop) + two resizes; on the GPU the decoder engine is the scarce part.
+
+Cost of the colour steps on the CPU graph. DALI's CPU float -> uint8 conversions cost more than
+the ops themselves, so every step stays in uint8: hue + saturation is one fn.hsv, contrast about
+the mean grey + brightness one fn.brightness_contrast (its contrast_center a per-crop mean from a
+reduction), posterize and solarize one bitwise expression each, the sharpness a 3x3 fn.filter
+with a per-frame kernel (the sharpened image on the interior, the input on the border, by two
+full-size masks: broadcasting a mask costs twice as much), autocontrast an integer expression
+after a min and a max reduction, greyscale after the photometric step a 1-channel colour
+conversion and a blend. The patches' coins turn into identity parameters (bits 8, threshold 256,
+sharpness 1, window 1), so a step is one operator call for all 9; the view's coins are DALI
+conditionals (on_coin), so unlucky samples skip the work. Single-thread CPU time per sample
+(224 view + 9 patches of 64, from 400-500 px JPEGs), measured on the 2-core development machine
+while loaded, so rough: the whole graph 5.9-6.3 ms with the former single fn.color_twist
+(contrast about a fixed grey), 6.3-6.5 ms with the mean-grey pivot, 8.5-8.9 ms with the
+photometric ops on (photometric_p 0.66); the torch backend 17-23 ms with them.
 """
 
 from __future__ import annotations
