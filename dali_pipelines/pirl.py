@@ -214,17 +214,19 @@ def colour_jitter(images, cfg, frames: int | None, grey=None, arithmetic: bool |
         value = uniform(lo, hi, frames)
         return value if applied is None else identity + applied * (value - identity)
 
-    def factor(strength: float):  # torchvision's ColorJitter range for a multiplicative factor
-        return draw(max(0.0, 1.0 - strength), 1.0 + strength, 1.0) if strength > 0 else None
+    on = cfg.jitter_p > 0  # jitter_p 0: no jitter ops in the graph (a folded greyscale still needs hsv)
 
-    if cfg.hue > 0 or cfg.saturation > 0 or grey is not None:
+    def factor(strength: float):  # torchvision's ColorJitter range for a multiplicative factor
+        return draw(max(0.0, 1.0 - strength), 1.0 + strength, 1.0) if strength > 0 and on else None
+
+    if (on and (cfg.hue > 0 or cfg.saturation > 0)) or grey is not None:
         saturation = factor(cfg.saturation)
         if grey is not None:
             saturation = (1.0 - grey) if saturation is None else saturation * (1.0 - grey)  # grey: saturation 0
-        hue = draw(-360.0 * cfg.hue, 360.0 * cfg.hue, 0.0) if cfg.hue > 0 else None  # torchvision h -> degrees
+        hue = draw(-360.0 * cfg.hue, 360.0 * cfg.hue, 0.0) if cfg.hue > 0 and on else None  # torchvision h -> degrees
         images = fn.hsv(images, **{name: argument(value, frames) for name, value in
                                    (("hue", hue), ("saturation", saturation)) if value is not None})
-    if cfg.brightness > 0 or cfg.contrast > 0:
+    if on and (cfg.brightness > 0 or cfg.contrast > 0):
         images = contrast_brightness(images, factor(cfg.brightness), factor(cfg.contrast), frames, arithmetic)
     return images
 
