@@ -30,7 +30,8 @@ Checks, each per backend against the contract's value (one-sample) and between t
   probabilities  z-tests of shares; where the expected share differs per crop (photometric), of
                  the sum of its coins against the sum of the expected probabilities
   factors        mean and spread (standard deviation) z-tests, a two-sample Kolmogorov-Smirnov
-                 test at p >= 1e-3, and the observed range against the contract's
+                 test at p >= 1e-3 (not for sharpness, see check_sharpness), and the observed
+                 range against the contract's
   crops          Kolmogorov-Smirnov of area and log-aspect against a simulation of torchvision's
                  RandomResizedCrop rule and between the backends, and mean/spread z-tests
   offsets        chi-square of U{0..4} per axis and backend, both ends reached
@@ -38,22 +39,25 @@ Checks, each per backend against the contract's value (one-sample) and between t
                  coin or value, |r| <= 4.2 / sqrt(n) (a Bonferroni bound over the 45 pairs)
   readability    every crop is read back (an exact window, an exact affine map, a known outcome)
 
-Power, the arithmetic behind the sample counts. A share p0 over n coins per backend: a two-sample
-z-test at |z| <= 3.5 detects a relative error e with power 0.95 when
-e >= (3.5 + 1.645) sqrt(2 (1 - p0) / (p0 n)), i.e. n >= 5294 (1 - p0) / (p0 e^2); for e = 10%:
-  flip_p 0.5 (geometry + patch_crop, 10 coins per sample, 3000 samples)   need 5294, have 30000
-  gray_p 0.4 (jitter + hue, 10 per sample, 1500 samples)                  need 7941, have 15000
-  jitter_p 0.8 (readable on the 60% non-grey crops)                       need 1324, have  9000
-  photometric_p 0.66 (sharpness: 10 per sample, 300 samples)              need 2727, have  3000
-    (photometric: the non-identity share is about 0.9 p0, 600 samples)    need 3530, have  6000
-  blur_p 0.5 (sigma >= 0.5 visible: share 0.39, 800 samples)              need 8100, have  8000
-The one-sample test needs half of that. Per view alone (one coin per sample) the two-sample test
-detects, at the same power, 13% (flip_p), 23% (gray_p), 12% (jitter_p), 19% (photometric_p) and
-32% (blur_p); the one-sample test 9%, 16%, 9%, 13%, 23%. A spread: the standard deviation of n
-uniform values has a standard error of 0.447 sd / sqrt(n), so a 10% wider range is detected
-(two-sample, power 0.95) from n >= 2 (5.145 * 0.447 / 0.1)^2 = 1058 values; every factor here
-has 2000 or more. test_a_wrong_draw_is_caught runs the DALI side again with one probability or
-range 10% off and asserts that the check for it fails (and the mirror-per-element bug).
+Power, the arithmetic behind the sample counts. For a share p0 over n coins per backend, the
+two-sample z-test at |z| <= 3.5 detects a relative error e with power 0.95 when
+e >= (3.5 + 1.645) sqrt(2 (1 - p0) / (p0 n)); a 10% error needs n >= 5294 (1 - p0) / p0 coins:
+  probability     family, coins                                  p0     needs    has     detects
+  flip_p          geometry, the patches                          0.5     5294   18432     5.4%
+  gray_p          jitter, all 10 crops                           0.4     7941   10240     8.8%
+  jitter_p        jitter, the non-grey crops                     0.8     1324   ~6100     4.7%
+  photometric_p   sharpness, all 10 crops                        0.66    2727    3200     9.2%
+  photometric_p   photometric, its non-identity share            ~0.6    3530    6400     7.5%
+  blur_p          blur, sigma >= 0.5 (visible) share             0.39    8103    8320     9.9%
+The one-sample test (each backend against the contract's value) needs half as many. The view
+has one coin per sample; its shares are checked on their own too, where the two-sample
+(one-sample) test detects 16% (11%) for flip_p, 28% (20%) gray_p, 15% (10%) jitter_p, 24% (17%)
+photometric_p and 31% (22%) blur_p. A spread: the standard deviation of n uniform values has a
+standard error of 0.447 sd / sqrt(n), so a 10% wider range is detected (two-sample, power 0.95)
+from n >= 2 (5.145 x 0.447 / 0.1)^2 = 1058 values; each factor has 2100 or more.
+test_a_wrong_draw_is_caught runs the DALI side again with one probability or range 10% off, and
+with the per-element mirror coin that corrupted patches, and asserts that the check for it fails.
+The whole file took about 30 CPU-seconds on the (loaded) 2-core development machine: fit for CI.
 """
 
 from __future__ import annotations
