@@ -59,13 +59,22 @@ class DataConfig:
     patch_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     grid: int = 3  # 3x3 cells of patch_crop_size // grid (85) px
     patch_size: int = 64  # one patch per cell, at a random offset inside it
-    brightness: float = 0.4
+    # The augmentation contract (dali_pipelines/pirl.py's docstring): per crop, in this order,
+    # colour jitter -> photometric -> greyscale -> blur -> mirror, every draw per crop.
+    brightness: float = 0.4  # jitter factors ~ U[1-x, 1+x) (the paper's 0.4, 0.4, 0.4)
     contrast: float = 0.4
     saturation: float = 0.4
-    hue: float = 0.2  # torchvision units: a fraction of the colour circle (DALI gets 360*hue degrees)
+    hue: float = 0.2  # h ~ U[-hue, hue) of the colour circle (torchvision units; DALI gets 360*h degrees)
+    jitter_p: float = 1.0  # the jitter's probability (1: always, as the paper; the improved recipe 0.8)
+    photometric_p: float = 0.66  # posterize+sharpness+solarize+autocontrast together (the reference's p)
+    posterize_bits: list[int] = field(default_factory=lambda: [4, 8])  # bits kept ~ U{4..8}
+    sharpness: list[float] = field(default_factory=lambda: [0.1, 1.9])  # factor ~ U[0.1, 1.9)
+    solarize_threshold: list[int] = field(default_factory=lambda: [0, 256])  # t ~ U{0..256}; 256 = never
     gray_p: float = 0.2
+    blur_p: float = 0.0  # Gaussian blur (the improved recipe's 0.5); off in the paper's recipe
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # sigma ~ U[0.1, 2.0) px
     flip_p: float = 0.5
-    color_aug: bool = True  # off -> no jitter / greyscale (geometry tests)
+    color_aug: bool = True  # off -> none of jitter, photometric, greyscale, blur (geometry tests)
     num_permutations: int = 0  # 0: any of 9! orders; P > 0: a fixed max-Hamming set of P
     shuffle_buffer: int = 4096  # DALI initial_fill / shuffle buffer, samples
     synthetic_samples: int = 10000  # dataset size the synthetic backend pretends to have
@@ -122,6 +131,7 @@ def check_config(cfg: DataConfig, world_size: int) -> int:
         lo, hi = getattr(cfg, name)
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
+    check_augmentation(cfg)
     return cfg.batch_size // world_size
 
 
@@ -132,9 +142,28 @@ SIZES_AND_RATES = (
     ("shuffle_buffer", 1, math.inf, "4096"), ("prefetch", 1, math.inf, "2"),
     ("synthetic_samples", 1, math.inf, "10000"),
     ("num_permutations", 0, math.inf, "0: any order, or 1000"), ("workers", 0, math.inf, "4"),
-    ("brightness", 0, math.inf, "0.4"), ("contrast", 0, math.inf, "0.4"), ("saturation", 0, math.inf, "0.4"),
-    ("hue", 0, 0.5, "0.2: a fraction of the colour circle"), ("gray_p", 0, 1, "0.2"), ("flip_p", 0, 1, "0.5"),
-)
+)  # the augmentation keys' ranges: check_augmentation
+
+
+def check_augmentation(cfg: DataConfig) -> None:
+    """The augmentation keys' ranges (the contract in dali_pipelines/pirl.py); raises ValueError."""
+    for name in ("jitter_p", "photometric_p", "gray_p", "blur_p", "flip_p"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"data.{name}={getattr(cfg, name)} is a probability: it must lie in [0, 1]")
+    for name in ("brightness", "contrast", "saturation"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"data.{name}={getattr(cfg, name)} must be >= 0 (the factor is drawn from "
+                             f"[max(0, 1 - x), 1 + x); the paper uses 0.4)")
+    if not 0 <= cfg.hue <= 0.5:
+        raise ValueError(f"data.hue={cfg.hue} must lie in [0, 0.5] (a fraction of the colour circle; the paper uses 0.2)")
+    ranges = {"posterize_bits": (1, 8, "integers of bits kept, e.g. [4, 8]"),
+              "sharpness": (0, float("inf"), "factors, e.g. [0.1, 1.9]"),
+              "solarize_threshold": (0, 256, "integer thresholds, e.g. [0, 256] (256 never inverts)"),
+              "blur_sigma": (1e-3, float("inf"), "Gaussian sigmas in pixels, e.g. [0.1, 2.0]")}
+    for name, (least, most, what) in ranges.items():
+        value = getattr(cfg, name)
+        if len(value) != 2 or not least <= value[0] <= value[1] <= most:
+            raise ValueError(f"data.{name}={list(value)} must be [min, max] with {least} <= min <= max <= {most}: {what}")
 
 
 def derive_seed(seed: int, k: int) -> int:

@@ -3,10 +3,14 @@
     total = lam * L(m_I, g(v_It)) + (1 - lam) * L(m_I, f(v_I))           (jigsaw, image terms)
 
 L is selectable:
-  nce      the reference implementation's NPID-style NCE: P = exp(s/tau) / Z, noise constant
-           c = K/|D| (uniform noise over the |D| samples, K draws);
+  nce      the paper's loss (its equations 3-4, a binary NCE), as the reference implementation
+           computes it (NPID-style): P = exp(s/tau) / Z, noise constant c = K/|D| (uniform noise
+           over the |D| samples, K draws);
            loss = -mean_b[ log(P0/(P0+c)) + sum_k log(c/(Pk+c)) ]
-  infonce  the paper's printed form: softmax cross-entropy over [pos, neg_1..neg_K] / tau.
+  infonce  the softmax form: cross-entropy over [pos, neg_1..neg_K] / tau with the positive as the
+           class (InfoNCE). Not in the paper; the reference uses it in its improved MLP-head recipe
+           (vissl configs/config/pretrain/pirl/models/resnet50_mlphead.yaml: loss_type
+           "cross_entropy", temperature 0.1).
 
 Scores s are cosine similarities (unit rows). Everything is computed in float32, through
 softplus / log-sum-exp so that exp(s/tau) (up to e^14 at tau=0.07) never overflows.
@@ -72,7 +76,7 @@ def info_nce_loss(pos: Tensor, neg: Tensor, temperature: float) -> Tensor:
 
 @dataclass
 class LossConfig:
-    kind: str = "nce"  # nce (the reference implementation's) | infonce (the paper's printed form)
+    kind: str = "nce"  # nce (the paper's, as the reference computes it) | infonce (the reference's MLP-head recipe)
     temperature: float = 0.07  # tau, the paper's
     lam: float = 0.5  # weight of the jigsaw term; the paper found 0.5 best (and sensitive)
 

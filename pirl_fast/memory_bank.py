@@ -2,8 +2,12 @@
 
     bank            buffer (N, D), unit rows, float32 or bfloat16; moves with .to(), saved in
                     checkpoints, initialised from `seed` so every rank starts identical
-    sample_negatives(B) -> (B, K) int64, uniform with replacement over [0, N) (the positive
-                    is not excluded, as in the paper); every call is a fresh draw
+    sample_negatives(B) -> (B, K) int64, uniform with replacement over [0, N); every call is a
+                    fresh draw. The positive is not excluded: the paper draws the negatives from
+                    the data other than I, the reference implementation draws uniformly over all N
+                    rows (vissl/losses/nce_loss.py, NCEAverage.do_negative_sampling: an
+                    AliasMethod over N equal weights), and we follow the reference (for ImageNet,
+                    K = 32,000 of N = 1.28M: about 2.5% of the samples get I among their K).
     scores(q, index)    -> (B, K) <q_b, m_index[b,k]> via the fused kernel (never (B, K, D))
     loss(q, pos, index, kind, ...) -> one loss term in one pass over the negatives (pirl_fast.bank_loss)
     rows(index)         -> (B, D) float32 copy of m_index (the positives)

@@ -106,8 +106,28 @@ def test_paper_experiment_carries_the_papers_recipe():
     assert cfg.trainer.epochs == 800 and cfg.trainer.max_steps == 0
     assert cfg.bank.num_negatives == 32000 and cfg.bank.momentum == 0.5
     assert cfg.loss.temperature == 0.07 and cfg.loss.lam == 0.5 and cfg.loss.kind == "nce"
+    assert cfg.model.head == "linear"
+    d = cfg.data  # the reference's augmentation (vissl pirl_jigsaw_4node_resnet50.yaml)
+    assert (d.brightness, d.contrast, d.saturation, d.hue, d.jitter_p) == (0.4, 0.4, 0.4, 0.2, 1.0)
+    assert d.photometric_p == 0.66 and d.posterize_bits == [4, 8] and d.sharpness == [0.1, 1.9]
+    assert d.solarize_threshold == [0, 256] and d.gray_p == 0.2 and d.blur_p == 0.0 and d.flip_p == 0.5
     validate(cfg, world_size=8)
     check_config(cfg.data, world_size=8)  # the loader's own grid arithmetic accepts it
+
+
+def test_improved_experiment_is_the_references_mlp_gblur_recipe():
+    """The paper's recipe plus vissl's resnet50_mlphead.yaml and photo_gblur.yaml, nothing else."""
+    paper = to_dataclass(make("experiment=pirl_in1k_r50", "data.shards=/x"))
+    cfg = to_dataclass(make("experiment=pirl_mlp_in1k_r50", "data.shards=/x"))
+    assert cfg.name == "pirl_mlp_in1k_r50" and cfg.model.head == "mlp"
+    assert cfg.loss.kind == "infonce" and cfg.loss.temperature == 0.1 and cfg.loss.lam == 0.5
+    d = cfg.data
+    assert (d.brightness, d.contrast, d.saturation, d.hue, d.jitter_p) == (0.8, 0.8, 0.8, 0.2, 0.8)
+    assert d.photometric_p == 0.0 and d.gray_p == 0.2 and d.blur_p == 0.5 and d.blur_sigma == [0.1, 2.0]
+    assert (cfg.optim, cfg.bank, cfg.trainer) == (paper.optim, paper.bank, paper.trainer)
+    assert cfg.data.batch_size == paper.data.batch_size and cfg.model.arch == paper.model.arch
+    validate(cfg, world_size=8)
+    check_config(cfg.data, world_size=8)
 
 
 def test_smoke_experiment_is_small_and_its_crop_sizes_fit_the_grid():
