@@ -149,13 +149,14 @@ def check_augmentation(cfg: DataConfig) -> None:
     """The augmentation keys' ranges (the contract in dali_pipelines/pirl.py); raises ValueError."""
     for name in ("jitter_p", "photometric_p", "gray_p", "blur_p", "flip_p"):
         if not 0 <= getattr(cfg, name) <= 1:
-            raise ValueError(f"data.{name}={getattr(cfg, name)} is a probability: it must lie in [0, 1]")
+            raise ValueError(f"data.{name}={getattr(cfg, name)} is out of range: it must be in [0, 1] (a probability)")
     for name in ("brightness", "contrast", "saturation"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"data.{name}={getattr(cfg, name)} must be >= 0 (the factor is drawn from "
                              f"[max(0, 1 - x), 1 + x); the paper uses 0.4)")
     if not 0 <= cfg.hue <= 0.5:
-        raise ValueError(f"data.hue={cfg.hue} must lie in [0, 0.5] (a fraction of the colour circle; the paper uses 0.2)")
+        raise ValueError(f"data.hue={cfg.hue} is out of range: it must be in [0, 0.5] "
+                         f"(a fraction of the colour circle; the paper uses 0.2)")
     ranges = {"posterize_bits": (1, 8, "integers of bits kept, e.g. [4, 8]"),
               "sharpness": (0, float("inf"), "factors, e.g. [0.1, 1.9]"),
               "solarize_threshold": (0, 256, "integer thresholds, e.g. [0, 256] (256 never inverts)"),

@@ -142,9 +142,10 @@ def test_blur_backends_agree(images, sigma):
 
 
 def test_augmentation_keys_are_checked():
-    for change, message in [({"gray_p": 1.2}, "data.gray_p=1.2 is a probability"),
-                            ({"photometric_p": -0.1}, "data.photometric_p=-0.1 is a probability"),
-                            ({"hue": 0.7}, "data.hue=0.7 must lie in"),
+    in_01 = r"is out of range: it must be in \[0, 1\]"
+    for change, message in [({"gray_p": 1.2}, "data.gray_p=1.2 " + in_01),
+                            ({"photometric_p": -0.1}, "data.photometric_p=-0.1 " + in_01),
+                            ({"hue": 0.7}, r"data.hue=0.7 is out of range: it must be in \[0, 0.5\]"),
                             ({"brightness": -1.0}, "data.brightness=-1.0 must be >= 0"),
                             ({"posterize_bits": [4, 9]}, "data.posterize_bits=.4, 9. must be"),
                             ({"solarize_threshold": [10, 5]}, "data.solarize_threshold=.10, 5. must be"),
