@@ -67,14 +67,17 @@ border, the Gaussian kernel.
 THE GRAPH (S = image_size, C = patch_crop_size, G = grid, c = C // G, P = patch_size):
     jpeg ──decode (once, shared by both views)──▶ (H, W, 3) uint8
       image view: random_resized_crop S → colour steps 1-4, drawn per sample → mirror + normalise
-                  ─▶ images  (S, S, 3) float32, HWC
+                  ─▶ images  (S, S, 3) float32 (data.output_dtype), HWC
       patch view: random_resized_crop C ─▶ (C, C, 3)
                   → reshape/transpose into its 9 cells (9, c, c, 3), row-major
                   → warp_affine with 9 per-frame matrices: frame k is a P×P crop of cell k at its
                     own offset, mirrored on its own coin (folded into the matrix) ─▶ (9, P, P, 3)
                   → colour steps 1-4, drawn per frame (one operator call for all 9) → normalise
-                  ─▶ patches (9, P, P, 3) float32, FHWC, frames in cell order
-      index, label: int64 scalars read from KEY.idx / KEY.lbl, shape (1,)
+                  ─▶ patches (9, P, P, 3) float32 (data.output_dtype), FHWC, frames in cell order
+      index, label: int64 scalars read from KEY.idx / KEY.lbl, shape (1,); in the GPU graph copied
+                  to the GPU inside the pipeline, so every output is handed to torch on the device
+The GPU graph's decoder takes the data.* decoder settings (hw_decoder_load, the nvJPEG memory
+paddings, the hardware decoder's preallocation hints); conf/data/imagenet.yaml says what to try.
 The mirror comes first for the patches and last for the view: it commutes with every other step
 (each is pointwise, per channel over the whole crop, or a mirror-symmetric filter).
 With `gate` (pirl_fast.corrupt.DaliGate), the encoded bytes pass it on the host before the decoder:
@@ -120,6 +123,7 @@ GREY_WEIGHTS = [0.299, 0.587, 0.114]  # ITU-R 601 luma: torchvision's rgb_to_gra
 # PIL's ImageFilter.SMOOTH, the degenerate image of ImageEnhance.Sharpness (and torchvision's).
 SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13
 IDENTITY3 = np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]], np.float32)
+OUTPUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}  # data.output_dtype
 
 
 def grid_cells(crop, cfg):
@@ -345,7 +349,8 @@ def pirl_pipeline(tar_paths: list[str], index_paths: list[str], cfg, shard_id: i
     """Build with pirl_pipeline(tar_paths, index_paths, cfg, shard_id, num_shards, gpu, gate,
     batch_size=per_rank, num_threads=cfg.workers, device_id=(cuda index | None), seed=...).
 
-    Returns (images (B,S,S,3) f32, patches (B,9,P,P,3) f32, index (B,1) i64, label (B,1) i64).
+    Returns (images (B,S,S,3), patches (B,9,P,P,3) in data.output_dtype (f32 | f16), index (B,1) i64,
+    label (B,1) i64), all on the GPU in the GPU graph.
     """
     num_cells = cfg.grid * cfg.grid
     checksums = ["crc"] if gate is not None and gate.checksums else []
@@ -371,7 +376,16 @@ def pirl_pipeline(tar_paths: list[str], index_paths: list[str], cfg, shard_id: i
     if gate is not None:  # on the host, before decoding: checksums, and where each sample came from
         jpegs = fn.python_function(jpegs, index, fn.get_property(jpegs, key="source_info"), *crc, function=gate,
                                    batch_processing=True)
-    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    if gpu:  # nvJPEG: hybrid CPU/GPU decode, part of the JPEGs on the hardware decoder where there is one
+        images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=cfg.hw_decoder_load,
+                                   device_memory_padding=cfg.device_memory_padding,
+                                   host_memory_padding=cfg.host_memory_padding,
+                                   preallocate_width_hint=cfg.preallocate_width_hint,
+                                   preallocate_height_hint=cfg.preallocate_height_hint)
+        index, label = index.gpu(), label.gpu()  # 16 bytes a sample: no host-to-device copy in the loader
+    else:
+        images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+    dtype = OUTPUT_DTYPES[cfg.output_dtype]
 
     # Image view.
     view = fn.random_resized_crop(images, size=[cfg.image_size, cfg.image_size],
@@ -380,7 +394,7 @@ def pirl_pipeline(tar_paths: list[str], index_paths: list[str], cfg, shard_id: i
         view = colour_steps(view, cfg, None, cfg.image_size)
     mirror = fn.random.coin_flip(probability=cfg.flip_p) if cfg.flip_p > 0 else 0
     view = fn.crop_mirror_normalize(view, mirror=mirror, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                    dtype=types.FLOAT, output_layout="HWC")  # (S, S, 3)
+                                    dtype=dtype, output_layout="HWC")  # (S, S, 3)
 
     # Patch view: its own crop of the same decoded image, then 9 crops in one warp.
     crop = fn.random_resized_crop(images, size=[cfg.patch_crop_size, cfg.patch_crop_size],
@@ -391,5 +405,5 @@ def pirl_pipeline(tar_paths: list[str], index_paths: list[str], cfg, shard_id: i
     if cfg.color_aug:
         patches = colour_steps(patches, cfg, num_cells, cfg.patch_size)
     patches = fn.crop_mirror_normalize(patches, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                       dtype=types.FLOAT, output_layout="FHWC")  # (9, P, P, 3)
+                                       dtype=dtype, output_layout="FHWC")  # (9, P, P, 3)
     return view, patches, index, label

@@ -62,7 +62,9 @@ REQUIRED_KEYS = ("format_version", "step", "epoch", "batches_in_epoch", "model",
 # Keys that may differ on resume without changing what is computed (not warned about).
 HARMLESS_CHANGES = {"resume", "run_dir", "trainer.max_steps", "trainer.progress", "trainer.log_every",
                     "trainer.ckpt_every", "trainer.ckpt_epoch_end", "trainer.keep_checkpoints", "trainer.compile",
-                    "trainer.sync_timing", "trainer.timing_warmup_steps", "data.workers", "data.prefetch"}
+                    "trainer.sync_timing", "trainer.timing_warmup_steps", "data.workers", "data.prefetch",
+                    "data.hw_decoder_load", "data.device_memory_padding", "data.host_memory_padding",
+                    "data.preallocate_width_hint", "data.preallocate_height_hint"}
 
 
 class CheckpointError(RuntimeError):

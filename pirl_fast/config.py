@@ -58,7 +58,10 @@ class TrainerConfig:
     ckpt_epoch_end: bool = True  # also checkpoint at the end of every epoch
     keep_checkpoints: int = 3  # newest checkpoints kept; older ones are deleted after each save
     progress: bool = True  # tqdm bar on rank 0
-    sync_timing: bool = True  # cuda.synchronize at phase boundaries: exact time split, ~1% slower
+    # false: compute/bank timed by CUDA events, read late (no host sync); true: torch.cuda.synchronize
+    # after each phase (an exact host-side split; three device-wide syncs per step, which also wait on
+    # DALI's prefetch). pirl_fast/metrics.py explains both.
+    sync_timing: bool = False
     timing_warmup_steps: int = 2  # first steps left out of samples/s (cuDNN autotune, compile, prefetch)
 
 

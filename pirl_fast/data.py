@@ -43,6 +43,7 @@ BACKENDS = ("dali", "torch", "synthetic")
 INDEX_HEADER = "v1.2"  # DALI webdataset index format written by pirl_fast.shard / wds2idx
 HASH_CHUNK = 1 << 22  # 4 MiB reads when checksumming shards
 ON_CORRUPT = ("error", "skip")
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # data.output_dtype -> the views' dtype
 
 
 @dataclass
@@ -82,12 +83,20 @@ class DataConfig:
     prefetch: int = 2  # batches prepared ahead: DALI prefetch_queue_depth / DataLoader prefetch_factor
     verify_sha256: bool = False  # hash every shard at start-up (minutes for ImageNet; sizes are always checked)
     on_corrupt: str = "error"  # a sample failing its decode or checksum: error (stop, naming it) | skip (count it)
+    output_dtype: str = "float32"  # the views' dtype, every backend: float32 | float16 (half the bytes into the model)
+    # DALI's GPU JPEG decoder (device="mixed"; ignored by the CPU graph and the other backends). DALI's
+    # defaults; what to try on which GPU is in conf/data/imagenet.yaml, `bench loader` measures it.
+    hw_decoder_load: float = 0.65  # share of the JPEGs sent to the hardware decoder (A100, H100, H200)
+    device_memory_padding: int = 16777216  # bytes of nvJPEG device buffer per thread (16 MiB)
+    host_memory_padding: int = 8388608  # bytes of nvJPEG pinned host buffer per thread, twice (8 MiB)
+    preallocate_width_hint: int = 0  # px: the hardware decoder preallocates for images this wide (0: no hint)
+    preallocate_height_hint: int = 0  # px: and this high
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, S, S) float32, channels_last, normalised
-    patches: torch.Tensor  # (B*9, 3, P, P) float32, channels_last; sample b at [9b:9b+9], presented order
+    images: torch.Tensor  # (B, 3, S, S) float32 (float16 with data.output_dtype=float16), channels_last, normalised
+    patches: torch.Tensor  # (B*9, 3, P, P) like images, channels_last; sample b at [9b:9b+9], presented order
     index: torch.Tensor  # (B,) int64 global sample index (memory-bank row)
     label: torch.Tensor  # (B,) int64
     perm: torch.Tensor  # (B, 9) int64: patches[9b+j] was cut from grid cell perm[b, j] (row-major)
@@ -111,6 +120,8 @@ def check_config(cfg: DataConfig, world_size: int) -> int:
         raise ValueError(f"data.backend={cfg.backend!r} is not one of {', '.join(BACKENDS)}")
     if cfg.on_corrupt not in ON_CORRUPT:
         raise ValueError(f"data.on_corrupt={cfg.on_corrupt!r} is not one of {', '.join(ON_CORRUPT)}")
+    if cfg.output_dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"data.output_dtype={cfg.output_dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
     for name, low, high, example in SIZES_AND_RATES:
         value = getattr(cfg, name)
         if not low <= value <= high:
@@ -142,6 +153,11 @@ SIZES_AND_RATES = (
     ("shuffle_buffer", 1, math.inf, "4096"), ("prefetch", 1, math.inf, "2"),
     ("synthetic_samples", 1, math.inf, "10000"),
     ("num_permutations", 0, math.inf, "0: any order, or 1000"), ("workers", 0, math.inf, "4"),
+    ("hw_decoder_load", 0, 1, "a share of the JPEGs; DALI's default 0.65"),
+    ("device_memory_padding", 0, math.inf, "bytes; DALI's default 16777216"),
+    ("host_memory_padding", 0, math.inf, "bytes; DALI's default 8388608"),
+    ("preallocate_width_hint", 0, math.inf, "px; 0: no hint, 5980 for ImageNet's widest JPEG"),
+    ("preallocate_height_hint", 0, math.inf, "px; 0: no hint, 6430 for ImageNet's highest JPEG"),
 )  # the augmentation keys' ranges: check_augmentation
 
 

@@ -40,7 +40,7 @@ import torchvision
 from torch import Tensor, nn
 
 from pirl_fast.loss import LossTerms
-from pirl_fast.model import ARCHS, ModelConfig
+from pirl_fast.model import ARCHS, ModelConfig, trunk_features
 
 JIGSAW_HEADS = ("light", "reference")
 REFERENCE_PATCH_WIDTH = 1000  # jigsaw_8gpu_resnet.yaml: ["mlp", {"dims": [2048, 1000], ...}] per patch
@@ -83,9 +83,7 @@ class JigsawModel(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """res5 after average pooling: (N, 3, H, W) -> (N, trunk_dim)."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
-        return self.trunk(x.contiguous(memory_format=torch.channels_last))
+        return trunk_features(self.trunk, x)
 
     def forward(self, patches: Tensor) -> Tensor:
         """patches (B*P, 3, h, w), sample b's patches contiguous in presented order -> logits (B, num_perms)."""
@@ -108,6 +106,11 @@ class JigsawLoss(nn.Module):
             raise ValueError(f"JigsawLoss: expected logits (B, P) and perm_id (B,); got {tuple(logits.shape)} "
                              f"and {tuple(perm_id.shape)}")
         perm_id = perm_id.to(device=logits.device, dtype=torch.long)
+        if perm_id.is_cuda:  # a device-side assert: no host sync in the training step
+            torch._assert_async(((perm_id >= 0) & (perm_id < logits.shape[1])).all(),
+                                "JigsawLoss: perm_id outside [0, P): method=jigsaw needs data.num_permutations=P > 0 "
+                                "and the model's P classes")
+            return F.cross_entropy(logits, perm_id)
         if bool((perm_id < 0).any()):
             raise ValueError(
                 "JigsawLoss: batch.perm_id has -1 entries: the loader drew permutations from all 9! instead "

@@ -5,6 +5,17 @@ the same graph's CPU version (`device_id=None` where there is no CUDA at all). T
 ceil(N / global_batch) batches per epoch on every rank, so this loader runs that many batches
 per epoch and never reads across an epoch boundary (reader_meta("Reader") confirms N at start).
 
+Hand-over without a sync or a copy. On CUDA the pipeline runs ordered with torch's current
+stream: `pipe.run(stream)` returns outputs bound to that stream instead of waiting on the host
+for them, and `torch.from_dlpack` gives torch the same buffers (DALI makes the stream wait for
+its work if needed). Every output, index and label included, is on the GPU (they are copied there
+inside the pipeline); Batch.images is a view of DALI's buffer, Batch.patches a new tensor (the
+patch-order gather). Buffer lifetime: the dynamic executor (exec_dynamic, DALI 2.x's default,
+pinned below) never reuses an output buffer that a DLPack consumer still references, so a batch
+stays valid for as long as torch holds it (tests/test_loaders.py: batches outlive the next
+iterations); DALI's own PyTorch iterator skips its copy on the same grounds
+(nvidia/dali/plugin/pytorch/__init__.py, `copy = not is_exec_dynamic`).
+
 Corrupt samples (pirl_fast/corrupt.py): the pipeline's gate checks the crc members on the host
 before decoding and records which samples it handed on; `_run` acts on what it found (an error
 naming the sample, or data.on_corrupt=skip) and, when the decoder itself fails, names the sample.
@@ -17,19 +28,13 @@ from typing import Iterator
 
 import torch
 
+from pirl_fast import host_read
 from pirl_fast.corrupt import FIX as CORRUPT_FIX
 from pirl_fast.corrupt import SKIP_HINT, DaliGate, find_undecodable
 from pirl_fast.data import Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch, replace_corrupt
 from pirl_fast.manifest import Manifest, ShardError
 
 try:
-    from nvidia.dali import types as dali_types
-    from nvidia.dali.backend import TensorGPU
-    from nvidia.dali.plugin.pytorch import feed_ndarray
-
-    # DALI dtype -> torch dtype of the GPU outputs (images, patches: float32).
-    TORCH_DTYPES = {dali_types.FLOAT: torch.float32, dali_types.INT64: torch.int64}
-
     from dali_pipelines.pirl import READER_NAME, pirl_pipeline
 except ImportError as e:  # the package stays importable; asking for this backend says what to do
     _IMPORT_ERROR: ImportError | None = e
@@ -51,6 +56,7 @@ class DaliLoader:
         # CPU graph gets a device id too wherever CUDA exists; it then runs CPU operators only.
         device_id = (device.index if gpu else torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = device
+        self.gpu = gpu
         self.batch_size = per_rank
         self.num_samples = manifest.num_samples
         self._len, self.duplicates_per_epoch = epoch_length(manifest.num_samples, per_rank * world_size)
@@ -71,7 +77,8 @@ class DaliLoader:
             seed=derive_seed(cfg.seed, rank),  # augmentations differ per rank; shard order is seeded by cfg.seed
             prefetch_queue_depth=cfg.prefetch,
             # The dynamic executor (DALI 2.x default, pinned here) never reuses an output buffer that
-            # a DLPack consumer still references; the legacy one overwrites it on the next run.
+            # a DLPack consumer still references (the legacy one overwrites it on the next run), and
+            # it alone can return outputs bound to a CUDA stream.
             exec_dynamic=True,
         )
         self.pipe.build()
@@ -101,12 +108,14 @@ class DaliLoader:
                     warnings.warn(f"skipping a corrupt sample (data.on_corrupt=skip): {w}", RuntimeWarning,
                                   stacklevel=2)
                 images, patches, index, label = replace_corrupt(bad, where, images, patches, index, label)
-            yield make_batch(images, patches, index.to(self.device), label.to(self.device), self.order,
-                             corrupt=len(bad))
+            yield make_batch(images, patches, index, label, self.order, corrupt=len(bad))
 
     def _run(self):
-        """pipe.run(), with a decoder failure turned into an error that names the sample."""
+        """pipe.run(), with a decoder failure turned into an error that names the sample. On CUDA the
+        outputs are bound to torch's current stream: no host wait for the GPU part of the graph."""
         try:
+            if self.gpu:
+                return self.pipe.run(torch.cuda.current_stream(self.device))
             return self.pipe.run()
         except RuntimeError as e:
             candidates = [where for batch in self.gate.in_flight for where in batch]
@@ -124,23 +133,20 @@ class DaliLoader:
         raises ShardError naming them unless data.on_corrupt=skip."""
         if not self.gate.corrupt:  # the usual case: nothing found, no per-sample work
             return [], []
-        bad = [(b, self.gate.corrupt[i]) for b, i in enumerate(index.reshape(-1).tolist()) if i in self.gate.corrupt]
+        indices = host_read.read(index.reshape(-1))  # only once the gate found something: a rare host read
+        bad = [(b, self.gate.corrupt[i]) for b, i in enumerate(indices) if i in self.gate.corrupt]
         if bad and not self.skip:
             raise ShardError("corrupt sample(s) in the shards:\n  " + "\n  ".join(w for _, w in bad)
                              + f"\n{CORRUPT_FIX}{SKIP_HINT}")
         return [b for b, _ in bad], [w for _, w in bad]
 
-    def _to_torch(self, tensor_list) -> torch.Tensor:
-        """One DALI output batch as a torch tensor: on the host a zero-copy DLPack view, which keeps
-        DALI's buffer alive for as long as torch holds it (exec_dynamic: DALI allocates new output
-        buffers instead of recycling referenced ones); on the GPU a copy into a new tensor, ordered
-        on torch's current stream as DALI's own iterator does."""
-        dense = tensor_list.as_tensor()  # (B, ...) uniform shape
-        if not isinstance(dense, TensorGPU):  # CPU graph, or index/label of the GPU graph
-            return torch.from_dlpack(dense)
-        out = torch.empty(dense.shape(), dtype=TORCH_DTYPES[dense.dtype], device=self.device)
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
-        return out
+    @staticmethod
+    def _to_torch(tensor_list) -> torch.Tensor:
+        """One DALI output batch as a torch tensor, on the host or the GPU: a zero-copy DLPack view
+        that keeps DALI's buffer alive for as long as torch holds it (exec_dynamic: DALI allocates
+        new output buffers instead of recycling referenced ones). For a GPU buffer, from_dlpack
+        passes torch's current stream to DALI, which orders its work before it without a host wait."""
+        return torch.from_dlpack(tensor_list.as_tensor())  # (B, ...) uniform shape
 
     def close(self) -> None:
         self.pipe = None  # DALI frees its threads and buffers when the pipeline is collected

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from pirl_fast.data import Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch
+from pirl_fast.data import OUTPUT_DTYPES, Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch
 
 NUM_CLASSES = 1000  # labels drawn as if from ImageNet-1k
 
@@ -31,12 +31,14 @@ class SyntheticLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         B, S, P, cells = self.batch_size, self.cfg.image_size, self.cfg.patch_size, self.cfg.grid ** 2
+        dtype = OUTPUT_DTYPES[self.cfg.output_dtype]  # as the real loaders deliver it
         global_batch = B * self.world_size
         for step in range(self._len):
             first = step * global_batch + self.rank * B  # this rank's slice of the step's global batch
             index = torch.arange(first, first + B, device=self.device) % self.num_samples  # (B,) wraps: duplicates
-            images = torch.randn(B, S, S, 3, generator=self.generator, device=self.device)  # (B, S, S, 3)
-            patches = torch.randn(B, cells, P, P, 3, generator=self.generator, device=self.device)  # (B, 9, P, P, 3)
+            images = torch.randn(B, S, S, 3, generator=self.generator, device=self.device, dtype=dtype)  # (B,S,S,3)
+            patches = torch.randn(B, cells, P, P, 3, generator=self.generator, device=self.device,
+                                  dtype=dtype)  # (B, 9, P, P, 3)
             label = torch.randint(NUM_CLASSES, (B,), generator=self.generator, device=self.device)
             yield make_batch(images, patches, index, label, self.order)
 

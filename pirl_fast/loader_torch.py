@@ -59,7 +59,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pirl_fast.corrupt import FIX as CORRUPT_FIX
 from pirl_fast.corrupt import SKIP_HINT, checksum_problem, decoder_message
-from pirl_fast.data import Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch, replace_corrupt
+from pirl_fast.data import (OUTPUT_DTYPES, Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch,
+                            replace_corrupt)
 from pirl_fast.manifest import Manifest, ShardError
 from pirl_fast.signals import blocked, shield_worker
 from pirl_fast.torch_transforms import PIRLTransform
@@ -124,7 +125,9 @@ class ShardStream(IterableDataset):
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.checksums, self.skip = manifest.has_checksums, cfg.on_corrupt == "skip"
         cells, size = cfg.grid * cfg.grid, cfg.patch_size
-        self.placeholder = (torch.zeros(cfg.image_size, cfg.image_size, 3), torch.zeros(cells, size, size, 3))
+        dtype = OUTPUT_DTYPES[cfg.output_dtype]
+        self.placeholder = (torch.zeros(cfg.image_size, cfg.image_size, 3, dtype=dtype),
+                            torch.zeros(cells, size, size, 3, dtype=dtype))
 
     def plan(self, epoch: int, worker: int) -> list[Visit]:
         first, end = worker_slots(self.rank, worker, self.workers, self.batches, self.per_rank)

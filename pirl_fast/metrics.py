@@ -1,9 +1,18 @@
 """Seeing what training does: where the time goes, and where the numbers are written.
 
 `StepClock` splits each step's wall time into phases (data wait, forward+backward+optimiser
-step, bank update, checkpoint; the rest is "other": LR, logging, Python). With `sync=True` it
-synchronises CUDA at the end of each phase, so GPU work queued in a phase is charged to it; the
-training loop already syncs once per step for the finite-loss check, so this costs little.
+step, bank update, checkpoint; the rest is "other": LR, logging, Python). It never makes the host
+wait for the GPU (trainer.sync_timing=false, the default):
+  - on the CPU every phase is host time (time.perf_counter);
+  - on CUDA, data and checkpoint are host time (the host blocked on the loader; a synchronous
+    save), while compute and bank are GPU time: CUDA events recorded on the current stream at
+    the phase's start and end, read once they have completed (Event.query, which does not wait),
+    at the end of a later step. An interval's compute and bank figures are therefore those of the
+    steps whose events had completed by then (usually all but the newest one or two, which count
+    in the next interval); the run's summary waits for the last events once, after training.
+With sync=True (trainer.sync_timing=true) it instead calls torch.cuda.synchronize at the end of
+every phase and charges host time: an exact host-side split, at the price of three device-wide
+syncs per step that also wait on DALI's prefetch.
 
 `MetricsLogger` is rank 0's output: one JSON object per line in run_dir/metrics.jsonl, the same
 scalars in TensorBoard (run_dir/tb), and a tqdm bar on a terminal (a plain line per log interval
@@ -30,6 +39,7 @@ from typing import Any, Iterator
 import torch
 
 PHASES = ("data", "compute", "bank", "checkpoint")
+DEVICE_PHASES = ("compute", "bank")  # on CUDA without sync: timed by CUDA events (GPU time)
 
 
 class StepClock:
@@ -37,11 +47,13 @@ class StepClock:
 
     def __init__(self, device: torch.device, sync: bool, warmup_steps: int):
         self.sync = sync and device.type == "cuda"
+        self.events = device.type == "cuda" and not sync  # compute and bank by CUDA events
         self.device = device
         self.warmup_steps = warmup_steps
         self.steps_seen = 0
         self.interval = self._zero()
         self.total = self._zero()
+        self._pending: list[tuple] = []  # (phase, start, end, counts in total) of closed steps, unread
         self.restart()
 
     @staticmethod
@@ -51,40 +63,70 @@ class StepClock:
     def restart(self) -> None:
         """Start timing the next step from now (after set-up, resume, or a pause)."""
         self._step = {p: 0.0 for p in PHASES}
+        self._step_events: list[tuple] = []  # (phase, start, end) of the step in progress
         self._step_start = time.perf_counter()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Charge the time spent inside the `with` block (and, with sync, its GPU work) to `name`."""
+        """Charge the time spent inside the `with` block (GPU time for compute and bank on CUDA) to `name`."""
         if name not in PHASES:
             raise ValueError(f"unknown phase {name!r}; phases are {PHASES}")
+        start = self._record() if self.events and name in DEVICE_PHASES else None
         t0 = time.perf_counter()
         try:
             yield
         finally:
             if self.sync:
                 torch.cuda.synchronize(self.device)
-            self._step[name] += time.perf_counter() - t0
+            if start is None:
+                self._step[name] += time.perf_counter() - t0
+            else:
+                self._step_events.append((name, start, self._record()))
+
+    def _record(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def end_step(self, samples: int) -> None:
         """Close the step: `samples` is the global number of samples it processed."""
         now = time.perf_counter()
         step = {**self._step, "wall": now - self._step_start, "samples": samples, "steps": 1}
         self.steps_seen += 1
-        targets = [self.interval] + ([self.total] if self.steps_seen > self.warmup_steps else [])
+        counted = self.steps_seen > self.warmup_steps
+        targets = [self.interval] + ([self.total] if counted else [])
         for acc in targets:
             for key, value in step.items():
                 acc[key] += value
+        self._pending += [(name, start, end, counted) for name, start, end in self._step_events]
+        self._read_events(wait=False)
         self.restart()
+
+    def _read_events(self, wait: bool) -> None:
+        """Add the GPU time of completed phases (all of them with wait=True) to the accumulators."""
+        while self._pending:
+            name, start, end, counted = self._pending[0]
+            if wait:
+                end.synchronize()
+            elif not end.query():  # recorded in stream order: the later ones are not done either
+                return
+            seconds = start.elapsed_time(end) / 1e3
+            self.interval[name] += seconds
+            if counted:
+                self.total[name] += seconds
+            self._pending.pop(0)
 
     def take_interval(self) -> dict[str, float]:
         """The figures of the steps since the last call (rates and shares), then start a new interval."""
+        self._read_events(wait=False)
         stats = self._rates(self.interval)
         self.interval = self._zero()
         return stats
 
     def summary(self) -> dict[str, Any]:
-        """Run totals after warm-up: samples/s, data-wait share, and the time split by phase."""
+        """Run totals after warm-up: samples/s, data-wait share, and the time split by phase (after
+        training: on CUDA it waits for the last steps' timing events)."""
+        self._read_events(wait=True)
         stats = self._rates(self.total)
         wall = self.total["wall"]
         split = {p: self.total[p] for p in PHASES}

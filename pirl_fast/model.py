@@ -58,6 +58,16 @@ def projection_heads(head: str, trunk_dim: int, embed_dim: int) -> tuple[nn.Modu
     raise ValueError(f"model.head={head!r} is unknown; choose one of {HEADS}")
 
 
+def trunk_features(trunk: nn.Module, x: Tensor) -> Tensor:
+    """A torchvision ResNet trunk (fc = Identity) on x (N, 3, H, W) -> (N, trunk_dim), channels-last."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
+    weight = trunk.conv1.weight
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        x = x.to(weight.dtype)  # float16 views (data.output_dtype) into an fp32 model; autocast casts itself
+    return trunk(x.contiguous(memory_format=torch.channels_last))  # no copy if already NHWC
+
+
 class PIRLModel(nn.Module):
     """ResNet trunk + image head f and jigsaw head g; forward(images, patches) -> (f, g)."""
 
@@ -78,9 +88,7 @@ class PIRLModel(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """res5 after average pooling: (N, 3, H, W) -> (N, trunk_dim)."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
-        return self.trunk(x.contiguous(memory_format=torch.channels_last))  # no copy if already NHWC
+        return trunk_features(self.trunk, x)
 
     def embed_image(self, images: Tensor) -> Tensor:
         """f(v_I): (B, 3, H, W) -> (B, D), L2-normalised, float32."""

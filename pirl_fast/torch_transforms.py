@@ -18,7 +18,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from pirl_fast.data import DataConfig
+from pirl_fast.data import OUTPUT_DTYPES, DataConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -79,7 +79,8 @@ def colour_steps(cfg: DataConfig) -> list:
 
 
 class PIRLTransform:
-    """jpeg bytes -> (image view (S,S,3), patches (9,P,P,3) in cell order), float32 normalised, HWC."""
+    """jpeg bytes -> (image view (S,S,3), patches (9,P,P,3) in cell order), normalised, HWC, in
+    data.output_dtype (float32 | float16)."""
 
     def __init__(self, cfg: DataConfig):
         colour, mirror = colour_steps(cfg), v2.RandomHorizontalFlip(cfg.flip_p)
@@ -92,10 +93,12 @@ class PIRLTransform:
         self.grid, self.cell, self.patch = cfg.grid, cfg.patch_crop_size // cfg.grid, cfg.patch_size
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+        self.dtype = OUTPUT_DTYPES[cfg.output_dtype]
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., 3, H, W) uint8 -> (..., H, W, 3) float32 contiguous (HWC: channels_last in the batch)."""
-        return ((x.float() - self.mean) / self.std).movedim(-3, -1).contiguous()
+        """(..., 3, H, W) uint8 -> (..., H, W, 3) contiguous (HWC: channels_last in the batch), computed
+        in float32, delivered in data.output_dtype."""
+        return ((x.float() - self.mean) / self.std).movedim(-3, -1).to(self.dtype).contiguous()
 
     def __call__(self, jpeg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image = decode_jpeg(jpeg, mode=ImageReadMode.RGB)  # (3, H, W) uint8

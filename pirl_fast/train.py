@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pirl_fast import checkpoint, dist
+from pirl_fast import checkpoint, dist, host_read
 from pirl_fast.checkpoint import resume_into, run_state
 from pirl_fast.config import Config, ConfigError, to_dataclass, to_yaml, validate
 from pirl_fast.data import build_loader
@@ -102,15 +102,17 @@ def train_step(run: Run, batch) -> list[float]:
         else:
             terms = run.criterion(f, g, batch.index, run.bank)  # fp32, against the bank's old rows
         # One small all-reduce: the loss for the log is the mean over ranks, and a NaN or a stop
-        # request on any rank reaches all of them, so every rank stops at the same step.
-        host = torch.tensor([float(batch.corrupt), *run.stop.flags()], device=run.device)  # (1 + 3,)
+        # request on any rank reaches all of them, so every rank stops at the same step. The host's
+        # numbers are filled in on the device (no host-to-device copy, no wait for the forward).
+        host = host_read.device_values([batch.corrupt, *run.stop.flags()], run.device)  # (1 + 3,)
         flags = torch.cat([torch.stack([terms.total.detach(), terms.jigsaw.detach(), terms.image.detach()]), host])
         flags = dist.all_reduce_mean(flags)  # (7,)
         run.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         # The finite check reads the device once, after backward was queued (so the GPU keeps busy
-        # while we wait) and before the optimiser step (so a NaN never reaches the weights or bank).
-        values = flags.tolist()
+        # while we wait) and before the optimiser step (so a NaN never reaches the weights or bank):
+        # the step's only host read (pirl_fast/host_read.py).
+        values = host_read.read(flags)
         if not all(math.isfinite(v) for v in values[:3]):
             raise NonFiniteLossError(non_finite_message(
                 run, f"the loss is not finite at step {run.step + 1} (epoch {run.epoch}, batch "
@@ -189,7 +191,7 @@ def save_checkpoint(run: Run) -> None:
     Weights that went non-finite in the last optimiser step (the loss before it was finite) are
     refused here, so the newest checkpoint on disk is always a good one."""
     finite = torch.stack([p.detach().isfinite().all() for p in run.module.parameters()]).all()
-    if not finite.item():
+    if not host_read.read(finite):
         raise NonFiniteLossError(non_finite_message(run, f"the weights are not finite after step {run.step}",
                                                     lr_at(run.step - 1, run.schedule)))
     state = run_state(run, dist.gather_objects(checkpoint.rng_state(loader_generators(run.loader))))
@@ -205,8 +207,9 @@ def loader_generators(loader) -> dict[str, torch.Generator]:
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def setup(cfg: Config, run_dir: Path, info: dist.DistInfo) -> Run:
-    """Build everything (data first: missing shards fail before a model is allocated) and resume."""
+def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, bank_rows: int = 0) -> Run:
+    """Build everything (data first: missing shards fail before a model is allocated) and resume.
+    bank_rows: see run_training."""
     device = pick_device(cfg, info)
     seed_everything(cfg.trainer.seed, info.rank, cfg.trainer.deterministic, device)
     loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size, device=device)
@@ -222,8 +225,11 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo) -> Run:
     # checkpoints and resume stay one format.
     jigsaw = cfg.method == "jigsaw"
     module = (JigsawModel(cfg.model, cfg.data.num_permutations) if jigsaw else PIRLModel(cfg.model)).to(device)
-    bank = MemoryBank(loader.num_samples, cfg.model.embed_dim, cfg.bank).to(device)
-    criterion = (JigsawLoss() if jigsaw else PIRLCriterion(cfg.loss, loader.num_samples)).to(device)
+    if 0 < bank_rows < loader.num_samples:
+        raise ValueError(f"bank_rows={bank_rows} is below the {loader.num_samples} samples the loader indexes")
+    rows = bank_rows or loader.num_samples
+    bank = MemoryBank(rows, cfg.model.embed_dim, cfg.bank).to(device)
+    criterion = (JigsawLoss() if jigsaw else PIRLCriterion(cfg.loss, rows)).to(device)
     torch.manual_seed(cfg.trainer.seed + 1_000_003 * (info.rank + 1))  # from here on, each rank its own stream
     steps_per_epoch = len(loader)
     total = cfg.trainer.epochs * steps_per_epoch
@@ -302,8 +308,12 @@ def train(cfg: DictConfig | Config) -> dict[str, Any]:
     return run_training(cfg)[1]
 
 
-def run_training(cfg: DictConfig | Config) -> tuple[Run, dict[str, Any]]:
-    """`train`, also returning the Run: its trained model, bank and optimiser (for tests and notebooks)."""
+def run_training(cfg: DictConfig | Config, bank_rows: int = 0) -> tuple[Run, dict[str, Any]]:
+    """`train`, also returning the Run: its trained model, bank and optimiser (for tests and notebooks).
+
+    bank_rows > 0 is for benchmarks (`bench step --bank-rows`): a bank of that many rows instead of
+    one per sample, so that a few generated images pay the memory traffic of ImageNet's bank; the
+    negatives are drawn from all of it, the positives and updates touch the loader's rows only."""
     config = to_dataclass(cfg) if isinstance(cfg, DictConfig) else cfg
     dist.slurm_to_torchrun_env()
     stop_with_launcher()  # under torchrun: its death is a SIGTERM for this rank
@@ -313,7 +323,7 @@ def run_training(cfg: DictConfig | Config) -> tuple[Run, dict[str, Any]]:
         raise ConfigError("run_dir is empty: main() fills it from hydra.run.dir; when calling train() directly, "
                           "set run_dir=DIR")
     run_dir = Path(dist.broadcast_object(str(Path(config.run_dir).resolve())))  # rank 0's ${now:}, if any, wins
-    run = setup(config, run_dir, info)
+    run = setup(config, run_dir, info, bank_rows)
     if run.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(config))

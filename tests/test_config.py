@@ -170,3 +170,29 @@ def test_jigsaw_experiment_carries_the_reference_recipe():
     check_config(cfg.data, world_size=8)
     with pytest.raises(ConfigError, match="milestones"):
         validate(to_dataclass(make("data.backend=synthetic", "optim.schedule=multistep")), world_size=1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.hw_decoder_load=1.5", r"data.hw_decoder_load=1.5 is out of range: it must be in \[0, 1\] \(a share"),
+    ("data.hw_decoder_load=-0.1", r"data.hw_decoder_load=-0.1 is out of range: it must be in \[0, 1\]"),
+    ("data.device_memory_padding=-1", r"data.device_memory_padding=-1 is out of range: it must be >= 0 \(bytes"),
+    ("data.host_memory_padding=-8", r"data.host_memory_padding=-8 is out of range: it must be >= 0 \(bytes"),
+    ("data.preallocate_width_hint=-5980", r"data.preallocate_width_hint=-5980 is out of range: it must be >= 0"),
+    ("data.preallocate_height_hint=-1", r"data.preallocate_height_hint=-1 is out of range: it must be >= 0"),
+    ("data.output_dtype=bfloat16", r"data.output_dtype='bfloat16' is not one of float32, float16"),
+])
+def test_dali_decoder_knobs_are_checked_like_the_other_data_keys(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(to_dataclass(make("data.backend=synthetic", override)), world_size=1)
+
+
+def test_dali_decoder_knobs_default_to_dalis_and_accept_values_between_the_extremes():
+    cfg = to_dataclass(make("data.backend=synthetic"))
+    assert (cfg.data.hw_decoder_load, cfg.data.device_memory_padding, cfg.data.host_memory_padding,
+            cfg.data.preallocate_width_hint, cfg.data.preallocate_height_hint, cfg.data.output_dtype) == (
+        0.65, 16777216, 8388608, 0, 0, "float32")  # nvidia.dali.fn.decoders.image's own defaults
+    validate(to_dataclass(make("data.backend=synthetic", "data.hw_decoder_load=0.8", "data.output_dtype=float16",
+                               "data.device_memory_padding=211025920", "data.host_memory_padding=140544512",
+                               "data.preallocate_width_hint=5980", "data.preallocate_height_hint=6430")), world_size=1)
+    for edge in ("0", "1"):
+        validate(to_dataclass(make("data.backend=synthetic", f"data.hw_decoder_load={edge}")), world_size=1)

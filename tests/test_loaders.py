@@ -337,3 +337,36 @@ def test_torch_names_a_shard_damaged_mid_epoch(damaged, workers):
     open(tar, "wb").write(bytes(data))
     with pytest.raises(ShardError, match=f"shard {re.escape(tar)} ended after 3 samples, the manifest says 6"):
         list(build_loader(config(str(damaged), "torch", workers=workers)))
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch", "synthetic"])
+def test_float16_views_are_the_float32_views_rounded(shards, backend):
+    """data.output_dtype=float16 on every backend (the DALI CPU graph included): the same draws, the
+    views rounded to float16 (values within 2.7 of 0: spacing <= 2**-9), channels-last as before."""
+    def first_batch(dtype: str):
+        torch.manual_seed(0)  # the torch backend's transforms draw from it with workers=0
+        return next(iter(build_loader(config(shards, backend, output_dtype=dtype, workers=int(backend != "torch")))))
+
+    half, full = first_batch("float16"), first_batch("float32")
+    for name in ("images", "patches"):
+        h, f = getattr(half, name), getattr(full, name)
+        assert h.dtype == torch.float16 and f.dtype == torch.float32, name
+        assert h.is_contiguous(memory_format=torch.channels_last), name
+        if backend != "synthetic":  # synthetic draws randn in each dtype: different numbers
+            assert torch.allclose(h.float(), f, atol=2**-10, rtol=0), (name, (h.float() - f).abs().max())
+    assert torch.equal(half.index, full.index)
+
+
+def test_float16_views_train_on_the_cpu(shards, tmp_path):
+    """The fp32 model on the CPU takes float16 views (it casts them); one step, a finite loss."""
+    from hydra import compose, initialize_config_module
+
+    from pirl_fast.train import train
+
+    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "experiment=smoke", f"data.shards={shards}", "data.backend=dali", "data.workers=1", "data.batch_size=4",
+            "data.output_dtype=float16", "data.image_size=32", "data.patch_crop_size=30", "data.patch_size=8",
+            "bank.num_negatives=16", "trainer.max_steps=1", "trainer.progress=false", f"run_dir={tmp_path}"])
+    summary = train(cfg)
+    assert summary["step"] == 1 and summary["precision"] == "fp32"

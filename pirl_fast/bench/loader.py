@@ -4,7 +4,10 @@ Each PIRL sample is one JPEG decoded into two views: a 224 px image crop and nin
 all augmented independently, delivered as a `Batch` (patch order applied). Both CPU backends get
 the same number of CPU threads (DALI threads = DataLoader workers) and are timed in alternation,
 round after round, each after a warm-up that drains what was prefetched while the other ran; the
-figure is the median over rounds. With CUDA present the dali backend is also timed on the GPU.
+figure is the median over rounds. With CUDA present the dali backend is also timed on the GPU,
+once per --hw-decoder-loads value (data.hw_decoder_load: the share of JPEGs for the hardware
+decoder of A100/H100/H200; conf/data/imagenet.yaml): the sweep that picks it for a machine. On a
+CPU-only machine there is nothing to sweep (the CPU graph decodes with libjpeg-turbo): it says so.
 
 Without --shards, ~1000 synthetic images of ImageNet-like size (400-500 px sides, baseline JPEG)
 are generated and sharded in a temporary directory first.
@@ -34,6 +37,9 @@ from pirl_fast.data import DataConfig, build_loader
 IMAGE_SIDES = (400, 501)  # px, ImageNet-like: its median image is about 400 x 500
 JPEG_QUALITY = 90  # typical of ImageNet's files
 BENCH_CLASSES = 10
+HW_DECODER_LOADS = (0.0, 0.5, 0.65, 0.8, 1.0)  # 0: nvJPEG's CUDA decoder only; 1: all to the hardware decoder
+SWEEP_NEEDS_GPU = ("hw_decoder_load sweep: needs a GPU (the hardware JPEG decoder of A100/H100/H200); "
+                   "the CPU graph decodes with libjpeg-turbo, so there is nothing to sweep here")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=4, help="untimed batches before each timed run (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported (default 3)")
     p.add_argument("--plot", metavar="PATH.png", help="also draw a bar chart of samples/s per backend")
+    p.add_argument("--hw-decoder-loads", type=float, nargs="+", default=list(HW_DECODER_LOADS), metavar="X",
+                   help="on a GPU: data.hw_decoder_load values to time the dali GPU graph with "
+                        f"(default {' '.join(map(str, HW_DECODER_LOADS))}; DALI's default is 0.65)")
     p.add_argument("--data", nargs="+", default=[], metavar="KEY=VALUE",
                    help="data.* settings for both backends, typed and checked like the trainer's "
                         "(e.g. photometric_p=0 or blur_p=0.5); default: DataConfig's defaults")
@@ -105,26 +114,37 @@ def data_settings(items: list[str]) -> dict:
     return {key: values[key] for key in OmegaConf.from_dotlist(items)}
 
 
-def measure(shards: str, args) -> list[dict]:
-    contenders = [("dali", torch.device("cpu")), ("torch", torch.device("cpu"))]
+def contenders(args) -> list[tuple[str, torch.device, dict]]:
+    """(backend, device, extra data settings): both CPU backends, and on CUDA the dali GPU graph once
+    per hw_decoder_load of the sweep."""
+    found = [("dali", torch.device("cpu"), {}), ("torch", torch.device("cpu"), {})]
     if torch.cuda.is_available():
-        contenders.append(("dali", torch.device("cuda")))
+        bad = [x for x in args.hw_decoder_loads if not 0 <= x <= 1]
+        if bad:
+            raise SystemExit(f"--hw-decoder-loads {bad}: each must be in [0, 1] (a share of the JPEGs)")
+        found += [("dali", torch.device("cuda"), {"hw_decoder_load": x}) for x in args.hw_decoder_loads]
+    return found
+
+
+def measure(shards: str, args) -> list[dict]:
+    runs = contenders(args)
     settings = data_settings(args.data)
-    streams, seconds = {}, {}
-    for backend, device in contenders:
-        cfg = DataConfig(shards=shards, backend=backend, batch_size=args.batch_size, workers=args.workers, **settings)
-        streams[backend, device.type] = endless(build_loader(cfg, device=device))
-        seconds[backend, device.type] = []
-    for _ in range(args.rounds):  # alternate, so a noisy neighbour hurts both alike
-        for (backend, device) in contenders:
-            seconds[backend, device.type].append(timed(streams[backend, device.type], args.warmup, args.batches, device))
-    torch_rate = args.batch_size * args.batches / statistics.median(seconds["torch", "cpu"])
+    streams, seconds = [], []
+    for backend, device, extra in runs:
+        cfg = DataConfig(shards=shards, backend=backend, batch_size=args.batch_size, workers=args.workers,
+                         **{**settings, **extra})
+        streams.append(endless(build_loader(cfg, device=device)))
+        seconds.append([])
+    for _ in range(args.rounds):  # alternate, so a noisy neighbour hurts all alike
+        for k, (_, device, _) in enumerate(runs):
+            seconds[k].append(timed(streams[k], args.warmup, args.batches, device))
+    rates = [args.batch_size * args.batches / statistics.median(times) for times in seconds]
+    torch_rate = rates[[backend for backend, _, _ in runs].index("torch")]
     rows = []
-    for backend, device in contenders:
-        rate = args.batch_size * args.batches / statistics.median(seconds[backend, device.type])
+    for (backend, device, extra), rate in zip(runs, rates):
         rows.append({"backend": backend, "device": device.type, "threads": args.workers,
                      "batch": args.batch_size, "samples_per_s": rate, "vs_torch": rate / torch_rate,
-                     "data": " ".join(args.data) or "defaults"})
+                     **extra, "data": " ".join(args.data) or "defaults"})
     return rows
 
 
@@ -134,9 +154,12 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['backend']} ({r['device']})" for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    bars = ax.bar(labels, [r["samples_per_s"] for r in rows], color=["tab:green", "tab:gray", "tab:blue"][: len(rows)])
+    labels = [f"{r['backend']} ({r['device']}" + (f", hw {r['hw_decoder_load']:g})" if "hw_decoder_load" in r else ")")
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.5))
+    colours = {"dali cpu": "tab:green", "torch cpu": "tab:gray", "dali cuda": "tab:blue"}
+    bars = ax.bar(labels, [r["samples_per_s"] for r in rows],
+                  color=[colours[f"{r['backend']} {r['device']}"] for r in rows])
     ax.bar_label(bars, fmt="%.0f")
     ax.set_ylabel("PIRL samples / s")
     ax.set_title(f"loader throughput, {rows[0]['threads']} CPU threads")
@@ -147,6 +170,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def run(args) -> list[dict]:
+    if not torch.cuda.is_available():
+        print(SWEEP_NEEDS_GPU, flush=True)
     with tempfile.TemporaryDirectory(prefix="pirl_bench_loader_") as tmp:
         shards = args.shards or make_bench_shards(Path(tmp), args.images)
         rows = measure(shards, args)

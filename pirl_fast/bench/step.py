@@ -17,6 +17,18 @@ a few steps (2-3 minutes on a laptop-class CPU).
 
 Without --shards, sample shards of ImageNet-like images (400-500 px sides) are generated in a
 temporary directory first (pirl_fast.sample_data + pirl_fast.shard).
+
+The memory bank: --bank-rows (default on CUDA 1,281,167, ImageNet-1k's size; on the CPU 4,096)
+rows, whatever the number of images, so the figure pays the real bank's memory traffic (a bank
+sized to 1,024 generated images, 0.5 MB, would sit in L2). The negatives are drawn from all its
+rows; positives and updates touch the images' rows. 0: one row per image.
+  bank_ms     the bank's work per step timed alone after the run, on the same bank: both loss
+              terms (negatives gathered and scored, loss, backward) and the bank update, at the
+              run's batch (CUDA synchronised around it; median of --bank-repeats)
+  bank_share  bank_ms / the step time of that backend
+  bank_update_share  the training loop's bank-update phase / wall time (the update alone)
+Nothing here synchronises the training steps: trainer.sync_timing=false (compute and bank phases
+are timed by CUDA events, pirl_fast/metrics.py).
 """
 
 from __future__ import annotations
@@ -28,10 +40,16 @@ import os
 import tempfile
 from pathlib import Path
 
+import statistics
+import time
+
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
 BACKENDS = ("synthetic", "dali", "torch")
+IMAGENET_ROWS = 1_281_167  # ImageNet-1k train images: the paper's bank
+CPU_BANK_ROWS = 4096
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DALI threads / DataLoader workers (default: the CPU cores, at most 16)")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {','.join(BACKENDS)}")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (adds minutes of compile)")
+    p.add_argument("--bank-rows", type=int, default=IMAGENET_ROWS if cuda else CPU_BANK_ROWS,
+                   help=f"memory-bank rows (default: {IMAGENET_ROWS:,}, ImageNet's size, on CUDA; {CPU_BANK_ROWS:,} on "
+                        "the CPU); 0: one per image")
+    p.add_argument("--bank-repeats", type=int, default=10 if cuda else 3,
+                   help="timed repeats of the bank's work alone, for bank_ms (default 10 / 3)")
+    p.add_argument("--data", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra data.* settings for every backend, e.g. output_dtype=float16 hw_decoder_load=0.8")
 
 
 def step_config(args, backend: str, shards: str, num_samples: int, run_dir: Path):
@@ -60,27 +85,53 @@ def step_config(args, backend: str, shards: str, num_samples: int, run_dir: Path
         f"trainer.max_steps={steps}", f"trainer.epochs={steps // batches_per_epoch + 1}",
         f"trainer.timing_warmup_steps={args.warmup}", f"trainer.compile={str(args.compile).lower()}",
         "trainer.ckpt_every=0", "trainer.ckpt_epoch_end=false", "trainer.progress=false",
-        "trainer.log_every=1000000", "resume=none", f"run_dir={run_dir}",
+        "trainer.log_every=1000000", "trainer.sync_timing=false", "resume=none", f"run_dir={run_dir}",
+        *[f"data.{item}" for item in args.data],
     ]
     with initialize_config_module("pirl_fast.conf", version_base="1.3"):
         return compose("config", overrides=overrides)
 
 
-def measure(args, backend: str, shards: str, num_samples: int, run_dir: Path) -> dict:
-    from pirl_fast.train import train
+def bank_seconds(run, repeats: int) -> float:
+    """Median seconds of one step's bank work alone: both loss terms forward and backward, and the
+    update, at the run's per-rank batch, on the run's bank and criterion (after training)."""
+    device, b, d = run.device, run.global_batch // run.world_size, run.bank.dim
+    f = F.normalize(torch.randn(b, d, device=device), dim=1).requires_grad_()  # (B, D) like the heads' output
+    g = F.normalize(torch.randn(b, d, device=device), dim=1).requires_grad_()
+    index = torch.arange(b, device=device) % run.bank.num_samples  # (B,) rows the loader would give
+    times = []
+    for k in range(repeats + 1):  # the first: warm-up (Triton compile, allocator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run.criterion(f, g, index, run.bank).total.backward()
+        run.bank.update(index, f.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if k:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
-    s = train(step_config(args, backend, shards, num_samples, run_dir))
+
+def measure(args, backend: str, shards: str, num_samples: int, run_dir: Path) -> dict:
+    from pirl_fast.train import run_training
+
+    run, s = run_training(step_config(args, backend, shards, num_samples, run_dir), bank_rows=args.bank_rows)
     busy = s["wall_s"] - s["time_s"]["checkpoint"]  # the end-of-run checkpoint is not training
+    step_s = busy / s["steps_timed"] if s["steps_timed"] else float("nan")
+    bank_s = bank_seconds(run, args.bank_repeats) if run.cfg.method == "pirl" else float("nan")
+    del run
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {
         "backend": backend, "arch": args.arch, "global_batch": args.batch, "device": s["device"],
-        "precision": s["precision"], "steps_timed": s["steps_timed"],
+        "precision": s["precision"], "steps_timed": s["steps_timed"], "bank_rows": args.bank_rows or num_samples,
         "samples_per_s": s["samples_timed"] / busy if busy > 0 else 0.0,
         "data_wait_share": s["time_s"]["data"] / busy if busy > 0 else 0.0,
         "compute_share": s["time_s"]["compute"] / busy if busy > 0 else 0.0,
-        "bank_share": s["time_s"]["bank"] / busy if busy > 0 else 0.0,
+        "bank_update_share": s["time_s"]["bank"] / busy if busy > 0 else 0.0,
+        "bank_ms": bank_s * 1e3, "bank_share": bank_s / step_s,
     }
 
 
@@ -88,6 +139,8 @@ def run(args) -> list[dict]:
     from pirl_fast.manifest import load_manifest
     from pirl_fast.splits import resolve_shards
 
+    if args.bank_rows < 0 or args.bank_repeats < 1:
+        raise SystemExit(f"--bank-rows ({args.bank_rows}) must be >= 0 and --bank-repeats ({args.bank_repeats}) >= 1")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
@@ -101,6 +154,9 @@ def run(args) -> list[dict]:
             print(f"generating {args.images} sample images and sharding them in {tmp} ...", flush=True)
             shards = make_bench_shards(tmp / "data", args.images)
         num_samples = load_manifest(resolve_shards(shards).dir).num_samples if shards else args.images
+        if 0 < args.bank_rows < num_samples:
+            raise SystemExit(f"--bank-rows {args.bank_rows} is below the {num_samples} images: the bank needs a row "
+                             "per image at least (0: exactly one per image)")
         rows = []
         for backend in backends:
             print(f"-- {backend}: {args.warmup} + {args.steps} steps of {args.arch}, global batch {args.batch}",
