@@ -22,7 +22,7 @@
 # Python: $PIRL_PYTHON, else .venv/bin/python, else python3. The project runs from this checkout
 # (PYTHONPATH), nothing is installed. It needs torch and triton (the GPU image has them) and, for
 # stages 1 and 3-5, nvidia-dali-cuda130, webdataset, hydra-core (omegaconf, antlr4-python3-runtime):
-# on a machine without them, carry them as wheels (python 3.12, manylinux x86_64); the script says
+# on a machine without them, carry them as wheels (DEVELOPERS.md: pack_wheels.sh, one part per call); the script says
 # which are missing and marks what needs them unmeasured.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
