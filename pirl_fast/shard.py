@@ -47,11 +47,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pirl_fast.images import UnusableImage, normalise_image
 from pirl_fast.atomic import fsync_dir, write_json
+from pirl_fast.cpus import cpus_per_rank
 from pirl_fast.manifest import MANIFEST_NAME, ShardError, load_manifest, manifest_dict
+from pirl_fast.progress import progress as progress_bar
 # sample_key and scan_source are used through this module by the tests and pirl_fast.bench.shard.
 from pirl_fast.shard_format import (IndexEntry, ShardWriter, index_text, sample_key,  # noqa: F401
                                     sha256_file, shift_indices)
@@ -263,7 +263,8 @@ def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, prog
     """Shard one folder, opts.src, into opts.dst; returns the manifest dict. Raises SourceError for
     bad SRC/DST. source: what read_source found (default: SRC read as an ImageFolder or flat folder).
 
-    resume/overwrite: as the CLI flags. progress: show the tqdm bar (when stderr is a terminal).
+    resume/overwrite: as the CLI flags. progress: report progress (a bar on a terminal, plain lines otherwise:
+    pirl_fast/progress.py).
     """
     _check_paths(opts)
     dst = Path(opts.dst)
@@ -308,8 +309,8 @@ def write_plan(plan: Plan, resume: bool, overwrite: bool, progress: bool) -> dic
     todo = [(k, shards[k]) for k in range(len(kept), len(shards))]
     tasks = [(str(src), str(dst / f".{shard_name(k)}.tmp"), shard, opts.max_side, opts.quality) for k, shard in todo]
     desc = f"sharding {src.name}" + (f"/{split.name}" if split.name else "")
-    bar = tqdm(total=len(inputs), initial=sum(len(shards[k]) for k in range(len(kept))), unit="img",
-               desc=desc, disable=None if progress else True, smoothing=0.1)
+    bar = progress_bar(total=len(inputs), initial=sum(len(shards[k]) for k in range(len(kept))), unit="img",
+                       desc=desc, enabled=progress)
     pool = multiprocessing.get_context("spawn").Pool(opts.workers) if opts.workers > 1 and len(tasks) > 1 else None
     try:
         results = pool.imap_unordered(_numbered, enumerate(tasks)) if pool else map(_numbered, enumerate(tasks))
@@ -430,9 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", metavar="SHARDS", default=None,
                    help="single folder: take the class list (label ids) from these train shards (a shard folder or "
                    "a dataset root's); every class of SRC must be in it")
-    cores = os.cpu_count() or 1
+    cores = cpus_per_rank()
     p.add_argument("--workers", type=int, default=cores, help="worker processes, each writing one shard at a time "
-                   f"(default: the number of CPU cores, {cores} here; the output does not depend on it)")
+                   f"(default: the CPU cores this process may use, {cores} here; the output does not depend on it)")
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard,
                    help=f"inputs per shard (default {d.samples_per_shard}, ~100 MB of ImageNet)")
     p.add_argument("--max-side", type=int, default=d.max_side, metavar="PX",
