@@ -46,7 +46,7 @@ class DataConfig:
     backend: str = "auto"  # auto (dali where NVIDIA DALI imports, else torch, with a notice) | dali | torch | synthetic
     batch_size: int = 256  # GLOBAL batch over all ranks; per rank = batch_size // world_size
     # DALI CPU threads / DataLoader workers, per rank. auto: this process's CPU cores divided by the ranks
-    # torchrun started on this node (dist.cpus_per_rank); a number overrides it (0: torch loads in-process)
+    # torchrun started on this node (cpus.cpus_per_rank); a number overrides it (0: torch loads in-process)
     workers: Union[int, str] = "auto"
     image_size: int = 224
     image_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random_resized_crop area
@@ -112,7 +112,7 @@ def resolve_backend(backend: str) -> tuple[str, str | None]:
 
 
 def resolve_workers(workers: int | str) -> int:
-    """data.workers as a number: "auto" is dist.cpus_per_rank()."""
+    """data.workers as a number: "auto" is cpus.cpus_per_rank()."""
     if workers == "auto":
         return cpus_per_rank()
     if isinstance(workers, int) or str(workers).isdigit():

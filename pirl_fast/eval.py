@@ -263,9 +263,10 @@ def cmd_invariance(args) -> int:
     for label, s in summary.items():
         parts = [f"{m} mean {s[m]['mean']:.4f} (median {s[m]['median']:.4f})" for m in inv.METRICS if m in s]
         print(f"  {label}: " + "; ".join(parts))
-    write_json(out, result_stem("invariance", args, None) + ".json", {"checkpoints": summary, "views": views.__dict__, "num_images": len(data),
-                                        "seed": args.seed or 0, "shards": str(data.manifest.root),
-                                        "definition": "Distances" + inv.__doc__.split("Distances", 1)[1].strip()})
+    write_json(out, result_stem("invariance", args, None) + ".json",
+               {"checkpoints": summary, "views": views.__dict__, "num_images": len(data),
+                "seed": args.seed or 0, "shards": str(data.manifest.root),
+                "definition": "Distances" + inv.__doc__.split("Distances", 1)[1].strip()})
     return 0
 
 
@@ -294,7 +295,8 @@ def cmd_svm(args) -> int:
         for k, r in result.items():
             print(f"low-shot k={k}: {r['metric']} {100 * r['mean']:.2f} +- {100 * r['std']:.2f} "
                   f"(min {100 * r['min']:.2f}, max {100 * r['max']:.2f}; {args.draws} draws, cost {r['cost']})")
-        write_json(out, result_stem("svm_lowshot", args, net) + ".json", {**info, "draws": args.draws, "low_shot": result})
+        write_json(out, result_stem("svm_lowshot", args, net) + ".json",
+                   {**info, "draws": args.draws, "low_shot": result})
         return 0
     result = svm.train_and_test(train_x.numpy(), train.targets, val_x.numpy(), val.targets, single, cfg)
     top1 = f"top-1 {100 * result.top1:.2f}%, " if single else ""

@@ -118,8 +118,8 @@ def format_summary(s: dict[str, Any]) -> str:
     graph = " (its CPU graph)" if s["backend"] == "dali" and s["device"] == "cpu" else ""
     return (f"done ({s['stopped_by']}) at step {s['step']}, epoch {s['epoch']}: {s['samples_per_s']:.1f} samples/s "
             f"over {s['steps_timed']} timed steps ({s['warmup_steps_excluded']} warm-up left out) on "
-            f"{s['world_size']} x {s['device']}, data.backend={s['backend']}{graph}; data wait {s['data_wait_share']:.0%}; "
-            f"time: {split}\n"
+            f"{s['world_size']} x {s['device']}, data.backend={s['backend']}{graph}; "
+            f"data wait {s['data_wait_share']:.0%}; time: {split}\n"
             f"checkpoint: {s['checkpoint']}")
 
 

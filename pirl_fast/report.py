@@ -273,7 +273,8 @@ def plot_layerwise(runs: list[Path], path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, ys in lines:
-        ax.plot(range(len(LAYERS)), ys, marker="o", label=label, linestyle="--" if label.startswith("untrained") else "-")
+        dashed = label.startswith("untrained")
+        ax.plot(range(len(LAYERS)), ys, marker="o", label=label, linestyle="--" if dashed else "-")
     ax.set_xticks(range(len(LAYERS)), LAYERS)
     ax.set_xlabel("layer (frozen trunk)")
     ax.set_ylabel("linear top-1 (%)")

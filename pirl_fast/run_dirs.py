@@ -178,23 +178,25 @@ def choose(cfg: Config, run_dir: Path, identity: dict[str, Any], default_dir: bo
     """Where this run goes and what it resumes from (see the module docstring); rank 0 only."""
     if not default_dir:
         return _explicit(cfg, run_dir, identity)
-    first_difference = None
+    why = ""  # why the run does not go to run_dir itself
     for k in count(1):
         candidate = run_dir if k == 1 else run_dir.with_name(f"{run_dir.name}-{k}")
         found = read_identity(candidate)
         if found is None:
             if not record(candidate, identity, exclusive=True):
-                continue  # another job took it a moment ago
-            note = None if k == 1 else (f"run directory {shown(candidate)}: a new run ({shown(run_dir)} holds another "
-                                        f"one: {first_difference}; hydra.run.dir=DIR picks a directory yourself)")
+                why = why or f"another job took {shown(run_dir)} a moment ago"
+                continue
+            note = None if k == 1 else (f"run directory {shown(candidate)}: a new run ({why}; hydra.run.dir=DIR picks "
+                                        "a directory yourself)")
             return RunChoice(candidate, resume_from(cfg, candidate), note)
         changed = differences(found, identity)
         if not changed and cfg.resume != "none":
             if found.get("data") is None:
                 record(candidate, identity, exclusive=False)  # a run from before run.json: record it now
             return RunChoice(candidate, resume_from(cfg, candidate))
-        if first_difference is None:
-            first_difference = "; ".join(changed) if changed else "the same settings, and resume=none starts afresh"
+        if k == 1:
+            why = (f"{shown(run_dir)} holds another one: {'; '.join(changed)}" if changed else
+                   f"resume=none, and {shown(run_dir)} holds this run already")
 
 
 def _explicit(cfg: Config, run_dir: Path, identity: dict[str, Any]) -> RunChoice:
@@ -206,8 +208,10 @@ def _explicit(cfg: Config, run_dir: Path, identity: dict[str, Any]) -> RunChoice
     found = read_identity(run_dir) if checkpoints else None
     changed = differences(found, identity) if found is not None else []
     if changed:
-        raise ConfigError(f"{shown(run_dir)} holds another run ({'; '.join(changed)}), and resume={cfg.resume} only "
-                          f"continues the same run: start this one elsewhere with hydra.run.dir=ANOTHER_DIR (leave "
-                          "hydra.run.dir out to get a fresh runs/NAME-K), or delete that directory to start over there")
+        rule = ("resume=auto only continues the same run" if cfg.resume == "auto" else
+                "its checkpoints and this run's would mix, and pruning would delete theirs")
+        raise ConfigError(f"{shown(run_dir)} holds another run ({'; '.join(changed)}), and {rule}: start this one "
+                          "elsewhere with hydra.run.dir=ANOTHER_DIR (leave hydra.run.dir out to get a fresh "
+                          "runs/NAME-K), or delete that directory to start over there")
     record(run_dir, identity, exclusive=False)
     return RunChoice(run_dir, resume_from(cfg, run_dir) if cfg.resume != "none" else None)

@@ -26,7 +26,7 @@ import random
 import signal
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,13 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pirl_fast import checkpoint, dist
-from pirl_fast import run_dirs
+from pirl_fast import checkpoint, dist, run_dirs
 from pirl_fast.checkpoint import CheckpointError, resume_into, run_state
 from pirl_fast.config import Config, ConfigError, to_dataclass, to_yaml, validate
 from pirl_fast.data import BackendUnavailable, build_loader, resolve_backend
 from pirl_fast.jigsaw import JigsawLoss, JigsawModel
-from pirl_fast.manifest import ShardError
 from pirl_fast.loss import PIRLCriterion
+from pirl_fast.manifest import ShardError
 from pirl_fast.memory_bank import MemoryBank
 from pirl_fast.metrics import MetricsLogger, StepClock, format_summary, gpu_memory_gb
 from pirl_fast.model import PIRLModel
@@ -279,7 +278,7 @@ def seed_everything(seed: int, rank: int, deterministic: bool, device: torch.dev
 
 
 def choose_run_dir(cfg: Config, default_dir: bool) -> RunChoice:
-    """The run directory and the checkpoint to resume from (pirl_fast/run_dir.py), decided by rank 0 and
+    """The run directory and the checkpoint to resume from (pirl_fast/run_dirs.py), decided by rank 0 and
     broadcast: every rank writes nowhere else and loads the same file. A refusal reaches every rank."""
     identity = run_dirs.run_identity(cfg)  # on every rank: missing shards fail on each, with the fix
     choice: RunChoice | str | None = None
@@ -314,7 +313,8 @@ def run_training(cfg: DictConfig | Config, default_dir: bool = False) -> tuple[R
                           "set run_dir=DIR")
     backend, backend_notice = resolve_backend(config.data.backend)  # data.backend=dali without DALI stops here
     choice = choose_run_dir(config, default_dir)  # rank 0's ${now:}, if any, wins
-    config.data.backend = backend  # what runs (config.yaml, checkpoints); run.json keeps what was asked for
+    # What runs goes into config.yaml and the checkpoints; run.json keeps what was asked for (auto).
+    config = replace(config, data=replace(config.data, backend=backend))
     run_dir = choice.run_dir
     run = setup(config, run_dir, info, choice.checkpoint)
     if run.rank == 0:

@@ -74,7 +74,7 @@ def test_resume_none_in_the_default_series_starts_in_a_fresh_directory(tmp_path)
     choose(runs)
     fresh = choose(runs, "resume=none")
     assert fresh.run_dir == tmp_path / "smoke-2" and fresh.checkpoint is None
-    assert "resume=none" in fresh.note
+    assert "resume=none, and" in fresh.note and "holds this run already" in fresh.note
 
 
 def test_the_data_is_identified_by_content_not_by_path(tmp_path, sample_image_dir):

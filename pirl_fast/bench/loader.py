@@ -24,6 +24,7 @@ import torch
 
 from pirl_fast.cpus import cpus_per_rank
 from pirl_fast.data import DataConfig, build_loader
+from pirl_fast.progress import progress
 
 IMAGE_SIDES = (400, 501)  # px, ImageNet-like: its median image is about 400 x 500
 JPEG_QUALITY = 90  # typical of ImageNet's files
@@ -92,7 +93,7 @@ def measure(shards: str, args) -> list[dict]:
         cfg = DataConfig(shards=shards, backend=backend, batch_size=args.batch_size, workers=args.workers)
         streams[backend, device.type] = endless(build_loader(cfg, device=device))
         seconds[backend, device.type] = []
-    for _ in range(args.rounds):  # alternate, so a noisy neighbour hurts both alike
+    for _ in progress(range(args.rounds), desc="loader rounds", unit="round"):  # alternate: noise hurts both alike
         for (backend, device) in contenders:
             seconds[backend, device.type].append(timed(streams[backend, device.type], args.warmup, args.batches, device))
     torch_rate = args.batch_size * args.batches / statistics.median(seconds["torch", "cpu"])

@@ -30,6 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pirl_fast.bank_kernels import bank_scores, resolve_kernel
+from pirl_fast.progress import progress
 
 PEAK_GB_PER_S = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # vendor HBM peaks (SXM parts)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -132,6 +133,8 @@ def run(args) -> list[dict]:
     peak_bw = _peak_bandwidth(args, device)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
+    bar = progress(total=len(args.dtypes) * len(args.batch) * len(args.negatives) * len(args.kernels),
+                   desc="membank", unit="row")
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         bank = torch.nn.functional.normalize(
@@ -151,6 +154,7 @@ def run(args) -> list[dict]:
                     except torch.OutOfMemoryError:
                         row["status"] = "out of memory"
                         rows.append(row)
+                        bar.update(1)
                         continue
                     row.update(fwd_bwd_ms=ms, fwd_bwd_per_s=1e3 / ms, samples_per_s=b * 1e3 / ms,
                                peak_extra_mib=peak / 2**20)
@@ -164,6 +168,8 @@ def run(args) -> list[dict]:
                         if peak_bw:
                             row["frac_of_peak"] = row["gather_gb_per_s"] / peak_bw
                     rows.append(row)
+                    bar.update(1)
                 del index, query, grad
         del bank
+    bar.close()
     return rows
