@@ -52,6 +52,9 @@ IDENTITY_NAME = "run.json"
 # data.shards stays in the settings, for messages and for directories without a fingerprint; where both
 # sides have one, the fingerprint decides (`differences`).
 IGNORED = {"name", "num_samples"}
+# data.backend=auto is dali or torch depending on the machine (a requeue may land where DALI is missing),
+# and a run.json-less directory records what auto chose: auto matches either.
+AUTO_BACKEND = "auto"
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,8 @@ def differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     for key in sorted(set(before) & set(now)):
         if key == "data.shards" and fingerprints:
             continue  # compared by content above
-        if before[key] != now[key]:
+        if before[key] != now[key] and not (key == "data.backend" and AUTO_BACKEND in (before[key], now[key])
+                                            and {before[key], now[key]} <= {AUTO_BACKEND, "dali", "torch"}):
             out.append(f"{key}: {before[key]!r} -> {now[key]!r}")
     return out
 
@@ -153,13 +157,21 @@ def record(run_dir: Path, identity: dict[str, Any], exclusive: bool) -> bool:
         with atomic_write(path, "w") as f:
             f.write(json.dumps(identity, indent=1) + "\n")
         return True
+    text = json.dumps(identity, indent=1) + "\n"
     tmp = run_dir / f".{IDENTITY_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(identity, indent=1) + "\n")
+    tmp.write_text(text)
     try:
-        os.link(tmp, path)  # atomic, and fails if the name exists: the first job wins
+        os.link(tmp, path)  # atomic, complete when visible, and fails if the name exists: the first job wins
         return True
     except FileExistsError:
         return False
+    except OSError:  # a filesystem without hard links: exclusive creation, then the content
+        try:
+            with open(path, "x") as f:
+                f.write(text)
+            return True
+        except FileExistsError:
+            return False
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -281,15 +281,15 @@ def choose_run_dir(cfg: Config, default_dir: bool) -> RunChoice:
     """The run directory and the checkpoint to resume from (pirl_fast/run_dirs.py), decided by rank 0 and
     broadcast: every rank writes nowhere else and loads the same file. A refusal reaches every rank."""
     identity = run_dirs.run_identity(cfg)  # on every rank: missing shards fail on each, with the fix
-    choice: RunChoice | str | None = None
+    choice: RunChoice | Exception | None = None
     if dist.info().rank == 0:
         try:
             choice = run_dirs.choose(cfg, Path(cfg.run_dir).resolve(), identity, default_dir)
-        except ConfigError as e:
-            choice = str(e)
+        except (ConfigError, CheckpointError) as e:  # e.g. unreadable checkpoints: every rank stops with it
+            choice = e
     choice = dist.broadcast_object(choice)
-    if isinstance(choice, str):
-        raise ConfigError(choice)
+    if isinstance(choice, Exception):
+        raise choice
     return choice
 
 

@@ -304,9 +304,12 @@ def test_invariance_cli_two_checkpoints(tmp_path, pirl_run, sample_shards, val_s
         assert png.format == "PNG"
 
 
-def test_clear_errors(tmp_path, val_shards):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        ev.main(["knn", str(tmp_path), "--val-shards", str(val_shards)])
+def test_clear_errors(tmp_path, val_shards, capsys):
+    assert ev.main(["knn", str(tmp_path), "--val-shards", str(val_shards)]) == 2  # one line, no traceback
+    assert capsys.readouterr().err.startswith(f"error: no checkpoint (checkpoints/step_*.pt) under {tmp_path}")
+    assert ev.main(["knn", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'nope'} does not exist: pass a " \
+                                               "checkpoint file or a run directory"
     bad = tmp_path / "bad.pt"
     torch.save({"weights": 1}, bad)
     with pytest.raises(ValueError, match="not a pirl_fast training checkpoint"):

@@ -136,3 +136,23 @@ def test_the_issue_scenario_through_the_command_line(tmp_path, sample_shards):
     assert third.returncode == 2 and "Traceback" not in third.stderr
     (line,) = third.stderr.strip().splitlines()
     assert line.startswith("error: ") and "runs/smoke holds another run" in line and "loss.lam: 0.5 -> 0.25" in line
+
+
+def test_auto_backend_matches_what_it_chose_on_any_machine():
+    def diff(before: str, now: str) -> list[str]:
+        return run_dirs.differences({"data": None, "settings": {"data.backend": before}},
+                                    {"data": None, "settings": {"data.backend": now}})
+
+    assert diff("dali", "auto") == diff("auto", "torch") == diff("auto", "auto") == []
+    assert diff("dali", "torch") == ["data.backend: 'dali' -> 'torch'"]
+    assert diff("synthetic", "auto") == ["data.backend: 'synthetic' -> 'auto'"]
+
+
+def test_claiming_works_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError("this filesystem has no hard links")
+
+    monkeypatch.setattr(run_dirs.os, "link", no_links)
+    assert run_dirs.record(tmp_path / "d", {"data": None, "settings": {"a": 1}}, exclusive=True)
+    assert not run_dirs.record(tmp_path / "d", {"data": None, "settings": {"a": 2}}, exclusive=True)
+    assert json.loads((tmp_path / "d" / run_dirs.IDENTITY_NAME).read_text())["settings"] == {"a": 1}
