@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from pirl_fast.progress import progress
 
-from pirl_fast.checkpoint import list_checkpoints
+from pirl_fast.checkpoint import list_checkpoints, load_latest
 from pirl_fast.jigsaw import JigsawModel
 from pirl_fast.manifest import ShardError, load_manifest
 from pirl_fast.model import ModelConfig, PIRLModel
@@ -207,10 +207,27 @@ def build_model(method: str, config: dict) -> nn.Module:
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict, dict]:
     """(checkpoint file, its dict, the run's resolved config as a plain dict); weights_only load.
 
-    `path` may be a checkpoint file or a run directory (its newest run_dir/checkpoints/step_*.pt).
-    The trainer stores the resolved config as YAML text under "config_yaml" (pirl_fast/checkpoint.py).
+    `path` may be a checkpoint file or a run directory: then its newest checkpoint that loads, chosen
+    as the trainer chooses where to resume (checkpoint.load_latest: a corrupt newest file is skipped
+    with a warning naming it). The trainer stores the resolved config as YAML text under
+    "config_yaml" (pirl_fast/checkpoint.py).
     """
-    path = resolve_checkpoint(path)
+    path = Path(path)
+    run_dir = next((d for d in (path, path.parent) if list_checkpoints(d)), None) if path.is_dir() else None
+    if run_dir is not None:  # a run directory, or its checkpoints/ folder
+        path, ckpt = load_latest(run_dir, load_weights)
+    else:
+        path = resolve_checkpoint(path)
+        ckpt = load_weights(path)
+    if "config_yaml" in ckpt:
+        config = OmegaConf.to_container(OmegaConf.create(ckpt["config_yaml"]), resolve=True)
+    else:
+        config = dict(ckpt["config"])
+    return path, ckpt, config
+
+
+def load_weights(path: Path) -> dict:
+    """A training checkpoint's dict (weights_only); ValueError unless it holds 'model' and its config."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -219,24 +236,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict, dict]:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not a pirl_fast training checkpoint (needs 'model' and 'config_yaml'; has "
                          f"{keys}); pass a file written by `python -m pirl_fast.train`")
-    if "config_yaml" in ckpt:
-        config = OmegaConf.to_container(OmegaConf.create(ckpt["config_yaml"]), resolve=True)
-    else:
-        config = dict(ckpt["config"])
-    return path, ckpt, config
+    return ckpt
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file as is; for a run directory (or its checkpoints/ folder), the newest step_*.pt."""
-    path = Path(path)
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint file as is; for a folder without checkpoints/step_*.pt, its newest *.pt."""
     if path.is_file():
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass a checkpoint file or a run directory")
-    for run_dir in (path, path.parent):
-        found = list_checkpoints(run_dir)
-        if found:
-            return found[0]  # newest step first
     found = sorted(path.rglob("*.pt"), key=lambda p: p.stat().st_mtime)
     if found:
         return found[-1]

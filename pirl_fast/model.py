@@ -27,12 +27,35 @@ from torch import Tensor, nn
 ARCHS = {"resnet50": ("resnet50", 2048), "resnet18": ("resnet18", 512)}
 
 
+HEADS = ("linear", "mlp")
+
+
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"  # resnet50 (the paper's) | resnet18 (tests, quick runs)
     embed_dim: int = 128  # the paper's embedding width; the memory bank rows have this width
     num_patches: int = 9  # a 3x3 jigsaw grid
     jigsaw_head: str = "light"  # method=jigsaw only: light | reference (pirl_fast/jigsaw.py)
+    head: str = "linear"  # linear (the paper's) | mlp (the reference's improved recipe, see projection_heads)
+
+
+def projection_heads(head: str, trunk_dim: int, embed_dim: int) -> tuple[nn.Module, nn.Module]:
+    """(image head, per-patch head), trunk_dim -> embed_dim.
+
+    linear: one Linear each (the paper; vissl pirl_jigsaw_4node_resnet50.yaml).
+    mlp: the reference's MLP heads (vissl configs/config/pretrain/pirl/models/resnet50_mlphead.yaml,
+    dims [2048, 2048, 128] for ResNet-50: the hidden width is the trunk's): image head
+    Linear-ReLU-Linear; patch head Linear-ReLU-Linear-ReLU ("skip_last_layer_relu_bn": False
+    there, so a ReLU follows its last layer too, before the 9 patch embeddings are concatenated).
+    """
+    if head == "linear":
+        return nn.Linear(trunk_dim, embed_dim), nn.Linear(trunk_dim, embed_dim)
+    if head == "mlp":
+        image = nn.Sequential(nn.Linear(trunk_dim, trunk_dim), nn.ReLU(inplace=True), nn.Linear(trunk_dim, embed_dim))
+        patch = nn.Sequential(nn.Linear(trunk_dim, trunk_dim), nn.ReLU(inplace=True), nn.Linear(trunk_dim, embed_dim),
+                              nn.ReLU(inplace=True))
+        return image, patch
+    raise ValueError(f"model.head={head!r} is unknown; choose one of {HEADS}")
 
 
 class PIRLModel(nn.Module):
@@ -49,9 +72,8 @@ class PIRLModel(nn.Module):
         builder, self.trunk_dim = ARCHS[cfg.arch]
         self.trunk = getattr(torchvision.models, builder)(weights=None)  # random init: self-supervised
         self.trunk.fc = nn.Identity()  # trunk(x) is now res5 avgpool, flattened: (N, trunk_dim)
-        self.image_head = nn.Linear(self.trunk_dim, cfg.embed_dim)
-        self.patch_head = nn.Linear(self.trunk_dim, cfg.embed_dim)
-        self.jigsaw_head = nn.Linear(cfg.num_patches * cfg.embed_dim, cfg.embed_dim)
+        self.image_head, self.patch_head = projection_heads(cfg.head, self.trunk_dim, cfg.embed_dim)
+        self.jigsaw_head = nn.Linear(cfg.num_patches * cfg.embed_dim, cfg.embed_dim)  # linear in both recipes
         self.to(memory_format=torch.channels_last)  # conv weights NHWC: cuDNN's fast path under bf16
 
     def features(self, x: Tensor) -> Tensor:

@@ -32,9 +32,11 @@ and class they are, and a flat split gives byte-identical shards to the same ima
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pirl_fast.images import UnusableImage
 from pirl_fast.labels_file import (KAGGLE_VAL_NAME, EXAMPLES, LabelsError, LabelTable, match_labels, read_labels,
                                    table_classes)
 from pirl_fast.manifest import ShardError
@@ -70,6 +72,7 @@ class Split:
     inputs: list[Input]  # sorted by relpath
     skipped: list[dict]  # loose files, unreadable folders, unlabelled non-images: {"path", "reason"}
     labels: dict | None = None  # the labels file used, as the manifest records it (labels_file.Matched.record)
+    own_classes: list[str] | None = None  # classes this split's own folders or labels name (None: all `classes`)
 
 
 @dataclass
@@ -142,15 +145,16 @@ def scan_imagefolder(src: Path, folder: Path, prefix: str = "", classes: list[st
         raise SourceError(f"{folder} has class folders {found[:5]}... but no files in them")
     inputs.sort(key=lambda i: i.relpath)
     _check_keys(inputs)
-    return Split(name, list(classes), inputs, skipped)
+    return Split(name, list(classes), inputs, skipped, own_classes=found)
 
 
 def scan_flat(src: Path, folder: Path, table: LabelTable, prefix: str = "", classes: list[str] | None = None,
               name: str | None = None) -> Split:
     """The flat folder `folder`, labelled by `table`: each image's relpath is prefix + <class>/<file>,
     where it would be in class folders. `classes` None: the table's own sorted class names."""
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.resolve() != table.path.resolve())
+    entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and not p.is_dir()]
+    files = [p.name for p in entries if p.is_file() and p.resolve() != table.path.resolve()]
+    odd = [{"path": p.relative_to(src).as_posix(), "reason": not_regular(p)} for p in entries if not p.is_file()]
     try:
         matched = match_labels(table, files, classes)
     except LabelsError as e:
@@ -168,9 +172,46 @@ def scan_flat(src: Path, folder: Path, table: LabelTable, prefix: str = "", clas
     inputs = [_input(src, folder / f, f"{prefix}{cls}/{f}", index[cls]) for f, cls in matched.labels.items()]
     inputs.sort(key=lambda i: i.relpath)
     _check_keys(inputs)
-    skipped = [{"path": (folder / f).relative_to(src).as_posix(), "reason": "no label and not an image file name"}
-               for f in files if f not in matched.labels]
-    return Split(name, classes, inputs, skipped, labels=matched.record(table))
+    skipped = odd + [{"path": (folder / f).relative_to(src).as_posix(), "reason": "no label and not an image file name"}
+                     for f in files if f not in matched.labels]
+    return Split(name, classes, inputs, skipped, labels=matched.record(table),
+                 own_classes=sorted(set(matched.labels.values())))
+
+
+# ------------------------------------------------------------------------------------------ reading one input
+
+_KINDS = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+
+
+def not_regular(path: Path) -> str:
+    """The skip reason of something that is not a regular file (symlinks followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+    return f"not a regular file ({kind}{', via a symlink' if path.is_symlink() else ''})"
+
+
+def read_input(path: Path, max_bytes: int) -> bytes:
+    """The bytes of one input, read only if it is a regular file (symlinks followed) of at most
+    `max_bytes`; both checked before reading, so a FIFO named x.jpg cannot block the sharder and a
+    link to /dev/zero cannot fill its memory. Raises UnusableImage (the skip reason) or OSError."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnusableImage(not_regular(path))
+    if st.st_size > max_bytes:
+        raise UnusableImage(f"larger than --max-bytes ({st.st_size} > {max_bytes} bytes)")
+    # O_NONBLOCK: should it have become a FIFO since the stat, opening it does not wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnusableImage(not_regular(path))
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew since the stat
+        raise UnusableImage(f"larger than --max-bytes (more than {max_bytes} bytes)")
+    return data
 
 
 # ------------------------------------------------------------------------------------------ SRC as a whole

@@ -2,8 +2,9 @@
 
 Checks, shard by shard: size and sha256 against the manifest; the index file equals the one
 rebuilt from the tar's own member offsets; every sample has exactly jpg, cls, idx, lbl in that
-order; cls and lbl agree and name a class; idx runs on from the previous shard; every JPEG
-decodes fully as a baseline RGB JPEG. Globally: the indices are exactly 0..N-1. Prints one line
+order (and crc last, matching the jpg bytes, in shards written with checksums); cls and lbl
+agree and name a class; idx runs on from the previous shard; every JPEG decodes fully as a
+baseline RGB JPEG. Globally: the indices are exactly 0..N-1. Prints one line
 per problem (naming the shard and key) and returns the list; empty means all good.
 
 A dataset root's shards (DST/train/, DST/val/, ...) are verified split by split, and their class
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pirl_fast.manifest import MANIFEST_NAME, SAMPLE_MEMBERS, ShardError, load_manifest
+from pirl_fast.corrupt import checksum_problem
+from pirl_fast.manifest import MANIFEST_NAME, ShardError, load_manifest
 from pirl_fast.shard_format import IndexEntry, decode_int64, index_text, iter_samples, sha256_file
 from pirl_fast.splits import split_folders
 
@@ -94,10 +96,12 @@ def _verify_one(shard_dir: str | Path, decode: bool) -> list[str]:
             with open(tar_path, "rb") as f:
                 for key, data, where in iter_samples(f):
                     count += 1
-                    if list(data) != SAMPLE_MEMBERS:
-                        problem(f"{info.name}: sample {key} has members {list(data)}, expected {SAMPLE_MEMBERS}")
+                    if list(data) != manifest.members:
+                        problem(f"{info.name}: sample {key} has members {list(data)}, expected {manifest.members}")
                         continue
-                    entries.append(IndexEntry(key, [(ext, *where[ext], f"{key}.{ext}") for ext in SAMPLE_MEMBERS]))
+                    entries.append(IndexEntry(key, [(ext, *where[ext], f"{key}.{ext}") for ext in manifest.members]))
+                    if manifest.has_checksums and (why := checksum_problem(data["jpg"], data["crc"])):
+                        problem(f"{info.name}: sample {key}: jpg {why}")
                     try:
                         label, lbl, index = int(data["cls"]), decode_int64(data["lbl"]), decode_int64(data["idx"])
                     except ValueError as e:

@@ -14,8 +14,9 @@
 # `python -m pirl_fast.sample_data` (texture family + palette per class), sharded once and reused.
 # Training: experiment=smoke (ResNet-18, 64 px images, 16 px patches, K=256 negatives, the paper's
 # augmentation) with a batch of 32 and a cosine LR that ends at the last step. The loss is the
-# paper's printed InfoNCE form (loss=infonce): with 320 samples the reference NCE's large-dataset
-# approximation breaks down (noise ratio K/N = 0.8; its image term climbed to 250-640 in our runs).
+# softmax form (loss=infonce, the reference's MLP-head loss): with 320 samples the NCE's (the paper's
+# loss) large-dataset approximation breaks down (noise ratio K/N = 0.8; its image term climbed to
+# 250-640 in our runs).
 # Everything goes under ${LEARN_DIR:-runs/learn_check}; the run directory is recreated each time.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -100,6 +100,19 @@ def test_export_round_trip_gives_identical_features(tmp_path, sample_shards, cap
     torch.testing.assert_close(heads["state_dict"]["jigsaw_head.weight"], model.jigsaw_head.weight)
 
 
+def test_a_corrupt_newest_checkpoint_falls_back_like_the_trainer(tmp_path, sample_shards, capsys):
+    """eval on a run dir whose newest checkpoint is truncated: the previous one, with the trainer's
+    warning (checkpoint.load_latest serves both); given the corrupt file itself, a clear refusal."""
+    good = save_checkpoint(tmp_path / "run", "pirl", sample_shards)
+    newest = good.with_name("step_000000009.pt")
+    newest.write_bytes(good.read_bytes()[:1000])  # killed mid-copy, or a damaged disk
+    with pytest.warns(RuntimeWarning, match=r"step_000000009.pt is unreadable .*falling back to the previous one"):
+        assert ev.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    assert load_pretrained(tmp_path / "run").path == good
+    with pytest.raises(ValueError, match="cannot read checkpoint .*step_000000009.pt"):
+        ev.main(["export", str(newest), "--out", str(tmp_path / "export2")])
+
+
 def test_shard_reader_matches_webdataset(sample_shards):
     ds = ShardImageDataset(sample_shards, transform=np.asarray)
     reference = read_with_webdataset(sample_shards)
