@@ -114,9 +114,10 @@ def val_shards_of(given: str | None, train: ShardPath | None, flag: str = "--val
     return str(beside.dir)
 
 
-def open_splits(args, train_view, val_view):
+def open_splits(args, train_view, val_view, multi_label_ok: bool = False):
     """(device, network, image size, train dataset, val dataset) for the commands that read both splits;
-    `train_view` / `val_view` map the image size to a transform."""
+    `train_view` / `val_view` map the image size to a transform. Multi-label shards are refused
+    unless `multi_label_ok` (the commands that score one class per image cannot use them)."""
     device = pick_device(args.device)
     net = load_network(args, device)
     size = image_size_of(args, net)
@@ -125,6 +126,11 @@ def open_splits(args, train_view, val_view):
     train = ShardImageDataset(shards.dir, train_view(size), limit=args.limit)
     val = ShardImageDataset(val_dir, val_view(size), limit=args.limit)
     check_same_classes(train.classes, val.classes, val_dir)
+    multi = [str(d.manifest.root) for d in (train, val) if d.manifest.multi_label]
+    if multi and not multi_label_ok:
+        raise SystemExit(f"{' and '.join(multi)} hold multi-label samples (several classes per image, "
+                         f"KEY.mlb): `eval {args.cmd}` scores one class per image. Use `python -m pirl_fast.eval "
+                         "svm` (mean AP over classes) on multi-label shards")
     return device, net, size, train, val
 
 
@@ -271,7 +277,7 @@ def cmd_invariance(args) -> int:
 
 
 def cmd_svm(args) -> int:
-    device, net, size, train, val = open_splits(args, svm_transform, svm_transform)
+    device, net, size, train, val = open_splits(args, svm_transform, svm_transform, multi_label_ok=True)
     if train.multi_label != val.multi_label:
         raise SystemExit(f"the train shards are {'multi' if train.multi_label else 'single'}-label but the val shards "
                          f"{val.manifest.root} are not: shard both splits the same way")

@@ -10,7 +10,7 @@ in a fixed order, with its label, and the standard deterministic view:
 (the 256 -> 224 centre crop of every ImageNet evaluation; image_size defaults to the size the
 checkpoint was pre-trained at, `data.image_size`). Per sample the shards hold KEY.jpg (RGB JPEG),
 KEY.lbl (int64 LE label) and KEY.idx (int64 LE global index); see pirl_fast/manifest.py.
-Multi-label shards (the proposal in shards/README.md) add KEY.mlb: C signed bytes, 1 = the class
+Multi-label shards (`shard --multi-label`, shards/README.md) add KEY.mlb: C signed bytes, 1 = the class
 is present, 0 = absent, -1 = present but "difficult" (VOC), read into `ShardImageDataset.targets`.
 """
 

@@ -9,7 +9,10 @@ manifest.json (format "pirl_fast-shards", version 1):
       "format": "pirl_fast-shards", "version": 1,
       "num_samples": N,                       # global sample indices are 0..N-1 (memory-bank rows)
       "classes": ["cat", "dog", ...],         # class names in label order (label = position)
-      "sample_members": ["jpg", "cls", "idx", "lbl"],   # + "crc" when every sample has a checksum member
+      "sample_members": ["jpg", "cls", "idx", "lbl"],   # + "crc" when every sample has a checksum member,
+                                              # + "mlb" (last) in multi-label shards
+      "label_kind": "multi",                  # only in multi-label shards (absent: "single"; then
+                                              # cls/lbl are -1 and KEY.mlb holds the classes)
       "shards": [{"name": "shard-000000.tar", "index_name": "shard-000000.idx",
                   "samples": n0, "bytes": ..., "sha256": "...",
                   "first_index": 0,           # shard k holds indices first_index..first_index+samples-1
@@ -20,7 +23,7 @@ manifest.json (format "pirl_fast-shards", version 1):
       "options": {"src": ..., "seed": ..., "samples_per_shard": ..., "max_side": ..., "quality": ...,
                   "split": "val"},            # split: only in a dataset root's shards (DST/<split>/)
       "labels": {"file": ..., "format": "kaggle", "rows": ..., "header": null, "labelled_images": ...,
-                 "without_image": n, "without_image_examples": [...]},   # only for a flat folder
+                 "without_image": n, "without_image_examples": [...]},   # a flat folder or multi-label tree
       "plan_sha256": "..."                    # fingerprint of all inputs and options (a re-run of the
     }                                         # same plan is a no-op; a different one is refused)
 
@@ -70,6 +73,11 @@ class Manifest:
     members: list[str] = field(default_factory=lambda: list(SAMPLE_MEMBERS))  # per sample, in tar order
 
     @property
+    def multi_label(self) -> bool:
+        """Every sample carries KEY.mlb (several classes per image) and cls/lbl are -1."""
+        return "mlb" in self.members
+
+    @property
     def has_checksums(self) -> bool:
         """Every sample carries a crc member (shards written before it existed do not)."""
         return "crc" in self.members
@@ -114,6 +122,10 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
                 m for m in OPTIONAL_MEMBERS if m in extra]:
             raise ValueError(f"sample_members {manifest.members}: expected {SAMPLE_MEMBERS} followed by any of "
                              f"{list(OPTIONAL_MEMBERS)}, in that order")
+        kind = raw.get("label_kind", "single")
+        if kind != ("multi" if manifest.multi_label else "single"):
+            raise ValueError(f"label_kind {kind!r} does not fit sample_members {manifest.members} (multi-label "
+                             "shards have an mlb member, single-label ones none)")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ShardError(f"{path} is malformed ({type(e).__name__}: {e}): {fix}") from e
     total = sum(s.samples for s in manifest.shards)

@@ -22,6 +22,15 @@ or the devkit's ILSVRC2012_validation_ground_truth.txt with its meta.mat beside 
 An image without a label is an error; a label without an image is reported and recorded. Details:
 shard_source.py (layouts) and labels_file.py (formats).
 
+Multi-label data (VOC07, COCO: an image holds a person and a dog) is one image tree of any layout
+with a labels file of path -> classes, sharded split by split:
+
+    python -m pirl_fast.shard voc/trainval shards/voc/train --labels trainval.json --multi-label
+    python -m pirl_fast.shard voc/test shards/voc/test --labels test.json --multi-label --classes shards/voc/train
+
+Each sample then carries KEY.mlb (one int8 per class: 1 present, 0 absent, -1 difficult) and -1
+as its single label; `eval svm` reports mAP on such shards. Formats: multi_labels.py.
+
 Inputs are sorted, shuffled globally with --seed (DALI only shuffles within a small buffer),
 cut into shards of --samples-per-shard inputs, and given global indices 0..N-1 in that order.
 Every image is decoded first; clean baseline RGB JPEGs are copied byte for byte, the rest
@@ -229,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt (needs meta.mat "
                    "beside it and scipy). In a dataset root: SPLIT=FILE, or FILE for its only flat split. "
                    "LOC_val_solution.csv beside the images or in SRC is found without it")
+    p.add_argument("--multi-label", action="store_true",
+                   help="SRC is one image tree (any folders) labelled by --labels FILE with several classes per "
+                   "image: a JSON of path -> [class, ...] (or {\"present\": [...], \"difficult\": [...]}) or a CSV "
+                   "of path,classes[,difficult classes], paths relative to SRC; class ids are the file's sorted "
+                   "class names, or --classes SHARDS'")
     p.add_argument("--splits", metavar="A,B", default=None,
                    help="dataset root: shard only these splits (e.g. train,val); train's classes are used all the same")
     p.add_argument("--classes", metavar="SHARDS", default=None,
@@ -303,12 +317,12 @@ def _shard(args: argparse.Namespace, opts: Options) -> None:
     splits = [n.strip().lower() for n in args.splits.split(",") if n.strip()] if args.splits else None
     if splits and not set(splits) <= set(SPLIT_NAMES):
         raise SourceError(f"--splits {args.splits}: split names are {', '.join(SPLIT_NAMES)}")
-    source = read_source(opts.src, args.layout, args.labels, splits, classes)
+    source = read_source(opts.src, args.layout, args.labels, splits, classes, args.multi_label)
     if source.layout == "splits":
         run_splits(opts, source, resume=args.resume, overwrite=args.overwrite)
         return
     manifest = run_shard(opts, resume=args.resume, overwrite=args.overwrite, source=source.splits[0])
-    if source.layout == "flat" and classes is None:
+    if source.layout in ("flat", "multi") and classes is None:
         print(f"note: class ids are the {len(manifest['classes'])} sorted class names of "
               f"{manifest['labels']['file']}; to use train's, pass --classes TRAIN_SHARDS")
     if manifest.get("labels", {}).get("without_image"):

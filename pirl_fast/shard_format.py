@@ -11,6 +11,8 @@ dtypes=INT64 and no Python per sample):
     KEY.crc   (shards written with checksums=True only) zlib CRC-32 of the KEY.jpg bytes, as an
               8-byte little-endian int64 (0 .. 2**32-1); readers check it before decoding
               (pirl_fast/corrupt.py). The manifest's sample_members lists "crc" when it is there.
+    KEY.mlb   (multi-label shards only, last) one int8 per class: 1 present, 0 absent, -1 difficult;
+              KEY.cls and KEY.lbl then hold -1 (multi_labels.py, shards/README.md)
 
 Every header is fixed (mtime 0, uid/gid 0, no user/group names, mode 0644), so the same
 samples always give the same bytes. Keys hold only [A-Za-z0-9_-]: WebDataset and DALI split
@@ -40,6 +42,7 @@ MAX_SLUG = 80  # keeps "KEY.jpg" under ustar's 100-character name field (80 + 1 
 _INT64 = struct.Struct("<q")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 CHECKSUM_MEMBER = "crc"  # the optional fifth member: CRC-32 of the jpg bytes
+MULTI_LABEL_MEMBER = "mlb"  # multi-label shards' last member: the multi-hot targets
 
 
 def sample_key(relpath: str) -> str:
@@ -104,8 +107,8 @@ class ShardWriter:
     """Writes samples into an open binary file as a deterministic ustar archive.
 
     `add(key, jpeg, label, index)` appends the four members (five with checksums=True: the crc
-    member last); `entries` collects the index-file lines; `close()` writes the end-of-archive
-    blocks (the file itself stays open).
+    member after them; then the mlb member when `multi_hot` is given); `entries` collects the
+    index-file lines; `close()` writes the end-of-archive blocks (the file itself stays open).
     """
 
     def __init__(self, fileobj: BinaryIO, checksums: bool = False):
@@ -125,11 +128,13 @@ class ShardWriter:
         # ustar: exactly one 512-byte header per member (names are < 100 chars, no PAX records).
         return header_offset + TAR_BLOCK, len(data)
 
-    def add(self, key: str, jpeg: bytes, label: int, index: int) -> None:
+    def add(self, key: str, jpeg: bytes, label: int, index: int, multi_hot: bytes = b"") -> None:
         contents = [("jpg", jpeg), ("cls", str(label).encode("ascii")), ("idx", encode_int64(index)),
                     ("lbl", encode_int64(label))]
         if self.checksums:
             contents.append((CHECKSUM_MEMBER, encode_int64(zlib.crc32(jpeg))))
+        if multi_hot:
+            contents.append((MULTI_LABEL_MEMBER, multi_hot))
         members = []
         for ext, data in contents:
             name = f"{key}.{ext}"

@@ -13,7 +13,6 @@ import json
 import random
 from dataclasses import dataclass
 
-from pirl_fast.manifest import CHECKSUM_MEMBERS
 from pirl_fast.shard_source import Input, Split
 from pirl_fast.shard_state import shard_name
 
@@ -48,8 +47,10 @@ def plan_shards(inputs: list[Input], seed: int, samples_per_shard: int) -> list[
 
 
 def inputs_fingerprint(name: str, inputs: list[Input], opts: Options) -> str:
-    """Hash of what decides a shard's bytes: its inputs (path, label, size, mtime) and the options."""
+    """Hash of what decides a shard's bytes: its inputs (path, label or targets, size, mtime) and the options."""
     payload = [name, opts.max_side, opts.quality, [(i.relpath, i.label, i.size, i.mtime_ns) for i in inputs]]
+    if any(i.targets for i in inputs):  # multi-label: the KEY.mlb bytes too (hex: JSON has no bytes)
+        payload.append([i.targets.hex() for i in inputs])
     oversized = [i.relpath for i in inputs if i.size > opts.max_bytes]
     if oversized:  # --max-bytes decides these bytes only through the inputs it skips
         payload.append(oversized)
@@ -69,8 +70,8 @@ class Plan:
 def make_plan(opts: Options, split: Split) -> Plan:
     shards = plan_shards(split.inputs, opts.seed, opts.samples_per_shard)
     fingerprints = [inputs_fingerprint(shard_name(k), shard, opts) for k, shard in enumerate(shards)]
-    # The member list is part of the plan: --resume never mixes shards with and without KEY.crc.
-    sha = hashlib.sha256(json.dumps([opts.seed, split.classes, fingerprints, CHECKSUM_MEMBERS]).encode()).hexdigest()
+    # The member list is part of the plan: --resume never mixes shards with and without KEY.crc (or KEY.mlb).
+    sha = hashlib.sha256(json.dumps([opts.seed, split.classes, fingerprints, split.members]).encode()).hexdigest()
     return Plan(opts, split, shards, fingerprints, sha)
 
 

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pirl_fast.images import UnusableImage
-from pirl_fast.labels_file import (KAGGLE_VAL_NAME, EXAMPLES, LabelsError, LabelTable, match_labels, read_labels,
-                                   table_classes)
-from pirl_fast.manifest import ShardError
+from pirl_fast.labels_file import (KAGGLE_VAL_NAME, EXAMPLES, LabelsError, LabelTable, is_image_name, match_labels,
+                                   read_labels, table_classes)
+from pirl_fast.manifest import CHECKSUM_MEMBERS, ShardError
+from pirl_fast.multi_labels import MultiLabelTable, match_multi_labels, read_multi_labels
 from pirl_fast.shard_format import sample_key
 from pirl_fast.splits import SPLIT_NAMES, split_folders, split_name
 
@@ -58,6 +59,7 @@ class Input:
     size: int
     mtime_ns: int
     file: str = ""  # where it really is, relative to SRC, when not at relpath (a flat split; `Val/` read as val)
+    targets: bytes = b""  # multi-label sources: KEY.mlb, one int8 per class (multi_labels.py); label is then -1
 
     @property
     def path(self) -> str:
@@ -73,6 +75,12 @@ class Split:
     skipped: list[dict]  # loose files, unreadable folders, unlabelled non-images: {"path", "reason"}
     labels: dict | None = None  # the labels file used, as the manifest records it (labels_file.Matched.record)
     own_classes: list[str] | None = None  # classes this split's own folders or labels name (None: all `classes`)
+    label_kind: str = "single"  # "multi": inputs carry `targets` (KEY.mlb) instead of one label
+
+    @property
+    def members(self) -> list[str]:
+        """The tar members of each sample this split's shards hold (manifest.py)."""
+        return CHECKSUM_MEMBERS + (["mlb"] if self.label_kind == "multi" else [])
 
 
 @dataclass
@@ -178,6 +186,45 @@ def scan_flat(src: Path, folder: Path, table: LabelTable, prefix: str = "", clas
                  own_classes=sorted(set(matched.labels.values())))
 
 
+def scan_multi(src: Path, table: MultiLabelTable, classes: list[str] | None = None) -> Split:
+    """The image tree SRC (any folders) labelled by a multi-label table: inputs at their own path,
+    label -1, KEY.mlb in `targets`. `classes` None: the table's sorted class names."""
+    skipped, files = [], []
+
+    def walk_error(e: OSError) -> None:
+        skipped.append({"path": Path(e.filename).relative_to(src).as_posix(),
+                        "reason": f"unreadable folder: {e.strerror or e}"})
+
+    for dirpath, dirnames, filenames in os.walk(src, onerror=walk_error):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fname in filenames:
+            path = Path(dirpath) / fname
+            if not fname.startswith(".") and path.resolve() != table.path.resolve():
+                files.append(path.relative_to(src).as_posix())
+    try:
+        matched = match_multi_labels(table, files, classes)
+    except LabelsError as e:
+        raise SourceError(str(e)) from e
+    classes = matched.classes
+    if matched.unlabelled:
+        n = len(matched.unlabelled)
+        raise SourceError(f"{src}: {n} image file(s) have no entry in {table.path}: "
+                          f"{', '.join(matched.unlabelled[:5])}{' ...' if n > 5 else ''}. Give the right labels "
+                          "file, add them (an image with no class is written as path,[] or path,), or move them out")
+    if not matched.targets:
+        example = table.rows[-1].name if table.rows else "nothing"
+        raise SourceError(f"{src}: no file matches a path in {table.path} (e.g. {example!r}); paths are relative "
+                          "to SRC: is it this tree's labels file?")
+    inputs = [replace(_input(src, src / f, f, -1), targets=t) for f, t in matched.targets.items()]
+    inputs.sort(key=lambda i: i.relpath)
+    _check_keys(inputs)
+    skipped += [{"path": f, "reason": "no label and not an image file name"} for f in files
+                if f not in matched.targets and not is_image_name(f)]
+    present = {classes[k] for t in matched.targets.values() for k, v in enumerate(t) if v}
+    return Split(None, classes, inputs, skipped, labels=matched.record(table),
+                 own_classes=sorted(present, key=classes.index), label_kind="multi")
+
+
 # ------------------------------------------------------------------------------------------ reading one input
 
 _KINDS = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
@@ -232,7 +279,31 @@ def _read(path: Path) -> LabelTable:
     try:
         return read_labels(path.resolve())  # resolved: the manifest records where it was
     except LabelsError as e:
+        hint = ("; it looks like a multi-label file (path -> [class, ...]): pass --multi-label"
+                if path.suffix.lower() == ".json" else "")
+        raise SourceError(f"{e}{hint}") from e
+
+
+def _read_multi_tree(src: Path, layout: str, named: dict[str, Path], plain: list[Path], by_split: dict[str, Path],
+                     splits: list[str] | None, classes: list[str] | None) -> Source:
+    """--multi-label: SRC is one image tree, labelled by the one --labels FILE."""
+    if layout == "splits" or by_split or splits or (named and layout == "auto"):
+        where = next(iter(named.values()), src / "train")
+        raise SourceError(f"--multi-label shards one image tree at a time, but SRC {src} is read as a dataset root "
+                          f"({', '.join(_ordered(named)) or '--layout splits'}). Shard each split on its own with its "
+                          f"labels file, the first one's classes for the others: python -m pirl_fast.shard {where} "
+                          f"DST/{where.name} --labels FILE --multi-label, then the next split with --classes "
+                          f"DST/{where.name} (or --layout imagefolder: SRC is one tree whatever its folder names)")
+    if not plain:
+        raise SourceError("--multi-label needs the labels file: --labels FILE (a JSON of path -> [class, ...] or a "
+                          "CSV of path,classes; python -m pirl_fast.shard --help)")
+    if not plain[0].is_file():
+        raise SourceError(f"labels file {plain[0]} does not exist")
+    try:
+        table = read_multi_labels(plain[0].resolve())
+    except LabelsError as e:
         raise SourceError(str(e)) from e
+    return Source(src, "multi", [scan_multi(src, table, classes)])
 
 
 def parse_labels_args(values: list[str]) -> tuple[list[Path], dict[str, Path]]:
@@ -253,8 +324,9 @@ def parse_labels_args(values: list[str]) -> tuple[list[Path], dict[str, Path]]:
 
 
 def read_source(src: str | os.PathLike, layout: str = "auto", labels: list[str] = (), splits: list[str] | None = None,
-                classes: list[str] | None = None) -> Source:
-    """Scan SRC as the module doc says; raises SourceError (exit 2) with every problem found."""
+                classes: list[str] | None = None, multi_label: bool = False) -> Source:
+    """Scan SRC as the module doc says; raises SourceError (exit 2) with every problem found.
+    multi_label: SRC is one image tree labelled by a multi-label file (multi_labels.py)."""
     src = Path(src)
     if layout not in LAYOUTS:
         raise SourceError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
@@ -266,6 +338,8 @@ def read_source(src: str | os.PathLike, layout: str = "auto", labels: list[str] 
         named = split_folders(src)
     except ShardError as e:
         raise SourceError(str(e)) from e
+    if multi_label:
+        return _read_multi_tree(src, layout, named, plain, by_split, splits, classes)
     others = [p.name for p in _subdirs(src) if not split_name(p.name)]
     if layout == "auto" and named:
         labelled = set(by_split) | {n for n, p in named.items() if _detected_labels(p, src, n)}

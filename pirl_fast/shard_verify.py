@@ -2,8 +2,8 @@
 
 Checks, shard by shard: size and sha256 against the manifest; the index file equals the one
 rebuilt from the tar's own member offsets; every sample has exactly jpg, cls, idx, lbl in that
-order (and crc last, matching the jpg bytes, in shards written with checksums); cls and lbl
-agree and name a class; idx runs on from the previous shard; every JPEG decodes fully as a
+order (then crc, matching the jpg bytes, in shards written with checksums); cls and lbl
+agree and name a class (multi-label shards: both -1, and mlb holds one 1/0/-1 per class); idx runs on from the previous shard; every JPEG decodes fully as a
 baseline RGB JPEG. Globally: the indices are exactly 0..N-1. Prints one line
 per problem (naming the shard and key) and returns the list; empty means all good.
 
@@ -107,7 +107,10 @@ def _verify_one(shard_dir: str | Path, decode: bool) -> list[str]:
                     except ValueError as e:
                         problem(f"{info.name}: sample {key}: bad cls/lbl/idx ({e})")
                         continue
-                    if label != lbl or not 0 <= label < len(manifest.classes):
+                    if manifest.multi_label:
+                        if why := _multi_hot_problem(data["mlb"], label, lbl, len(manifest.classes)):
+                            problem(f"{info.name}: sample {key}: {why}")
+                    elif label != lbl or not 0 <= label < len(manifest.classes):
                         problem(f"{info.name}: sample {key}: cls {label} / lbl {lbl}, expected equal and "
                                 f"< {len(manifest.classes)} classes")
                     if index != next_index:
@@ -135,3 +138,17 @@ def _verify_one(shard_dir: str | Path, decode: bool) -> list[str]:
     print(f"verify {manifest.root}: {len(manifest.shards)} shards, {seen} samples, {len(manifest.classes)} classes, "
           f"{len(manifest.skipped)} skipped at sharding time: {status}")
     return problems
+
+
+def _multi_hot_problem(mlb: bytes, label: int, lbl: int, num_classes: int) -> str | None:
+    """What is wrong with a multi-label sample's members, or None (shard_format.py: cls/lbl -1, one
+    int8 of 1, 0 or -1 per class)."""
+    if label != -1 or lbl != -1:
+        return f"cls {label} / lbl {lbl}, expected -1 in multi-label shards"
+    if len(mlb) != num_classes:
+        return f"mlb has {len(mlb)} bytes, expected one per class ({num_classes})"
+    bad = sorted({v for v in mlb} - {0, 1, 0xFF})
+    if bad:
+        return f"mlb holds {bad}, expected 1 (present), 0 (absent) or -1 (difficult)"
+    return None
+

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pirl_fast.atomic import NoSpaceError, atomic_write, fsync_dir, no_space_message, require_free_space
 from pirl_fast.images import UnusableImage, normalise_image
-from pirl_fast.manifest import CHECKSUM_MEMBERS, MANIFEST_NAME, manifest_dict
+from pirl_fast.manifest import MANIFEST_NAME, manifest_dict
 from pirl_fast.progress import progress as progress_bar
 from pirl_fast.shard_format import IndexEntry, ShardWriter, index_text, sha256_file, shift_indices
 from pirl_fast.shard_plan import Plan, plan_header, plan_options
@@ -62,7 +62,7 @@ def write_shard(task: tuple[str, str, list[Input], int, int, int]) -> tuple[list
                 skipped.append({"path": item.path, "reason": str(e)})
                 continue
             copied += image.copied
-            writer.add(item.key, image.jpeg, item.label, len(writer.entries))
+            writer.add(item.key, image.jpeg, item.label, len(writer.entries), item.targets)
         writer.close()
     return writer.entries, skipped, copied
 
@@ -148,7 +148,7 @@ def _space_needed(plan: Plan, done: _Done, input_bytes: list[int]) -> tuple[int,
     in_flight = sum(p.stat().st_size for p in our_files(Path(plan.opts.dst)) if p.name.startswith(".shard-"))
     if finished_in and written:
         return max(0, round(todo_in * written / finished_in) - in_flight), True
-    tar_overhead = len(CHECKSUM_MEMBERS) * 2 * 512  # per sample: 5 members, each a 512-byte header and on average half a block of padding
+    tar_overhead = len(plan.split.members) * 2 * 512  # per member: a 512-byte header and on average half a block of padding
     return todo_in + tar_overhead * sum(len(s) for s in plan.shards[k:]) - in_flight, False
 
 
@@ -184,7 +184,9 @@ def write_plan(plan: Plan, resume: bool, overwrite: bool, progress: bool) -> dic
                           f"{len(split.inputs)} input file(s) were skipped ({examples}{more}); no shards were written")
     manifest = manifest_dict(num_samples=done.samples, classes=split.classes,
                              shards=[r for r in done.records if r["samples"]], skipped=skipped_all,
-                             options=plan_options(plan), members=CHECKSUM_MEMBERS)
+                             options=plan_options(plan), members=split.members)
+    if split.label_kind != "single":
+        manifest["label_kind"] = split.label_kind
     if split.labels:
         manifest["labels"] = split.labels
     manifest["plan_sha256"] = plan.sha
@@ -295,7 +297,9 @@ def _check_written(dst: Path, done: _Done) -> None:
 
 def _warn_empty_classes(split: Split, skipped: list[dict]) -> None:
     gone = {s["path"] for s in skipped}
-    usable = {i.label for i in split.inputs if i.path not in gone}
+    kept = [i for i in split.inputs if i.path not in gone]
+    usable = ({k for i in kept for k, v in enumerate(i.targets) if v} if split.label_kind == "multi"
+              else {i.label for i in kept})
     own = split.own_classes if split.own_classes is not None else split.classes
     empty = [c for c in own if split.classes.index(c) not in usable]
     if empty:

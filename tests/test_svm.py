@@ -139,7 +139,8 @@ def test_svm_cli_on_shards(tmp_path, sample_shards):
 
 def write_multi_label_shards(root, targets: np.ndarray, classes: list[str]) -> None:
     """A shard directory in the proposed multi-label format (shards/README.md): the usual members with
-    KEY.lbl = -1, plus KEY.mlb = C int8. Written by hand until the sharder takes a labels file."""
+    KEY.lbl = -1, plus KEY.mlb = C int8. Written by hand, independently of the sharder (whose own
+    multi-label output tests/test_multi_label_shards.py checks)."""
     import io
     import tarfile
 
