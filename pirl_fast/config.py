@@ -14,8 +14,10 @@ Top-level keys:
     run_dir   filled in by main() from hydra.run.dir; set it only when calling train() yourself
     num_samples  0 (default): the bank gets one row per sample of the shard manifest; N > 0: the
               run refuses to start unless the shards hold exactly N samples
-    resume    "auto": continue from the newest valid checkpoint in run_dir/checkpoints, if any
-              "none": start from scratch (refused if run_dir already holds checkpoints)
+    resume    "auto": continue the run directory's run from its newest valid checkpoint, when it is the
+              same run (same data, same settings less checkpoint.HARMLESS_CHANGES; run_dirs.py)
+              "none": start from scratch (the next free runs/NAME-K; refused in a named directory
+              that already holds checkpoints)
               a path: continue from that checkpoint file
 """
 

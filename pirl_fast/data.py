@@ -27,19 +27,22 @@ sample (any of 9!, or one of a fixed max-Hamming set) and applies it as one gath
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Union
 
 import torch
 
+from pirl_fast.cpus import cpus_per_rank
 from pirl_fast.manifest import Manifest, ShardError, load_manifest
 from pirl_fast.permutations import max_hamming_permutations, random_permutations
 from pirl_fast.splits import resolve_shards
 
-BACKENDS = ("dali", "torch", "synthetic")
+BACKENDS = ("dali", "torch", "synthetic")  # what build_loader builds; data.backend may also say "auto"
+DALI_INSTALL = "pip install nvidia-dali-cuda130"  # pyproject.toml's pin; the CPU graph needs no GPU
 INDEX_HEADER = "v1.2"  # DALI webdataset index format written by pirl_fast.shard / wds2idx
 HASH_CHUNK = 1 << 22  # 4 MiB reads when checksumming shards
 ON_CORRUPT = ("error", "skip")
@@ -51,9 +54,11 @@ class DataConfig:
     """Hydra structured config of the data group (plain int/float/str/bool/list fields only)."""
 
     shards: str = "???"  # shard directory, or a dataset root's (its train split is read); ignored by synthetic
-    backend: str = "dali"  # dali | torch | synthetic
+    backend: str = "auto"  # auto (dali where NVIDIA DALI imports, else torch, with a notice) | dali | torch | synthetic
     batch_size: int = 256  # GLOBAL batch over all ranks; per rank = batch_size // world_size
-    workers: int = 4  # DALI CPU threads / DataLoader workers, per rank
+    # DALI CPU threads / DataLoader workers, per rank. auto: this process's CPU cores divided by the ranks
+    # torchrun started on this node (cpus.cpus_per_rank); a number overrides it (0: torch loads in-process)
+    workers: Union[int, str] = "auto"
     image_size: int = 224
     image_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random_resized_crop area
     patch_crop_size: int = 255  # the patch view's crop, cut into grid x grid cells (must divide)
@@ -114,10 +119,42 @@ class PIRLLoader(Protocol):
     def close(self) -> None: ...
 
 
+class BackendUnavailable(ImportError):
+    """data.backend names a loader whose library is not installed; the message says how to get it."""
+
+
+def resolve_backend(backend: str) -> tuple[str, str | None]:
+    """(the backend to build, a one-line notice or None). "auto" is dali where NVIDIA DALI imports (the
+    GPU graph on CUDA, its CPU graph otherwise), else torch with a notice saying so; an explicit "dali"
+    without DALI raises BackendUnavailable, naming the fix."""
+    if backend not in ("auto", "dali"):
+        return backend, None
+    from pirl_fast.loader_dali import dali_import_error  # here: loader_dali imports this module
+
+    error = dali_import_error()
+    if error is None:
+        return "dali", None
+    if backend == "dali":
+        raise BackendUnavailable(f"data.backend=dali but NVIDIA DALI does not import here ({error}): {DALI_INSTALL}, "
+                                 "or use data.backend=auto (DALI where installed, else torch) or data.backend=torch")
+    return "torch", (f"data.backend=auto: NVIDIA DALI does not import here ({error}), so the torch backend loads "
+                     f"the data (webdataset + torchvision workers; {DALI_INSTALL} for the fast path)")
+
+
+def resolve_workers(workers: int | str) -> int:
+    """data.workers as a number: "auto" is cpus.cpus_per_rank()."""
+    if workers == "auto":
+        return cpus_per_rank()
+    if isinstance(workers, int) or str(workers).isdigit():
+        return int(workers)
+    raise ValueError(f"data.workers={workers!r} is neither auto nor a number: use auto (the CPU cores per rank) or a "
+                     "number of workers >= 0")
+
+
 def check_config(cfg: DataConfig, world_size: int) -> int:
     """Validate `cfg` for `world_size` ranks; returns the per-rank batch size."""
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"data.backend={cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    if cfg.backend not in ("auto", *BACKENDS):
+        raise ValueError(f"data.backend={cfg.backend!r} is not one of auto, {', '.join(BACKENDS)}")
     if cfg.on_corrupt not in ON_CORRUPT:
         raise ValueError(f"data.on_corrupt={cfg.on_corrupt!r} is not one of {', '.join(ON_CORRUPT)}")
     if cfg.output_dtype not in OUTPUT_DTYPES:
@@ -130,8 +167,9 @@ def check_config(cfg: DataConfig, world_size: int) -> int:
     if world_size < 1 or cfg.batch_size % world_size or cfg.batch_size < world_size:
         raise ValueError(f"data.batch_size={cfg.batch_size} (global) must be a positive multiple of the world "
                          f"size {world_size}")
-    if cfg.workers < (1 if cfg.backend == "dali" else 0):
-        raise ValueError(f"data.workers={cfg.workers} must be >= 1 for DALI (its CPU threads) and >= 0 for torch")
+    if resolve_workers(cfg.workers) < (1 if cfg.backend == "dali" else 0):
+        raise ValueError(f"data.workers={cfg.workers} is out of range: it must be >= 1 for DALI (its CPU threads) "
+                         "and >= 0 for torch (0: load in this process); auto gives the CPU cores per rank")
     if cfg.patch_crop_size % cfg.grid:
         raise ValueError(f"data.patch_crop_size={cfg.patch_crop_size} must be divisible by data.grid={cfg.grid} "
                          f"(e.g. 255 for a 3x3 grid of 85 px cells)")
@@ -152,13 +190,13 @@ SIZES_AND_RATES = (
     ("grid", 1, math.inf, "3 for the 3x3 jigsaw"), ("patch_size", 1, math.inf, "64: one patch per 85 px cell"),
     ("shuffle_buffer", 1, math.inf, "4096"), ("prefetch", 1, math.inf, "2"),
     ("synthetic_samples", 1, math.inf, "10000"),
-    ("num_permutations", 0, math.inf, "0: any order, or 1000"), ("workers", 0, math.inf, "4"),
+    ("num_permutations", 0, math.inf, "0: any order, or 1000"),
     ("hw_decoder_load", 0, 1, "a share of the JPEGs; DALI's default 0.65"),
     ("device_memory_padding", 0, math.inf, "bytes; DALI's default 16777216"),
     ("host_memory_padding", 0, math.inf, "bytes; DALI's default 8388608"),
     ("preallocate_width_hint", 0, math.inf, "px; 0: no hint, 5980 for ImageNet's widest JPEG"),
     ("preallocate_height_hint", 0, math.inf, "px; 0: no hint, 6430 for ImageNet's highest JPEG"),
-)  # the augmentation keys' ranges: check_augmentation
+)  # data.workers (auto or a number): below; the augmentation keys' ranges: check_augmentation
 
 
 def check_augmentation(cfg: DataConfig) -> None:
@@ -308,7 +346,11 @@ def replace_corrupt(bad: list[int], where: list[str], *rows: torch.Tensor) -> tu
 
 def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu") -> PIRLLoader:
-    """The loader for this rank: `len()` batches of cfg.batch_size // world_size samples per epoch."""
+    """The loader for this rank: `len()` batches of cfg.batch_size // world_size samples per epoch.
+
+    data.backend=auto and data.workers=auto are resolved here (the trainer resolves the backend
+    earlier, to say which it chose)."""
+    cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg.backend)[0], workers=resolve_workers(cfg.workers))
     per_rank = check_config(cfg, world_size)
     device = torch.device(device)
     if cfg.backend == "synthetic":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from pirl_fast import linear_probe as lp
 from pirl_fast import svm
 from pirl_fast import vissl_import
 from pirl_fast.checkpoint import list_checkpoints, save_atomic
+from pirl_fast.cpus import cpus_per_rank
 from pirl_fast.features import (ShardImageDataset, Pretrained, eval_transform, extract, load_pretrained, make_loader,
                                 pick_device, random_init, read_checkpoint, svm_transform, train_transform)
 from pirl_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
@@ -134,6 +134,17 @@ def open_splits(args, train_view, val_view, multi_label_ok: bool = False):
     return device, net, size, train, val
 
 
+def result_stem(stem: str, args, net: Pretrained | None, seeded: bool = True) -> str:
+    """The name (without .json) a command's result goes to: `stem`, `_random_init` for the untrained
+    network, and `_seed{S}` when --seed S differs from the command's default seed (the run's trainer.seed
+    for --random-init weights, 0 otherwise), so results of different seeds never overwrite each other.
+    seeded=False: the command's result does not depend on --seed."""
+    random_init = getattr(args, "random_init", False) and net is not None
+    default = int(net.config.get("trainer", {}).get("seed", 0)) if random_init else 0
+    seed = args.seed if seeded and args.seed is not None else default
+    return f"{stem}{'_random_init' if random_init else ''}{f'_seed{seed}' if seed != default else ''}"
+
+
 def describe(net: Pretrained) -> dict:
     out = {"checkpoint": str(net.path) if net.path else None, "method": net.method,
            "arch": net.config.get("model", {}).get("arch")}
@@ -179,7 +190,7 @@ def cmd_knn(args) -> int:
           f"(k={result.k}, tau={result.temperature}, {result.num_train} train -> {result.num_val} val, "
           f"{result.num_classes} classes; chance {100 / result.num_classes:.2f}%)")
     out = Path(args.out) if args.out else default_out(net.path)
-    write_json(out, "knn_random_init.json" if args.random_init else "knn.json",
+    write_json(out, result_stem("knn", args, net, seeded=args.random_init) + ".json",
                {**describe(net), **result.as_dict(), "image_size": size, "train_shards": str(train.manifest.root),
                 "val_shards": str(val.manifest.root)})
     return 0
@@ -216,7 +227,7 @@ def cmd_linear(args) -> int:
     for head, r in results.items():
         print(f"  {head:10s} {dims[head]:6d} dims  top-1 {100 * r['top1']:6.2f}%  top-5 {100 * r['top5']:6.2f}%")
     best = max(results, key=lambda h: results[h]["top1"])
-    write_json(out, "linear_random_init.json" if args.random_init else "linear.json",
+    write_json(out, result_stem("linear", args, net) + ".json",
                {**describe(net), "stages": results, "best": {"head": best, **results[best]},
                 "head_in_features": dims, "protocol": cfg.as_dict(), "loss_per_epoch": history,
                 "train_loader": type(loader).__name__ if cfg.augment else "cached centre-crop features",
@@ -251,16 +262,17 @@ def cmd_invariance(args) -> int:
              for label, net in zip(labels, nets)}
     out = Path(args.out) if args.out else default_out(nets[0].path)
     out.mkdir(parents=True, exist_ok=True)
-    inv.plot_histograms(dists, out / "invariance.png")
-    print(f"wrote {out / 'invariance.png'}")
+    inv.plot_histograms(dists, out / f"{result_stem('invariance', args, None)}.png")
+    print(f"wrote {out / result_stem('invariance', args, None)}.png")
     summary = {label: {**describe(net), **{m: inv.summarise(d) for m, d in dists[label].items()}}
                for label, net in zip(labels, nets)}
     for label, s in summary.items():
         parts = [f"{m} mean {s[m]['mean']:.4f} (median {s[m]['median']:.4f})" for m in inv.METRICS if m in s]
         print(f"  {label}: " + "; ".join(parts))
-    write_json(out, "invariance.json", {"checkpoints": summary, "views": views.__dict__, "num_images": len(data),
-                                        "seed": args.seed or 0, "shards": str(data.manifest.root),
-                                        "definition": "Distances" + inv.__doc__.split("Distances", 1)[1].strip()})
+    write_json(out, result_stem("invariance", args, None) + ".json",
+               {"checkpoints": summary, "views": views.__dict__, "num_images": len(data),
+                "seed": args.seed or 0, "shards": str(data.manifest.root),
+                "definition": "Distances" + inv.__doc__.split("Distances", 1)[1].strip()})
     return 0
 
 
@@ -283,20 +295,20 @@ def cmd_svm(args) -> int:
             "label_kind": "single" if single else "multi", "num_train": len(train), "num_val": len(val),
             "num_classes": len(train.classes), "classes": train.classes, "svm": cfg.as_dict()}
     out = Path(args.out) if args.out else default_out(net.path)
-    suffix = "_random_init" if args.random_init else ""
     if args.low_shot:
         result = svm.low_shot(train_x.numpy(), train.targets, val_x.numpy(), val.targets, args.low_shot, single, cfg,
                               draws=args.draws)
         for k, r in result.items():
             print(f"low-shot k={k}: {r['metric']} {100 * r['mean']:.2f} +- {100 * r['std']:.2f} "
                   f"(min {100 * r['min']:.2f}, max {100 * r['max']:.2f}; {args.draws} draws, cost {r['cost']})")
-        write_json(out, f"svm_lowshot{suffix}.json", {**info, "draws": args.draws, "low_shot": result})
+        write_json(out, result_stem("svm_lowshot", args, net) + ".json",
+                   {**info, "draws": args.draws, "low_shot": result})
         return 0
     result = svm.train_and_test(train_x.numpy(), train.targets, val_x.numpy(), val.targets, single, cfg)
     top1 = f"top-1 {100 * result.top1:.2f}%, " if single else ""
     print(f"SVM on {stage} ({info['dims']} dims, {net.method}): {top1}mAP {100 * result.mAP:.2f} over "
           f"{len(train.classes)} classes ({len(train)} train -> {len(val)} val)")
-    write_json(out, f"svm{suffix}.json", {**info, **result.as_dict()})
+    write_json(out, result_stem("svm", args, net) + ".json", {**info, **result.as_dict()})
     return 0
 
 
@@ -316,7 +328,7 @@ def cmd_finetune(args) -> int:
                             batch_size=args.ft_batch, weight_decay=args.weight_decay, freeze_trunk=args.freeze_trunk,
                             seed=args.seed or 0)
     out = Path(args.out) if args.out else default_out(net.path)
-    name = f"finetune_{tag}{'_frozen' if cfg.freeze_trunk else ''}{'_random_init' if args.random_init else ''}"
+    name = result_stem(f"finetune_{tag}{'_frozen' if cfg.freeze_trunk else ''}", args, net)
     torch.manual_seed(cfg.seed)
     model = ft.Classifier(net.model.trunk, net.model.trunk_dim, len(train_data.classes))
     loaders = [ftd.build_loader(args.backend, data, pos, out / f"{name}_index" / split, size,
@@ -371,14 +383,18 @@ def check_same_classes(train: list[str], val: list[str], val_dir: str) -> None:
 def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda[:N]")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader worker processes decoding JPEGs (default min(8, cores))")
+    workers = min(8, cpus_per_rank())
+    p.add_argument("--workers", type=int, default=workers,
+                   help=f"DataLoader worker processes decoding JPEGs (default: the CPU cores this process may use, "
+                        f"at most 8: {workers} here)")
     p.add_argument("--image-size", type=int, default=0,
                    help="evaluation crop size; 0 (default) = the checkpoint's data.image_size")
     p.add_argument("--limit", type=int, default=0, help="use only the first N samples of each split (0 = all)")
     p.add_argument("--seed", type=int, default=None,
                    help="--random-init weights (default: the checkpoint's trainer.seed, i.e. the very weights the "
-                        "run started from), invariance permutations and probe shuffling (default 0)")
+                        "run started from), invariance permutations, probe shuffling and subset draws (default 0). "
+                        "A seed other than the default goes into the result's name (knn_random_init_seed1.json), "
+                        "so seeds never overwrite each other; report averages them")
     p.add_argument("--out", default=None, help="folder for the JSON (default: the checkpoint's run directory)")
     if shards:
         p.add_argument("--train-shards", default=None, help="train shard dir (default: the checkpoint's data.shards; "
@@ -501,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ShardError as e:  # a missing or unfinished shard folder: the message names the fix
+    except (ShardError, FileNotFoundError) as e:  # a missing shard folder, run or checkpoint: the message names the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
-from tqdm import tqdm
+from pirl_fast.progress import progress
 
 from pirl_fast.checkpoint import list_checkpoints, load_latest
 from pirl_fast.jigsaw import JigsawModel
@@ -97,8 +97,8 @@ class ShardImageDataset(Dataset):
         self.transform = transform
         self.paths = self.manifest.tar_paths()
         entries: list[_Entry] = []
-        for shard, path in enumerate(tqdm(self.paths, desc=f"scan {Path(shard_dir).name}", unit="shard",
-                                          leave=False, disable=len(self.paths) < 8)):
+        for shard, path in enumerate(progress(self.paths, desc=f"scan {Path(shard_dir).name}", unit="shard",
+                                              leave=False, enabled=len(self.paths) >= 8)):
             entries.extend(self._scan(shard, path, self.manifest.shards[shard].samples))
         entries.sort(key=lambda e: e.index)
         if limit > 0:
@@ -297,7 +297,7 @@ def _freeze(model: nn.Module, device) -> nn.Module:
 def extract(fn: Callable[[Tensor], Tensor], loader: DataLoader, device, desc: str) -> tuple[Tensor, Tensor, Tensor]:
     """Run `fn` over every batch: (features (N, D) float32 on CPU, labels (N,), global index (N,))."""
     feats, labels, index = [], [], []
-    for images, y, idx in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
+    for images, y, idx in progress(loader, desc=desc, unit="batch"):
         feats.append(fn(images.to(device, non_blocking=True)).float().cpu())
         labels.append(y)
         index.append(idx)

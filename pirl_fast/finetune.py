@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
+from pirl_fast.progress import progress
 
 from pirl_fast.linear_probe import REFERENCE_BATCH, param_groups, sgd_step
 
@@ -87,7 +87,7 @@ def train(model: Classifier, loader, cfg: FinetuneConfig, device: torch.device) 
     optimizer = prepare(model, cfg, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     history = []
-    bar = tqdm(total=cfg.epochs * len(loader), desc="finetune", unit="step", dynamic_ncols=True)
+    bar = progress(total=cfg.epochs * len(loader), desc="finetune", unit="step")
     for epoch in range(cfg.epochs):
         model.train()
         if cfg.freeze_trunk:
@@ -114,7 +114,7 @@ def evaluate(model: Classifier, loader, device: torch.device) -> dict[str, float
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     hit1 = hit5 = n = 0
-    for images, labels in tqdm(loader, desc="finetune: val", unit="batch", dynamic_ncols=True, leave=False):
+    for images, labels in progress(loader, desc="finetune: val", unit="batch", leave=False):
         with autocast:
             ranked = model(images).argsort(dim=1, descending=True)
         hit1 += (ranked[:, 0] == labels).sum().item()

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torchvision import transforms as T
-from tqdm import tqdm
+from pirl_fast.progress import progress
 
 from pirl_fast.features import IMAGENET_MEAN, IMAGENET_STD, RESIZE_RATIO, eval_transform
 
@@ -131,8 +131,7 @@ def invariance_distances(model: nn.Module, method: str, loader, grid: int, devic
     cells unshuffled (a check: every distance of "trunk" is then 0)."""
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, list[Tensor]] = {m: [] for m in METRICS}
-    for (images, patches, crops), _, _ in tqdm(loader, desc=f"invariance ({method})", unit="batch",
-                                               dynamic_ncols=True):
+    for (images, patches, crops), _, _ in progress(loader, desc=f"invariance ({method})", unit="batch"):
         B = images.shape[0]
         num_cells = grid * grid
         perm = (torch.arange(num_cells).expand(B, num_cells) if identity

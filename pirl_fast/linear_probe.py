@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
+from pirl_fast.progress import progress
 
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
 PROTOCOLS = ("goyal", "gap")
@@ -226,7 +226,7 @@ def train_probes(probes: nn.Module, epoch_batches, cfg: ProbeConfig, steps_per_e
     opt = torch.optim.SGD(param_groups(probes, cfg.weight_decay), lr=cfg.effective_lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov and cfg.momentum > 0)
     history = []
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="linear probes", unit="step", dynamic_ncols=True)
+    bar = progress(total=cfg.epochs * steps_per_epoch, desc="linear probes", unit="step")
     for epoch in range(cfg.epochs):
         total, count = 0.0, 0
         for step, (feats, labels) in enumerate(epoch_batches(epoch)):
@@ -287,8 +287,8 @@ def cache_stage_features(trunk: nn.Module, loader, device, desc: str, protocol: 
     """Every batch's features, on the CPU: ({feature: (N, ...)}, labels (N,))."""
     feats: dict[str, list[Tensor]] = {}
     labels = []
-    for out, y in tqdm(image_batches(trunk, loader, device, protocol), total=len(loader), desc=desc, unit="batch",
-                       dynamic_ncols=True):
+    for out, y in progress(image_batches(trunk, loader, device, protocol), total=len(loader), desc=desc,
+                           unit="batch"):
         for s, f in out.items():
             feats.setdefault(s, []).append(f.cpu())
         labels.append(y)

@@ -42,6 +42,10 @@ else:
     _IMPORT_ERROR = None
 
 
+def dali_import_error() -> ImportError | None:
+    """Why DALI (or its pipeline) does not import here, or None when it does."""
+    return _IMPORT_ERROR
+
 
 class DaliLoader:
     def __init__(self, cfg: DataConfig, manifest: Manifest, per_rank: int, rank: int, world_size: int,

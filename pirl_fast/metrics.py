@@ -15,9 +15,9 @@ every phase and charges host time: an exact host-side split, at the price of thr
 syncs per step that also wait on DALI's prefetch.
 
 `MetricsLogger` is rank 0's output: one JSON object per line in run_dir/metrics.jsonl, the same
-scalars in TensorBoard (run_dir/tb), and a tqdm bar on a terminal (a plain line per log interval
-when stderr is a file, e.g. a SLURM log). On other ranks every method is a no-op, so the loop
-calls it unconditionally.
+scalars in TensorBoard (run_dir/tb), and a tqdm bar on a terminal; a plain line per log interval
+instead when stderr is a file or a pipe (a SLURM log) or with trainer.progress=false. On other
+ranks every method is a no-op, so the loop calls it unconditionally.
 
 metrics.jsonl fields: step (optimiser steps done), epoch (fractional), loss / loss_jigsaw /
 loss_image (mean over the interval's steps, averaged over ranks), lr (of the last step),
@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from pirl_fast.progress import is_terminal
+from pirl_fast.progress import progress as progress_bar
 
 PHASES = ("data", "compute", "bank", "checkpoint")
 DEVICE_PHASES = ("compute", "bank")  # on CUDA without sync: timed by CUDA events (GPU time)
@@ -155,9 +158,11 @@ class StepClock:
 def format_summary(s: dict[str, Any]) -> str:
     """The end-of-run summary (train.make_summary) in two lines for people."""
     split = ", ".join(f"{phase} {s['time_share'][phase]:.0%}" for phase in s["time_s"])
+    graph = " (its CPU graph)" if s["backend"] == "dali" and s["device"] == "cpu" else ""
     return (f"done ({s['stopped_by']}) at step {s['step']}, epoch {s['epoch']}: {s['samples_per_s']:.1f} samples/s "
             f"over {s['steps_timed']} timed steps ({s['warmup_steps_excluded']} warm-up left out) on "
-            f"{s['world_size']} x {s['device']}; data wait {s['data_wait_share']:.0%}; time: {split}\n"
+            f"{s['world_size']} x {s['device']}, data.backend={s['backend']}{graph}; "
+            f"data wait {s['data_wait_share']:.0%}; time: {split}\n"
             f"checkpoint: {s['checkpoint']}")
 
 
@@ -187,12 +192,11 @@ class MetricsLogger:
 
         self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=initial_step or None)
         self.total_steps = total_steps
-        self.plain = False  # progress wanted, but stderr is no terminal (SLURM log): one line per interval
-        if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, disable=None)
-            self.plain = self.bar.disable
+        # A bar only where it can redraw in place; otherwise (trainer.progress=false, a pipe, a SLURM log)
+        # one plain line per log interval, so a run is never silent until its end.
+        if progress and is_terminal():
+            self.bar = progress_bar(total=total_steps, initial=initial_step, unit="step")
+        self.plain = self.bar is None
 
     def log(self, record: dict[str, Any]) -> None:
         """One JSON line; numeric fields also go to TensorBoard under train/<key>, at record['step']."""

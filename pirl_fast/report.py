@@ -1,7 +1,10 @@
 """python -m pirl_fast.report RUN_DIR [RUN_DIR ...] [--out DIR] [--x KEY]
 
 Gathers the evaluation JSON of several runs (an ablation sweep, or any runs to compare) into one
-markdown table and one PNG plot.
+markdown table and one PNG plot, written beside the runs (--out: where, printed at the end):
+    one RUN_DIR, or one sweep folder     inside it: RUN_DIR/report.md, report.png, layerwise.png
+    several                              in their common folder, as report_<run>+<run>+.../; in
+                                         ./reports/ when that folder is the current one (or above it)
 
 A RUN_DIR is a training run directory (it holds config.yaml and/or checkpoints/ and the JSON
 written by `python -m pirl_fast.eval`); a folder that is not a run itself but holds runs, such as
@@ -12,9 +15,14 @@ Per run it reads:
                 the table shows the keys whose values differ between the runs (the swept ones),
                 plus .hydra/overrides.yaml when Hydra wrote one
     knn         knn.json -> knn_top1, knn_top5; knn_random_init.json -> knn_random_top1
-    linear      linear.json -> linear_<stage>_top1 for conv1, res2..res5
+    linear      linear.json -> linear_<stage>_top1 for conv1, res2..res5 (+ res5avg, res5avg_fc);
+                linear_random_init.json -> linear_random_top1 (the untrained network's best head)
     invariance  invariance.json -> invariance_<pirl_head|trunk>_mean (this run's checkpoint)
-    training    metrics.jsonl -> final_loss (the last logged loss)
+    training    summary.json -> steps (the steps actually run; else the newest checkpoint's step);
+                metrics.jsonl -> final_loss (the last logged loss)
+Results of other seeds (`eval ... --seed S` writes NAME_seedS.json beside NAME.json) are averaged
+with them: the table shows "mean ± std (n seeds)", the plot the mean.
+trainer.max_steps is not shown as a setting (it is only where a run was told to stop): `steps` is.
 
 The plot has one panel per metric family; x is the swept key (--x, default: the first key that
 varies), as a line over sorted numeric values or as bars otherwise.
@@ -29,14 +37,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import statistics
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-IGNORED_KEYS = ("run_dir", "name", "resume")  # differ between runs without being a setting
+IGNORED_KEYS = ("run_dir", "name", "resume", "trainer.max_steps")  # differ between runs without being a setting
 ACCURACY_PREFIXES = ("knn_", "linear_")
 LAYERS = ("conv1", "res2", "res3", "res4", "res5")  # linear_probe.STAGES (not imported: it pulls in torch)
+# The table's first columns, in this order (the rest follow alphabetically): trained beside untrained.
+COLUMNS = ("steps", "knn_top1", "knn_top5", "knn_random_top1",
+           *(f"linear_{s}_top1" for s in (*LAYERS, "res5avg", "res5avg_fc")), "linear_random_top1")
 
 
 def is_run_dir(path: Path) -> bool:
@@ -84,18 +97,35 @@ def read_config(run: Path) -> tuple[dict[str, object], list[str]]:
     return config, overrides
 
 
-def read_metrics(run: Path) -> dict[str, float]:
+def seed_results(run: Path, stem: str) -> list[dict]:
+    """The results `eval` wrote as STEM.json (the default seed) and STEM_seed<S>.json (other seeds)."""
+    others = sorted(p for p in run.glob(f"{stem}_seed*.json") if p.stem[len(stem) + len("_seed"):].isdigit())
+    return [r for r in map(_json, [run / f"{stem}.json", *others]) if r is not None]
+
+
+def mean_over_seeds(m: dict[str, float], spread: dict[str, tuple[float, int]], key: str, values: list[float]) -> None:
+    """m[key] = the mean of `values` (one per seed); spread[key] = (std, n) when there are several."""
+    if not values:
+        return
+    m[key] = sum(values) / len(values)
+    if len(values) > 1:
+        spread[key] = (statistics.stdev(values), len(values))
+
+
+def read_metrics(run: Path) -> tuple[dict[str, float], dict[str, tuple[float, int]]]:
+    """({metric: value}, {metric: (std over seeds, seeds)} for the metrics measured with several seeds)."""
     m: dict[str, float] = {}
+    spread: dict[str, tuple[float, int]] = {}
     knn = _json(run / "knn.json")
     if knn:
         m["knn_top1"], m["knn_top5"] = knn["top1"], knn["top5"]
-    knn_random = _json(run / "knn_random_init.json")
-    if knn_random:
-        m["knn_random_top1"] = knn_random["top1"]
-    linear = _json(run / "linear.json")
-    if linear:
-        for stage, r in linear["stages"].items():
-            m[f"linear_{stage}_top1"] = r["top1"]
+    mean_over_seeds(m, spread, "knn_random_top1", [r["top1"] for r in seed_results(run, "knn_random_init")])
+    linear = seed_results(run, "linear")
+    for stage in (linear[0]["stages"] if linear else {}):
+        mean_over_seeds(m, spread, f"linear_{stage}_top1", [r["stages"][stage]["top1"] for r in linear
+                                                            if stage in r["stages"]])
+    mean_over_seeds(m, spread, "linear_random_top1", [max(s["top1"] for s in r["stages"].values())
+                                                      for r in seed_results(run, "linear_random_init")])
     invariance = _json(run / "invariance.json")
     if invariance:
         entries = list(invariance["checkpoints"].values())
@@ -111,7 +141,19 @@ def read_metrics(run: Path) -> dict[str, float]:
         losses = [x for x in losses if isinstance(x, (int, float))]
         if losses:
             m["final_loss"] = float(losses[-1])
-    return m
+    steps = steps_run(run)
+    if steps is not None:
+        m["steps"] = steps
+    return m, spread
+
+
+def steps_run(run: Path) -> int | None:
+    """Optimiser steps the run actually did: summary.json's, else its newest checkpoint's (by name)."""
+    summary = _json(run / "summary.json")
+    if summary and "step" in summary:
+        return int(summary["step"])
+    steps = [int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("step_*.pt") if p.stem[5:].isdigit()]
+    return max(steps) if steps else None
 
 
 def _json(path: Path) -> dict | None:
@@ -135,13 +177,26 @@ def fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def build_table(runs: list[Path], configs, overrides, metrics, keys: list[str]) -> tuple[list[str], list[list[str]]]:
-    metric_names = sorted({k for m in metrics for k in m}, key=lambda k: (not k.startswith("knn"), k))
+def cell(m: dict[str, float], spread: dict[str, tuple[float, int]], key: str) -> str:
+    """A metric for the table: accuracies in %, with "± std (n seeds)" when several seeds were measured."""
+    if key not in m:
+        return ""
+    scale = 100 if key.startswith(ACCURACY_PREFIXES) else 1
+    if key not in spread:
+        return fmt(scale * m[key])
+    std, n = spread[key]
+    return f"{fmt(scale * m[key])} ± {fmt(scale * std)} ({n} seeds)"
+
+
+def build_table(runs: list[Path], configs, overrides, metrics, keys: list[str],
+                spreads: list[dict] | None = None) -> tuple[list[str], list[list[str]]]:
+    metric_names = sorted({k for m in metrics for k in m}, key=lambda k: (COLUMNS.index(k) if k in COLUMNS else
+                                                                          len(COLUMNS), k))
     header = ["run"] + keys + (["overrides"] if any(overrides) else []) + metric_names
     rows = []
-    for run, c, o, m in zip(runs, configs, overrides, metrics):
+    for run, c, o, m, spread in zip(runs, configs, overrides, metrics, spreads or [{}] * len(runs)):
         row = [run.name] + [fmt(c.get(k)) for k in keys] + ([" ".join(o)] if any(overrides) else [])
-        row += [fmt(100 * m[k]) if k in m and k.startswith(ACCURACY_PREFIXES) else fmt(m.get(k)) for k in metric_names]
+        row += [cell(m, spread, k) for k in metric_names]
         rows.append(row)
     return header, rows
 
@@ -192,14 +247,16 @@ def plot(runs: list[Path], configs, metrics, x_key: str | None, path: Path) -> N
 
 
 def layerwise_lines(runs: list[Path]) -> list[tuple[str, list[float]]]:
-    """[(label, linear top-1 in % for conv1 .. res5)] for each run whose linear.json has all five."""
+    """[(label, linear top-1 in % for conv1 .. res5)] for each run whose linear.json has all five, then
+    the untrained network's (linear_random_init.json; label "untrained (...)", drawn dashed)."""
     lines = []
-    for run in runs:
-        linear = _json(run / "linear.json")
-        if linear and all(s in linear.get("stages", {}) for s in LAYERS):
-            protocol = linear.get("protocol", {}).get("protocol", "gap")
-            label = f"{linear.get('method', '?')} ({run.name}, {protocol})"
-            lines.append((label, [100 * linear["stages"][s]["top1"] for s in LAYERS]))
+    for name, method in (("linear", None), ("linear_random_init", "untrained")):
+        for run in runs:
+            linear = _json(run / f"{name}.json")
+            if linear and all(s in linear.get("stages", {}) for s in LAYERS):
+                protocol = linear.get("protocol", {}).get("protocol", "gap")
+                label = f"{method or linear.get('method', '?')} ({run.name}, {protocol})"
+                lines.append((label, [100 * linear["stages"][s]["top1"] for s in LAYERS]))
     return lines
 
 
@@ -216,7 +273,8 @@ def plot_layerwise(runs: list[Path], path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, ys in lines:
-        ax.plot(range(len(LAYERS)), ys, marker="o", label=label)
+        dashed = label.startswith("untrained")
+        ax.plot(range(len(LAYERS)), ys, marker="o", label=label, linestyle="--" if dashed else "-")
     ax.set_xticks(range(len(LAYERS)), LAYERS)
     ax.set_xlabel("layer (frozen trunk)")
     ax.set_ylabel("linear top-1 (%)")
@@ -232,22 +290,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pirl_fast.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or sweep folders")
-    parser.add_argument("--out", default=None, help="folder for report.md and report.png (default: the common "
-                                                    "parent of the runs)")
+    parser.add_argument("--out", default=None, help="folder for report.md, report.png and layerwise.png (default: "
+                        "beside the runs: inside a single run or sweep folder, else report_<runs>/ in their common "
+                        "folder, or ./reports/ when that is the current folder)")
     parser.add_argument("--x", default=None, metavar="KEY", help="config key for the plot's x axis, e.g. loss.lam "
                                                                  "(default: the first key that varies)")
     args = parser.parse_args(argv)
     runs = expand_runs(args.runs)
     read = [read_config(r) for r in runs]
     configs, overrides = [c for c, _ in read], [o for _, o in read]
-    metrics = [read_metrics(r) for r in runs]
+    read_back = [read_metrics(r) for r in runs]
+    metrics, spreads = [m for m, _ in read_back], [s for _, s in read_back]
     keys = varying_keys(configs)
     if args.x and args.x not in {k for c in configs for k in c}:
         raise SystemExit(f"report: --x {args.x} is not a config key of these runs; varying keys: {keys}")
     x_key = args.x or (keys[0] if keys else None)
-    header, rows = build_table(runs, configs, overrides, metrics, keys)
+    header, rows = build_table(runs, configs, overrides, metrics, keys, spreads)
     table = markdown(header, rows)
-    out = Path(args.out) if args.out else Path(*_common_parts([r.resolve() for r in runs]))
+    out = Path(args.out) if args.out else default_out(args.runs, runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(f"# pirl_fast report ({len(runs)} runs)\n\nAccuracies in %.\n\n" + table)
     plot(runs, configs, metrics, x_key, out / "report.png")
@@ -258,14 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _common_parts(paths: list[Path]) -> tuple[str, ...]:
-    parts = paths[0].parts if len(paths) > 1 else paths[0].parent.parts
-    for p in paths[1:]:
-        n = 0
-        while n < min(len(parts), len(p.parts)) and parts[n] == p.parts[n]:
-            n += 1
-        parts = parts[:n]
-    return parts
+def default_out(args: list[str], runs: list[Path]) -> Path:
+    """Beside the runs (module docstring): never the current folder itself."""
+    if len(args) == 1:
+        return Path(args[0])  # the run, or the sweep folder holding the runs
+    common = Path(os.path.commonpath([r.resolve() for r in runs]))
+    cwd = Path.cwd().resolve()
+    if cwd.is_relative_to(common):  # the runs share no folder below the current one
+        common = cwd / "reports"
+    names = [r.name for r in runs]
+    label = "+".join(names[:3]) + (f"+{len(names) - 3}-more" if len(names) > 3 else "")
+    return common / f"report_{label}"
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from pirl_fast.cpus import cpus_per_rank
 from pirl_fast.manifest import MANIFEST_NAME, ShardError, load_manifest
 # sample_key, scan_source, Options and plan_shards are used through this module by the tests and pirl_fast.bench.shard.
 from pirl_fast.shard_format import sample_key  # noqa: F401
@@ -130,7 +131,8 @@ def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, prog
     bad SRC/DST, LockError while another sharder writes DST. source: what read_source found
     (default: SRC read as an ImageFolder or flat folder).
 
-    resume/overwrite: as the CLI flags. progress: show the tqdm bar (when stderr is a terminal).
+    resume/overwrite: as the CLI flags. progress: report progress (a bar on a terminal, plain lines otherwise:
+    pirl_fast/progress.py).
     """
     _check_paths(opts)
     dst = Path(opts.dst)
@@ -246,9 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", metavar="SHARDS", default=None,
                    help="single folder: take the class list (label ids) from these train shards (a shard folder or "
                    "a dataset root's); every class of SRC must be in it")
-    cores = os.cpu_count() or 1
+    cores = cpus_per_rank()
     p.add_argument("--workers", type=int, default=cores, help="worker processes, each writing one shard at a time "
-                   f"(default: the number of CPU cores, {cores} here; the output does not depend on it)")
+                   f"(default: the CPU cores this process may use, {cores} here; the output does not depend on it)")
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard,
                    help=f"inputs per shard (default {d.samples_per_shard}, ~100 MB of ImageNet)")
     p.add_argument("--max-side", type=int, default=d.max_side, metavar="PX",

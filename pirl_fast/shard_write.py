@@ -27,11 +27,10 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pirl_fast.atomic import NoSpaceError, atomic_write, fsync_dir, no_space_message, require_free_space
 from pirl_fast.images import UnusableImage, normalise_image
 from pirl_fast.manifest import MANIFEST_NAME, manifest_dict
+from pirl_fast.progress import progress as progress_bar
 from pirl_fast.shard_format import IndexEntry, ShardWriter, index_text, sha256_file, shift_indices
 from pirl_fast.shard_plan import Plan, plan_header, plan_options
 from pirl_fast.shard_pool import WorkerDied, run_tasks
@@ -219,8 +218,8 @@ def _write_shards(plan: Plan, done: _Done, input_bytes: list[int], progress: boo
     tasks = [(str(src), str(dst / f".{shard_name(k)}.tmp"), shards[k], opts.max_side, opts.quality, opts.max_bytes)
              for k in todo]
     desc = f"sharding {src.name}" + (f"/{plan.split.name}" if plan.split.name else "")
-    bar = tqdm(total=len(plan.split.inputs), initial=sum(len(shards[k]) for k in range(first)), unit="img",
-               desc=desc, disable=None if progress else True, smoothing=0.1)
+    bar = progress_bar(total=len(plan.split.inputs), initial=sum(len(shards[k]) for k in range(first)), unit="img",
+                       desc=desc, enabled=progress)
     if opts.workers > 1 and len(tasks) > 1:
         results = run_tasks(write_shard, tasks, opts.workers, describe=lambda t: f"{dst / shard_name(todo[t])}")
     else:

@@ -44,7 +44,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from tqdm import tqdm
+from pirl_fast.progress import progress
 
 COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)  # the voc07 svm yaml's costs_list
 CV_FOLDS = 3  # SVM.cross_val_folds
@@ -136,7 +136,7 @@ def _parallel(tasks, cfg: SVMConfig, desc: str) -> list:
     """Run [(fn, args)] over cfg.jobs processes, in order, with a progress bar."""
     from joblib import Parallel, delayed
 
-    bar = tqdm(total=len(tasks), desc=desc, unit="fit", dynamic_ncols=True, disable=len(tasks) < 4)
+    bar = progress(total=len(tasks), desc=desc, unit="fit", enabled=len(tasks) >= 4)
     out = []
     for result in Parallel(n_jobs=cfg.jobs, return_as="generator")(delayed(fn)(*args) for fn, args in tasks):
         out.append(result)

@@ -10,9 +10,11 @@ One step, top to bottom, in `train_step`: LR, forward under autocast, loss, fini
 backward, optimiser step, bank update. The loop around it (`fit`) fetches batches, checkpoints,
 logs, and stops on max_steps, the last epoch, a signal (pirl_fast/signals.py), or a non-finite loss.
 
-Run directory: runs/${name} unless hydra.run.dir=DIR says otherwise; rank 0 decides it and
-broadcasts it, so every rank reads checkpoints from the same place (multi-node: a shared
-filesystem). Only rank 0 writes there: checkpoints/, metrics.jsonl, tb/, config.yaml, summary.json.
+Run directory: runs/${name}, or runs/${name}-2, -3, ... when runs/${name} holds a different run
+(pirl_fast/run_dirs.py: resume=auto only continues the same run), unless hydra.run.dir=DIR says
+otherwise; rank 0 decides it and broadcasts it, so every rank reads checkpoints from the same place
+(multi-node: a shared filesystem). Only rank 0 writes there: run.json, checkpoints/, metrics.jsonl,
+tb/, config.yaml, summary.json.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +32,23 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pirl_fast import checkpoint, dist, host_read
-from pirl_fast.checkpoint import resume_into, run_state
+from pirl_fast import checkpoint, dist, host_read, run_dirs
+from pirl_fast.checkpoint import CheckpointError, resume_into, run_state
 from pirl_fast.config import Config, ConfigError, to_dataclass, to_yaml, validate
-from pirl_fast.data import build_loader
+from pirl_fast.data import BackendUnavailable, build_loader, resolve_backend
 from pirl_fast.jigsaw import JigsawLoss, JigsawModel
 from pirl_fast.loss import PIRLCriterion
+from pirl_fast.manifest import ShardError
 from pirl_fast.memory_bank import MemoryBank
 from pirl_fast.metrics import MetricsLogger, StepClock, format_summary, gpu_memory_gb
 from pirl_fast.model import PIRLModel
 from pirl_fast.optim import build_optimizer, set_lr
+from pirl_fast.run_dirs import RunChoice
 from pirl_fast.schedule import LRSchedule, lr_at, scaled_lr
 from pirl_fast.signals import STOP_SIGNALS, StopRequest, exit_status, stop_with_launcher
 from pirl_fast.splits import resolve_shards, shard_splits
@@ -207,9 +212,10 @@ def loader_generators(loader) -> dict[str, torch.Generator]:
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, bank_rows: int = 0) -> Run:
-    """Build everything (data first: missing shards fail before a model is allocated) and resume.
-    bank_rows: see run_training."""
+def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, resume_path: Path | None = None,
+          bank_rows: int = 0) -> Run:
+    """Build everything (data first: missing shards fail before a model is allocated) and resume from
+    `resume_path` (None: a fresh start). bank_rows: see run_training."""
     device = pick_device(cfg, info)
     seed_everything(cfg.trainer.seed, info.rank, cfg.trainer.deterministic, device)
     loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size, device=device)
@@ -248,7 +254,7 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, bank_rows: int = 0) -
               stop_at=min(total, cfg.trainer.max_steps or total), global_batch=cfg.data.batch_size,
               autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
               stop=StopRequest(info.rank, info.world_size))
-    resume_into(run, choose_checkpoint(cfg, run_dir), loader_generators(loader))
+    resume_into(run, resume_path, loader_generators(loader))
     if dist.is_distributed():
         # broadcast_buffers: rank 0's BN running statistics are pushed to all ranks every forward
         run.model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -282,33 +288,33 @@ def seed_everything(seed: int, rank: int, deterministic: bool, device: torch.dev
             torch.backends.cudnn.allow_tf32 = True
 
 
-def choose_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from, decided by rank 0 and broadcast (every rank loads the same file)."""
-    choice = None
+def choose_run_dir(cfg: Config, default_dir: bool) -> RunChoice:
+    """The run directory and the checkpoint to resume from (pirl_fast/run_dirs.py), decided by rank 0 and
+    broadcast: every rank writes nowhere else and loads the same file. A refusal reaches every rank."""
+    identity = run_dirs.run_identity(cfg)  # on every rank: missing shards fail on each, with the fix
+    choice: RunChoice | Exception | None = None
     if dist.info().rank == 0:
-        existing = checkpoint.list_checkpoints(run_dir)
-        if cfg.resume == "none" and existing:
-            raise ConfigError(f"resume=none but {checkpoint.checkpoint_dir(run_dir)} already holds {len(existing)} "
-                              "checkpoint(s), which this run would overwrite and prune: use resume=auto to continue "
-                              "that run, or choose another directory with hydra.run.dir=DIR")
-        if cfg.resume == "auto":
-            latest = checkpoint.load_latest(run_dir)  # warns and falls back past a corrupt newest file
-            choice = str(latest[0]) if latest else None
-        elif cfg.resume != "none":
-            if not Path(cfg.resume).is_file():
-                raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
-            choice = cfg.resume
+        try:
+            choice = run_dirs.choose(cfg, Path(cfg.run_dir).resolve(), identity, default_dir)
+        except (ConfigError, CheckpointError) as e:  # e.g. unreadable checkpoints: every rank stops with it
+            choice = e
     choice = dist.broadcast_object(choice)
-    return Path(choice) if choice else None
+    if isinstance(choice, Exception):
+        raise choice
+    return choice
 
 
 # ---------------------------------------------------------------------------------------------- entry points
-def train(cfg: DictConfig | Config) -> dict[str, Any]:
-    """Train as configured; returns the summary (also printed and written to run_dir/summary.json)."""
-    return run_training(cfg)[1]
+def train(cfg: DictConfig | Config, default_dir: bool = False) -> dict[str, Any]:
+    """Train as configured; returns the summary (also printed and written to run_dir/summary.json).
+
+    default_dir: cfg.run_dir is the default runs/${name}, not one the user named; a different run then
+    goes to runs/${name}-2, -3, ... instead of being refused (pirl_fast/run_dirs.py)."""
+    return run_training(cfg, default_dir)[1]
 
 
-def run_training(cfg: DictConfig | Config, bank_rows: int = 0) -> tuple[Run, dict[str, Any]]:
+def run_training(cfg: DictConfig | Config, default_dir: bool = False,
+                 bank_rows: int = 0) -> tuple[Run, dict[str, Any]]:
     """`train`, also returning the Run: its trained model, bank and optimiser (for tests and notebooks).
 
     bank_rows > 0 is for benchmarks (`bench step --bank-rows`): a bank of that many rows instead of
@@ -322,14 +328,21 @@ def run_training(cfg: DictConfig | Config, bank_rows: int = 0) -> tuple[Run, dic
     if not config.run_dir:
         raise ConfigError("run_dir is empty: main() fills it from hydra.run.dir; when calling train() directly, "
                           "set run_dir=DIR")
-    run_dir = Path(dist.broadcast_object(str(Path(config.run_dir).resolve())))  # rank 0's ${now:}, if any, wins
-    run = setup(config, run_dir, info, bank_rows)
+    backend, backend_notice = resolve_backend(config.data.backend)  # data.backend=dali without DALI stops here
+    choice = choose_run_dir(config, default_dir)  # rank 0's ${now:}, if any, wins
+    # What runs goes into config.yaml and the checkpoints; run.json keeps what was asked for (auto).
+    config = replace(config, data=replace(config.data, backend=backend))
+    run_dir = choice.run_dir
+    run = setup(config, run_dir, info, choice.checkpoint, bank_rows)
     if run.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(config))
     run.logger = MetricsLogger(run_dir, enabled=run.rank == 0, progress=config.trainer.progress,
                                total_steps=run.stop_at, initial_step=run.step)
     run.clock = StepClock(run.device, config.trainer.sync_timing, config.trainer.timing_warmup_steps)
+    for line in (choice.note, backend_notice):
+        if line:
+            run.logger.message(line)
     if run.rank == 0:
         stale = checkpoint.remove_stale_temps(run_dir)  # left by runs killed while saving
         if stale:
@@ -343,6 +356,11 @@ def run_training(cfg: DictConfig | Config, bank_rows: int = 0) -> tuple[Run, dic
     if run.last_checkpoint is not None:
         run.logger.message(f"resumed from {run.last_checkpoint}: step {run.step}, epoch {run.epoch}, "
                            f"batch {run.batches_in_epoch} of {len(run.loader)}")
+        if run.step >= run.stop_at:
+            more = ("raise trainer.max_steps to train on" if run.stop_at == config.trainer.max_steps else
+                    f"all trainer.epochs={config.trainer.epochs} are done; more epochs stretch the LR schedule, which "
+                    "makes another run (its own directory)")
+            run.logger.message(f"{run_dir} has run all {run.stop_at} steps this config asks for: nothing to do ({more})")
     try:
         with run.stop.installed():
             stopped_by = fit(run) if run.step < run.stop_at else "already_done"
@@ -370,11 +388,26 @@ def make_summary(run: Run, stopped_by: str) -> dict[str, Any]:
     }
 
 
+# Errors whose message says what was wrong and the fix: one line on stderr, exit status 2, no traceback.
+USER_ERRORS = (ConfigError, ShardError, CheckpointError, BackendUnavailable)
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    # runs/${name} as Hydra's default (not hydra.run.dir=..., not a multirun job): a different run goes to
+    # runs/${name}-2 instead of being refused.
+    default_dir = not cfg.run_dir and hydra_cfg.mode == RunMode.RUN and not any(
+        o.lstrip("+~").split("=", 1)[0] == "hydra.run.dir" for o in hydra_cfg.overrides.hydra)
     if not cfg.run_dir:
-        cfg.run_dir = HydraConfig.get().runtime.output_dir
-    summary = train(cfg)
+        cfg.run_dir = hydra_cfg.runtime.output_dir
+    try:
+        summary = train(cfg, default_dir)
+    except USER_ERRORS as e:
+        if dist.info().local_rank == 0:  # once per node, not once per rank
+            rank = f" (rank {dist.info().rank})" if dist.info().world_size > 1 else ""
+            print(f"error{rank}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     dist.shutdown()
     stopped_by = {s.name: s for s in STOP_SIGNALS}.get(summary["stopped_by"])
     if stopped_by is not None:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job end to end on a small built-in sample, on whatever machine this is (CPU is fine,
 # about 2.5 minutes on 2 cores after the first set-up):
-#   sample ImageFolders (generated) -> shards -> verify -> PIRL pre-training -> kNN evaluation
-#   (trained vs the same network untrained) -> export to torchvision.
+#   sample ImageFolders (generated) -> shards -> verify -> PIRL pre-training on the main data path
+#   (DALI: its GPU graph on CUDA, its CPU graph here; torch only where DALI is missing, said so) ->
+#   kNN evaluation (trained vs the same network untrained) -> export to torchvision.
+# Re-running it starts the training run afresh (its folder is the demo's own).
 # Everything goes under ${DEMO_DIR:-demo/}; STEPS=N trains longer (scripts/learn_check.sh is
 # the longer, pass/fail version of steps 4-5).
 set -euo pipefail
@@ -24,13 +26,13 @@ echo "== 2/6 shard it: images/{train,val} -> shards/{train,val}"
 echo "== 3/6 verify the shards (both splits)"
 "$py" -m pirl_fast.shard --verify "$out/shards"
 
-echo "== 4/6 PIRL pre-training: experiment=smoke (ResNet-18, 64 px), $steps steps of 32"
-# loss=infonce: on 320 samples the reference NCE's noise ratio K/N = 256/320 is far from its
-# large-dataset regime (see README, "Loss"); the paper's recipe keeps loss=nce.
-"$py" -m pirl_fast.train experiment=smoke data.shards="$out/shards" data.batch_size=32 \
-  loss=infonce optim.lr=0.03 optim.reference_batch=32 trainer.epochs=$(( (steps + 9) / 10 )) \
-  trainer.max_steps="$steps" trainer.log_every=10 trainer.ckpt_every=0 trainer.progress=false \
-  resume=none hydra.run.dir="$out/run"
+echo "== 4/6 PIRL pre-training: experiment=smoke (ResNet-18, 64 px, batch 32, loss=infonce), $steps steps"
+# experiment=smoke uses loss=infonce: on 320 samples the reference NCE's noise ratio K/N = 256/320
+# is far from its large-dataset regime (see README, "Loss"); the paper's recipe keeps loss=nce.
+# 320 samples / batch 32 = 10 steps per epoch: the cosine LR ends at step $steps.
+rm -rf "$out/run"
+"$py" -m pirl_fast.train experiment=smoke data.shards="$out/shards" trainer.epochs=$(( (steps + 9) / 10 )) \
+  trainer.max_steps="$steps" trainer.log_every=10 hydra.run.dir="$out/run"
 
 echo "== 5/6 kNN top-1 (k=200) on shards/val: trained, then the same network at its initial weights"
 "$py" -m pirl_fast.eval knn "$out/run" --workers 2
@@ -46,7 +48,9 @@ run = Path(sys.argv[1])
 summary = json.loads((run / "summary.json").read_text())
 trained = json.loads((run / "knn.json").read_text())["top1"] * 100
 untrained = json.loads((run / "knn_random_init.json").read_text())["top1"] * 100
-print(f"\nreport: {summary['step']} steps at {summary['samples_per_s']:.1f} samples/s "
+backend = summary["backend"] + (" (its CPU graph)" if summary["backend"] == "dali" and summary["device"] == "cpu"
+                                else " (GPU graph)" if summary["backend"] == "dali" else "")
+print(f"\nreport: {summary['step']} steps on data.backend={backend} at {summary['samples_per_s']:.1f} samples/s "
       f"(data wait {summary['data_wait_share']:.0%}); kNN top-1 trained {trained:.1f}% vs untrained "
       f"{untrained:.1f}% ({trained - untrained:+.1f} points). Run directory: {run}")
 PY

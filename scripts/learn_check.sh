@@ -54,7 +54,7 @@ knn=("$py" -m pirl_fast.eval knn "$dir/run" --val-shards "$dir/shards_val" --wor
 "${knn[@]}"
 "${knn[@]}" --random-init   # seed = the run's trainer.seed (0): the weights training started from
 for seed in 1 2; do
-  "${knn[@]}" --random-init --seed "$seed" --out "$dir/run/random_init_seed$seed"
+  "${knn[@]}" --random-init --seed "$seed"   # -> knn_random_init_seed$seed.json beside the others
 done
 
 echo "== 4/4 verdict"
@@ -64,7 +64,7 @@ from pathlib import Path
 run, margin = Path(sys.argv[1]), float(sys.argv[2])
 top1 = lambda path: json.loads(path.read_text())["top1"] * 100
 trained, own = top1(run / "knn.json"), top1(run / "knn_random_init.json")
-others = [top1(run / f"random_init_seed{s}" / "knn_random_init.json") for s in (1, 2)]
+others = [top1(run / f"knn_random_init_seed{s}.json") for s in (1, 2)]
 print(f"kNN top-1 (k=200), trained:                 {trained:.2f}%")
 print(f"kNN top-1 (k=200), same network untrained:  {own:.2f}%   (other random inits: "
       f"{others[0]:.2f}%, {others[1]:.2f}%)")

@@ -74,6 +74,8 @@ def test_non_finite_numbers_anywhere_in_the_tree_are_refused_at_start(overrides,
     ("data.gray_p=1.5", r"data.gray_p=1.5 is out of range: it must be in \[0, 1\]"),
     ("data.prefetch=0", r"data.prefetch=0 is out of range: it must be >= 1"),
     ("data.on_corrupt=ignore", r"data.on_corrupt='ignore' is not one of error, skip"),
+    ("data.workers=-1", r"data.workers=-1 is out of range: it must be >= 1 for DALI .* and >= 0 for torch"),
+    ("data.workers=many", r"data.workers='many' is neither auto nor a number"),
     ("data.grid=1", r"model.num_patches=9 but data.grid=1 cuts 1 patches per image: set model.num_patches=1"),
 ])
 def test_sizes_and_rates_are_checked_naming_the_key_and_the_range(override, message):
@@ -132,7 +134,7 @@ def test_improved_experiment_is_the_references_mlp_gblur_recipe():
 
 def test_smoke_experiment_is_small_and_its_crop_sizes_fit_the_grid():
     cfg = to_dataclass(make("experiment=smoke"))
-    assert cfg.model.arch == "resnet18" and cfg.bank.num_negatives <= 1024 and cfg.trainer.max_steps <= 20
+    assert cfg.model.arch == "resnet18" and cfg.bank.num_negatives <= 1024 and cfg.trainer.max_steps <= 40
     assert cfg.data.patch_crop_size % cfg.data.grid == 0
     assert cfg.data.patch_size <= cfg.data.patch_crop_size // cfg.data.grid
     for world_size in (1, 2, 4, 8):

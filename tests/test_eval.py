@@ -148,9 +148,32 @@ def test_knn_cli_matches_one_image_at_a_time(pirl_run, sample_shards, val_shards
 
 
 def test_knn_random_init_writes_its_own_json(pirl_run, val_shards):
-    assert ev.main(["knn", str(pirl_run), "--val-shards", str(val_shards), "--random-init", "--workers", "0"]) == 0
+    """The run's own initial weights (seed = its trainer.seed, 0 here) -> knn_random_init.json; another
+    seed -> knn_random_init_seed1.json, leaving the first alone."""
+    common = ["knn", str(pirl_run), "--val-shards", str(val_shards), "--random-init", "--workers", "0"]
+    assert ev.main(common) == 0
     got = json.loads((pirl_run / "knn_random_init.json").read_text())
     assert got["method"] == "random-init" and got["arch"] == "resnet18" and 0 <= got["top1"] <= 1
+    assert got["random_init_seed"] == 0
+    assert ev.main([*common, "--seed", "1"]) == 0
+    assert json.loads((pirl_run / "knn_random_init.json").read_text()) == got
+    assert json.loads((pirl_run / "knn_random_init_seed1.json").read_text())["random_init_seed"] == 1
+
+
+@pytest.mark.parametrize("command, seed, random_init, trainer_seed, name", [
+    ("knn", None, False, 0, "knn"), ("knn", 3, False, 0, "knn"),  # a trained network's kNN has no seed
+    ("knn", None, True, 5, "knn_random_init"), ("knn", 5, True, 5, "knn_random_init"),
+    ("knn", 0, True, 5, "knn_random_init_seed0"), ("linear", None, False, 5, "linear"),
+    ("linear", 2, False, 5, "linear_seed2"), ("linear", 2, True, 0, "linear_random_init_seed2"),
+    ("svm", 1, False, 0, "svm_seed1"), ("finetune_1pct", 4, False, 0, "finetune_1pct_seed4"),
+    ("invariance", 7, True, 0, "invariance_seed7")])
+def test_results_of_other_seeds_get_their_own_names(command, seed, random_init, trainer_seed, name):
+    """Every command with --seed: a seed other than its default goes into the file name."""
+    import argparse
+
+    args = argparse.Namespace(seed=seed, random_init=random_init)
+    net = None if command == "invariance" else argparse.Namespace(config={"trainer": {"seed": trainer_seed}})
+    assert ev.result_stem(command, args, net, seeded=not (command == "knn" and not random_init)) == name
 
 
 def test_stage_features_match_forward_hooks():
@@ -294,9 +317,12 @@ def test_invariance_cli_two_checkpoints(tmp_path, pirl_run, sample_shards, val_s
         assert png.format == "PNG"
 
 
-def test_clear_errors(tmp_path, val_shards):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        ev.main(["knn", str(tmp_path), "--val-shards", str(val_shards)])
+def test_clear_errors(tmp_path, val_shards, capsys):
+    assert ev.main(["knn", str(tmp_path), "--val-shards", str(val_shards)]) == 2  # one line, no traceback
+    assert capsys.readouterr().err.startswith(f"error: no checkpoint (checkpoints/step_*.pt) under {tmp_path}")
+    assert ev.main(["knn", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'nope'} does not exist: pass a " \
+                                               "checkpoint file or a run directory"
     bad = tmp_path / "bad.pt"
     torch.save({"weights": 1}, bad)
     with pytest.raises(ValueError, match="not a pirl_fast training checkpoint"):

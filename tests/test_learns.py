@@ -55,8 +55,8 @@ def knn_top1(net, train_dir: Path, val_dir: Path, size: int = 64) -> float:  # 6
 def test_short_pirl_run_learns_without_collapse(tmp_path, sample_shards, val_shards):
     with initialize_config_module("pirl_fast.conf", version_base="1.3"):
         cfg = compose("config", overrides=[
-            "experiment=smoke", f"data.shards={sample_shards}", "data.workers=0", "data.batch_size=16",
-            "loss=infonce", "optim.lr=0.03", "optim.reference_batch=16", f"trainer.max_steps={STEPS}",
+            "experiment=smoke", f"data.shards={sample_shards}", "data.backend=torch", "data.workers=0",
+            "data.batch_size=16", "loss=infonce", "optim.lr=0.03", "optim.reference_batch=16", f"trainer.max_steps={STEPS}",
             f"trainer.epochs={STEPS // 3}", "trainer.log_every=5", "trainer.progress=false", "trainer.ckpt_every=0",
             "trainer.ckpt_epoch_end=false", f"run_dir={tmp_path}"])
     summary = train(cfg)
@@ -76,8 +76,8 @@ def test_short_pirl_run_learns_without_collapse(tmp_path, sample_shards, val_sha
 def test_random_init_is_the_runs_own_starting_point(tmp_path, sample_shards, seed):
     """`eval knn --random-init` compares against the very weights training starts from."""
     with initialize_config_module("pirl_fast.conf", version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=smoke", f"data.shards={sample_shards}", "data.workers=0",
-                                           f"trainer.seed={seed}", f"run_dir={tmp_path}"])
+        cfg = compose("config", overrides=["experiment=smoke", f"data.shards={sample_shards}", "data.backend=torch",
+                                           "data.workers=0", f"trainer.seed={seed}", f"run_dir={tmp_path}"])
     run = setup(to_dataclass(cfg), tmp_path, dist.info())  # builds everything, trains nothing
     run.loader.close()
     ours = random_init("resnet18", seed=seed).model.trunk.state_dict()

@@ -1,6 +1,7 @@
 """The loader layer: the Batch contract for every backend, epoch coverage, errors up front."""
 
 import itertools
+import os
 import random
 import re
 import shutil
@@ -11,7 +12,7 @@ import pytest
 import torch
 import webdataset
 
-from pirl_fast.data import BACKENDS, DataConfig, build_loader, epoch_length
+from pirl_fast.data import BACKENDS, DataConfig, build_loader, epoch_length, resolve_backend, resolve_workers
 from pirl_fast.manifest import ShardError, load_manifest
 from pirl_fast.sample_data import write_sample_folder
 from pirl_fast.shard import Options, run_shard
@@ -73,6 +74,9 @@ def test_batch_contract(shards, backend, num_permutations):
     loader.close()
 
 
+# 4 torch workers on purpose, whatever the machine has (torch warns when that exceeds the cores): the
+# uneven split of 7 batches over 4 workers and an idle worker are what this checks.
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes:UserWarning")
 @pytest.mark.parametrize("backend,workers", [("dali", 1), ("torch", 0), ("torch", 1), ("torch", 4)])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_epoch_covers_every_sample(shards, backend, workers, world_size):
@@ -120,6 +124,17 @@ def test_synthetic_index_cycles(shards):
     index = torch.cat([b.index for b in loader])
     assert len(index) == len(loader) * PER_RANK and index.max() < NUM_SAMPLES
     assert index[:PER_RANK].tolist() == [3, 4, 5]  # rank 1 takes the second slice of each global batch
+
+
+def test_auto_means_dali_where_it_imports_and_workers_fit_the_machine(shards, monkeypatch):
+    assert resolve_backend("auto") == ("dali", None) and resolve_backend("torch") == ("torch", None)
+    loader = build_loader(config(shards, "auto", workers="auto"))
+    assert type(loader).__name__ == "DaliLoader"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's ranks on this node share its cores
+    assert resolve_workers("auto") == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert resolve_workers(3) == 3 and resolve_workers("3") == 3
+    with pytest.raises(ValueError, match="data.workers='many'"):
+        resolve_workers("many")
 
 
 def test_bad_backend_and_batch_size():
@@ -189,16 +204,21 @@ def test_bad_index_files_named(damaged):
 
 
 def test_works_without_dali(shards):
-    """`import pirl_fast.data` and the torch backend need no DALI; asking for dali says what to do."""
+    """`import pirl_fast.data` and the torch backend need no DALI; auto falls back to torch with a
+    one-line notice; asking for dali explicitly is an error that says what to do."""
     code = f"""
 import sys
 sys.modules["nvidia.dali"] = None  # make `import nvidia.dali` fail
 import pytest
-from pirl_fast.data import DataConfig, build_loader
+from pirl_fast.data import BackendUnavailable, DataConfig, build_loader, resolve_backend
 cfg = DataConfig(shards={shards!r}, backend="torch", batch_size=2, workers=0)
 assert next(iter(build_loader(cfg))).images.shape == (2, 3, 224, 224)
+backend, notice = resolve_backend("auto")
+assert backend == "torch" and "torch backend" in notice and "pip install nvidia-dali" in notice and "\\n" not in notice
+cfg.backend = "auto"
+assert type(build_loader(cfg)).__name__ == "TorchLoader"
 cfg.backend, cfg.workers = "dali", 1
-with pytest.raises(ImportError, match="use data.backend=torch"):
+with pytest.raises(BackendUnavailable, match="use data.backend=auto .* or data.backend=torch"):
     build_loader(cfg)
 assert "nvidia.dali.fn" not in sys.modules
 """

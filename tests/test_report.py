@@ -41,7 +41,7 @@ def test_report_on_two_runs(tmp_path, capsys):
                  extra={"knn_random_init.json": {"top1": 0.125}})
     b = fake_run(tmp_path / "runs" / "lam_b", lam=0.75, knn_top1=0.625, res5=0.7, loss=2.5)
     assert report.main([str(a), str(b)]) == 0
-    out = tmp_path / "runs"
+    out = tmp_path / "runs" / "report_lam_a+lam_b"  # beside the runs, named after them
     rows = parse_table((out / "report.md").read_text())
     assert [r["run"] for r in rows] == ["lam_a", "lam_b"]
     # Only the swept key appears from the config (run_dir differs too, but is not a setting).
@@ -65,9 +65,12 @@ def test_layerwise_figure_has_a_line_per_method(tmp_path):
     for run, method in ((pirl, "pirl"), (jigsaw, "jigsaw")):
         linear = json.loads((run / "linear.json").read_text())
         (run / "linear.json").write_text(json.dumps({**linear, "method": method, "protocol": {"protocol": "goyal"}}))
+    (pirl / "linear_random_init.json").write_text(json.dumps({"stages": {s: {"top1": 0.1} for s in report.LAYERS},
+                                                               "protocol": {"protocol": "goyal"}}))
     lines = report.layerwise_lines([pirl, jigsaw])
-    assert [label for label, _ in lines] == ["pirl (pirl, goyal)", "jigsaw (jigsaw, goyal)"]
+    assert [label for label, _ in lines] == ["pirl (pirl, goyal)", "jigsaw (jigsaw, goyal)", "untrained (pirl, goyal)"]
     assert lines[0][1] == pytest.approx([12, 15, 20, 30, 60]) and lines[1][1] == pytest.approx([9, 11.25, 15, 22.5, 45])
+    assert lines[2][1] == pytest.approx([10] * 5)
     assert report.main([str(pirl), str(jigsaw), "--out", str(tmp_path / "out")]) == 0
     with Image.open(tmp_path / "out" / "layerwise.png") as png:
         assert png.format == "PNG" and png.size[0] > 100
@@ -99,3 +102,34 @@ def test_report_errors_name_the_problem(tmp_path):
     (run / "knn.json").write_text("{not json")
     with pytest.raises(SystemExit, match="not valid JSON"):
         report.main([str(run)])
+
+
+def test_one_run_reports_inside_it_with_seeds_averaged_the_steps_run_and_the_untrained_probe(tmp_path, capsys,
+                                                                                               monkeypatch):
+    run = fake_run(tmp_path / "runs" / "smoke", lam=0.5, knn_top1=0.5, res5=0.6, loss=1.0, extra={
+        "knn_random_init.json": {"top1": 0.25}, "knn_random_init_seed1.json": {"top1": 0.5},
+        "knn_random_init_seed2.json": {"top1": 0.75}, "knn_random_init_seedx.json": {"top1": 1.0},  # not a seed
+        "linear_random_init.json": {"stages": {"res4": {"top1": 0.2}, "res5": {"top1": 0.3}}},
+        "summary.json": {"step": 201}})
+    cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text() + "trainer:\n  max_steps: 500\n")
+    monkeypatch.chdir(tmp_path)
+    assert report.main(["runs/smoke"]) == 0
+    assert "wrote runs/smoke/report.md" in capsys.readouterr().out  # inside the run, and said so
+    (row,) = parse_table((run / "report.md").read_text())
+    assert row["steps"] == "201" and "trainer.max_steps" not in row  # what ran, not what was asked for
+    assert row["knn_random_top1"] == "50 ± 25 (3 seeds)"  # mean and sample std over seeds 0, 1, 2
+    assert row["linear_random_top1"] == "30"  # the untrained network's best head
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_steps_come_from_the_newest_checkpoint_without_a_summary(tmp_path, monkeypatch):
+    a = fake_run(tmp_path / "a", lam=0.25, knn_top1=0.5, res5=0.6, loss=1.0)
+    b = fake_run(tmp_path / "b", lam=0.75, knn_top1=0.5, res5=0.6, loss=1.0)
+    for step in (5, 40):
+        (a / "checkpoints").mkdir(exist_ok=True)
+        (a / "checkpoints" / f"step_{step:09d}.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)  # the runs' common folder is the current one: the report goes to reports/
+    assert report.main(["a", "b"]) == 0
+    rows = parse_table((tmp_path / "reports" / "report_a+b" / "report.md").read_text())
+    assert [r["steps"] for r in rows] == ["40", ""]

@@ -315,9 +315,9 @@ def test_train_and_knn_from_a_dataset_root_without_val_shards(root_shards, tmp_p
 
     with initialize_config_module("pirl_fast.conf", version_base="1.3"):
         cfg = compose("config", overrides=[
-            "experiment=smoke", f"data.shards={root_shards}", "data.workers=0", "data.image_size=32",
-            "data.patch_crop_size=30", "data.patch_size=8", "data.batch_size=4", "bank.num_negatives=16",
-            "trainer.max_steps=2", "trainer.progress=false", f"run_dir={tmp_path / 'run'}"])
+            "experiment=smoke", f"data.shards={root_shards}", "data.backend=torch", "data.workers=0",
+            "data.image_size=32", "data.patch_crop_size=30", "data.patch_size=8", "data.batch_size=4",
+            "bank.num_negatives=16", "trainer.max_steps=2", "trainer.progress=false", f"run_dir={tmp_path / 'run'}"])
     summary = train(cfg)
     out = capsys.readouterr().out
     assert summary["step"] == 2

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
 import tempfile
 import time
@@ -32,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pirl_fast.cpus import cpus_per_rank
 from pirl_fast.data import DataConfig, build_loader
+from pirl_fast.progress import progress
 
 IMAGE_SIDES = (400, 501)  # px, ImageNet-like: its median image is about 400 x 500
 JPEG_QUALITY = 90  # typical of ImageNet's files
@@ -46,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", metavar="DIR", help="shard directory to read (default: generate one in a temp dir)")
     p.add_argument("--images", type=int, default=1000, help="images to generate without --shards (default 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="per-process batch (default 64)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="DALI threads = DataLoader workers (default: all CPU cores)")
+    p.add_argument("--workers", type=int, default=cpus_per_rank(),
+                   help="DALI threads = DataLoader workers (default: the CPU cores this process may use)")
     p.add_argument("--batches", type=int, default=10, help="timed batches per backend per round (default 10)")
     p.add_argument("--warmup", type=int, default=4, help="untimed batches before each timed run (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported (default 3)")
@@ -76,7 +77,7 @@ def make_bench_shards(root: Path, images: int, seed: int = 0) -> str:
         w, h = (int(v) for v in rng.integers(*IMAGE_SIDES, size=2))
         make_image(label, rng).resize((w, h), Image.BILINEAR).save(folder / f"{i:06d}.jpg", quality=JPEG_QUALITY)
     run_shard(Options(src=str(root / "src"), dst=str(root / "shards"), samples_per_shard=max(1, images // 8),
-                      workers=max(1, min(8, os.cpu_count() or 1))))
+                      workers=min(8, cpus_per_rank())))
     return str(root / "shards")
 
 
@@ -135,7 +136,7 @@ def measure(shards: str, args) -> list[dict]:
                          **{**settings, **extra})
         streams.append(endless(build_loader(cfg, device=device)))
         seconds.append([])
-    for _ in range(args.rounds):  # alternate, so a noisy neighbour hurts all alike
+    for _ in progress(range(args.rounds), desc="loader rounds", unit="round"):  # alternate: noise hurts all alike
         for k, (_, device, _) in enumerate(runs):
             seconds[k].append(timed(streams[k], args.warmup, args.batches, device))
     rates = [args.batch_size * args.batches / statistics.median(times) for times in seconds]

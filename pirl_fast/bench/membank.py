@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pirl_fast.bank_kernels import bank_scores, resolve_kernel
 from pirl_fast.bank_loss import bank_loss
 from pirl_fast.loss import estimate_z, info_nce_loss, nce_loss
+from pirl_fast.progress import progress
 
 PEAK_GB_PER_S = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # vendor HBM peaks, if the properties lack them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -186,6 +187,8 @@ def run(args) -> list[dict]:
     peak_bw = peak_bandwidth(args, device)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
+    bar = progress(total=len(args.dtypes) * len(args.batch) * len(args.negatives) * len(args.losses) * len(args.paths),
+                   desc="membank", unit="row")
     for dtype_name in args.dtypes:
         bank = F.normalize(torch.randn(args.num_samples, args.dim, device=device, generator=gen), dim=1)
         bank = bank.to(DTYPES[dtype_name])  # (N, D)
@@ -209,6 +212,7 @@ def run(args) -> list[dict]:
                         except torch.OutOfMemoryError:
                             row["status"] = "out of memory"
                             rows.append(row)
+                            bar.update(1)
                             continue
                         row.update(fwd_bwd_ms=ms, samples_per_s=b * 1e3 / ms, peak_extra_mib=peak / 2**20)
                         if path == "naive":
@@ -222,6 +226,8 @@ def run(args) -> list[dict]:
                         if path == "fused":
                             row["target"] = _target(row, device)
                         rows.append(row)
+                        bar.update(1)
                 del index, query, pos_rows
         del bank
+    bar.close()
     return rows

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pirl_fast.progress import progress
 from pirl_fast.sample_data import write_sample_folder
 from pirl_fast.shard import Options, plan_shards, run_shard, scan_source
 
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         out = plain_tar(src, work / "plain", seed=0, samples_per_shard=args.samples_per_shard)
         ceiling = _row("plain tar (tarfile, no decode)", 1, len(files), in_bytes, out, time.perf_counter() - t0)
         rows.append(ceiling)
-        for w in workers:
+        for w in progress(workers, desc="shard bench", unit="run"):
             dst = work / f"shards_w{w}"
             opts = Options(src=str(src), dst=str(dst), samples_per_shard=args.samples_per_shard,
                            max_side=args.max_side, seed=0, workers=w)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -46,6 +45,8 @@ import time
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
+
+from pirl_fast.cpus import cpus_per_rank
 
 BACKENDS = ("synthetic", "dali", "torch")
 IMAGENET_ROWS = 1_281_167  # ImageNet-1k train images: the paper's bank
@@ -61,8 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=10 if cuda else 2, help="untimed steps first (default 10 / 2)")
     p.add_argument("--batch", type=int, default=256 if cuda else 8, help="global batch (default 256 / 8)")
     p.add_argument("--arch", default="resnet50" if cuda else "resnet18", help="resnet50 | resnet18")
-    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
-                   help="DALI threads / DataLoader workers (default: the CPU cores, at most 16)")
+    p.add_argument("--workers", type=int, default=min(16, cpus_per_rank()),
+                   help="DALI threads / DataLoader workers (default: the CPU cores this process may use, at most 16)")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {','.join(BACKENDS)}")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (adds minutes of compile)")
     p.add_argument("--bank-rows", type=int, default=IMAGENET_ROWS if cuda else CPU_BANK_ROWS,
