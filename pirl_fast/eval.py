@@ -22,13 +22,15 @@ from pathlib import Path
 
 import torch
 import torchvision
+from tqdm import tqdm
 
 from pirl_fast import invariance as inv
 from pirl_fast import linear_probe as lp
+from pirl_fast.batchnorm import reestimate_running_stats
 from pirl_fast.features import (ShardImageDataset, Pretrained, eval_transform, extract, load_pretrained, make_loader,
                                 pick_device, random_init, read_checkpoint, train_transform)
 from pirl_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
-from pirl_fast.model import ARCHS
+from pirl_fast.model import ARCHS, apply_stem
 
 
 def default_out(ckpt_path: Path | None) -> Path:
@@ -97,8 +99,9 @@ def cmd_export(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trunk = {k: v.contiguous() for k, v in net.model.trunk.state_dict().items()}  # NCHW-contiguous copies
     heads = {k: v.contiguous() for k, v in net.model.state_dict().items() if not k.startswith("trunk.")}
-    # Check before writing: torchvision's own constructor must take the trunk, missing only fc.
-    reference = getattr(torchvision.models, ARCHS[arch][0])(weights=None)
+    # Check before writing: torchvision's own constructor (with the run's stem) must take the trunk, missing only fc.
+    stem = net.config["model"].get("stem", "imagenet")
+    reference = apply_stem(getattr(torchvision.models, ARCHS[arch][0])(weights=None), stem)
     missing, unexpected = reference.load_state_dict(trunk, strict=False)
     if sorted(missing) != ["fc.bias", "fc.weight"] or unexpected:
         raise RuntimeError(f"export: the trunk does not match torchvision.models.{arch}: missing {missing}, "
@@ -108,9 +111,11 @@ def cmd_export(args) -> int:
     torch.save({"method": net.method, "model": dict(net.config["model"]), "state_dict": heads}, heads_path)
     print(f"wrote {trunk_path}  ({len(trunk)} tensors, torchvision.models.{arch} keys without fc)")
     print(f"wrote {heads_path}  ({net.method} heads: {sorted({k.split('.')[0] for k in heads})})")
-    print(f"load: m = torchvision.models.{arch}(); m.fc = torch.nn.Identity(); "
+    small = ("m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); m.maxpool = torch.nn.Identity(); "
+             if stem == "small" else "")
+    print(f"load: m = torchvision.models.{arch}(); {small}m.fc = torch.nn.Identity(); "
           f"m.load_state_dict(torch.load('{trunk_path}'))")
-    write_json(out, "export.json", {**describe(net), "trunk": str(trunk_path), "heads": str(heads_path)})
+    write_json(out, "export.json", {**describe(net), "stem": stem, "trunk": str(trunk_path), "heads": str(heads_path)})
     return 0
 
 
@@ -121,6 +126,7 @@ def cmd_knn(args) -> int:
     train = ShardImageDataset(train_shards_of(args, net), eval_transform(size), limit=args.limit)
     val = ShardImageDataset(args.val_shards, eval_transform(size), limit=args.limit)
     check_same_classes(train.classes, val.classes, args.val_shards)
+    reestimate_bn(args, net, train, device)
     fn = net.model.features  # res5 after average pooling, (N, 2048 | 512)
     train_f, train_y, _ = extract(fn, make_loader(train, args.batch_size, args.workers), device, "features: train")
     val_f, val_y, _ = extract(fn, make_loader(val, args.batch_size, args.workers), device, "features: val")
@@ -130,8 +136,8 @@ def cmd_knn(args) -> int:
           f"(k={result.k}, tau={result.temperature}, {result.num_train} train -> {result.num_val} val, "
           f"{result.num_classes} classes; chance {100 / result.num_classes:.2f}%)")
     out = Path(args.out) if args.out else default_out(net.path)
-    write_json(out, "knn_random_init.json" if args.random_init else "knn.json",
-               {**describe(net), **result.as_dict(), "image_size": size, "train_shards": str(train.manifest.root),
+    write_json(out, result_name("knn", args),
+               {**describe(net), **result.as_dict(), "bn_reestimated": args.reestimate_bn, "image_size": size, "train_shards": str(train.manifest.root),
                 "val_shards": str(val.manifest.root)})
     return 0
 
@@ -146,27 +152,27 @@ def cmd_linear(args) -> int:
     train = ShardImageDataset(shards, train_transform(size) if cfg.augment else eval_transform(size), args.limit)
     val = ShardImageDataset(args.val_shards, eval_transform(size), limit=args.limit)
     check_same_classes(train.classes, val.classes, args.val_shards)
+    reestimate_bn(args, net, ShardImageDataset(shards, eval_transform(size), args.limit), device)
     trunk = net.model.trunk
-    probes = lp.StageProbes(lp.stage_widths(trunk), len(train.classes))
-    torch.manual_seed(cfg.seed)
     val_feats, val_y = lp.cache_stage_features(trunk, make_loader(val, args.batch_size, args.workers), device,
                                                "stage features: val")
     if cfg.augment:  # a fresh random crop per epoch: the trunk runs every epoch, once for all five heads
+        torch.manual_seed(cfg.seed)
+        probes = lp.StageProbes(lp.stage_widths(trunk), len(train.classes))
         loader = make_loader(train, cfg.batch_size, args.workers, shuffle=True, seed=cfg.seed)
-        batches, steps = (lambda epoch: lp.image_batches(trunk, loader, device)), len(loader)
+        history = lp.train_probes(probes, lambda epoch: lp.image_batches(trunk, loader, device), cfg, len(loader),
+                                  device)
+        results = lp.evaluate_probes(probes, lp.cached_batches(val_feats, val_y, 1024, False, 0), device)
     else:  # the same centre crop every epoch: run the trunk once
         feats, labels = lp.cache_stage_features(trunk, make_loader(train, args.batch_size, args.workers), device,
                                                 "stage features: train")
-        batches = lambda epoch: lp.cached_batches(feats, labels, cfg.batch_size, True, cfg.seed + epoch)  # noqa: E731
-        steps = -(-labels.shape[0] // cfg.batch_size)
-    history = lp.train_probes(probes, batches, cfg, steps, device)
-    results = lp.evaluate_probes(probes, lp.cached_batches(val_feats, val_y, 1024, False, 0), device)
+        results, history = lp.probe_cached(feats, labels, val_feats, val_y, len(train.classes), cfg, device)
     print(f"linear probes ({net.method}, {describe(net)['arch']}; chance {100 / len(train.classes):.2f}%):")
     for stage, r in results.items():
         print(f"  {stage:5s}  top-1 {100 * r['top1']:6.2f}%  top-5 {100 * r['top5']:6.2f}%")
     out = Path(args.out) if args.out else default_out(net.path)
-    write_json(out, "linear_random_init.json" if args.random_init else "linear.json",
-               {**describe(net), "stages": results, "protocol": cfg.as_dict(), "loss_per_epoch": history,
+    write_json(out, result_name("linear", args),
+               {**describe(net), "bn_reestimated": args.reestimate_bn, "stages": results, "protocol": cfg.as_dict(), "loss_per_epoch": history,
                 "image_size": size, "num_train": len(train), "num_val": len(val), "num_classes": len(train.classes)})
     return 0
 
@@ -193,15 +199,31 @@ def cmd_invariance(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     inv.plot_histograms(dists, out / "invariance.png")
     print(f"wrote {out / 'invariance.png'}")
-    summary = {label: {**describe(net), **{m: inv.summarise(d) for m, d in dists[label].items()}}
-               for label, net in zip(labels, nets)}
+    summary = {}
+    for label, net in zip(labels, nets):
+        stats = {m: inv.summarise(d) for m, d in dists[label].items()}
+        summary[label] = {**describe(net), **stats, "gap": inv.gaps(stats)}
     for label, s in summary.items():
         parts = [f"{m} mean {s[m]['mean']:.4f} (median {s[m]['median']:.4f})" for m in inv.METRICS if m in s]
+        parts += [f"gap({m}) {g:+.4f}" for m, g in s["gap"].items()]
         print(f"  {label}: " + "; ".join(parts))
     write_json(out, "invariance.json", {"checkpoints": summary, "views": views.__dict__, "num_images": len(data),
                                         "seed": args.seed or 0, "shards": str(data.manifest.root),
                                         "definition": "Distances" + inv.__doc__.split("Distances", 1)[1].strip()})
     return 0
+
+
+def reestimate_bn(args, net: Pretrained, train: ShardImageDataset, device) -> None:
+    """--reestimate-bn: BatchNorm running statistics recomputed on the training images (evaluation view)."""
+    if args.reestimate_bn:
+        images = (x for x, _, _ in tqdm(make_loader(train, args.batch_size, args.workers), desc="BN statistics",
+                                        unit="batch", dynamic_ncols=True))
+        net.model = reestimate_running_stats(net.model, lambda m, x: m.features(x), images, device)
+
+
+def result_name(command: str, args) -> str:
+    """knn.json, knn_random_init.json, knn_bn.json, knn_random_init_bn.json (and linear_...)."""
+    return f"{command}{'_random_init' if args.random_init else ''}{'_bn' if args.reestimate_bn else ''}.json"
 
 
 def check_same_classes(train: list[str], val: list[str], val_dir: str) -> None:
@@ -230,6 +252,9 @@ def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
         p.add_argument("--random-init", action="store_true",
                        help="evaluate the same arch untrained instead (the baseline); writes *_random_init.json")
         p.add_argument("--arch", choices=sorted(ARCHS), default=None, help="arch for --random-init without CHECKPOINT")
+        p.add_argument("--reestimate-bn", action="store_true",
+                       help="recompute the BatchNorm running statistics on the training images (evaluation view) "
+                            "first, for trained and untrained networks alike; writes *_bn.json (see batchnorm.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:

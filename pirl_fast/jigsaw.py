@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from pirl_fast.loss import LossTerms
-from pirl_fast.model import ARCHS, ModelConfig
+from pirl_fast.model import ARCHS, ModelConfig, build_trunk, weight_layout
 
 
 class JigsawModel(nn.Module):
@@ -44,8 +43,6 @@ class JigsawModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_permutations: int):
         super().__init__()
-        if cfg.arch not in ARCHS:
-            raise ValueError(f"model.arch={cfg.arch!r} is unknown; choose one of {sorted(ARCHS)}")
         if num_permutations < 2:
             raise ValueError(
                 f"method=jigsaw needs a fixed permutation set to classify: set data.num_permutations to P >= 2 "
@@ -54,18 +51,16 @@ class JigsawModel(nn.Module):
             )
         self.cfg = cfg
         self.num_permutations = num_permutations
-        builder, self.trunk_dim = ARCHS[cfg.arch]
-        self.trunk = getattr(torchvision.models, builder)(weights=None)
-        self.trunk.fc = nn.Identity()  # trunk(x) = res5 avgpool: (N, trunk_dim); torchvision's keys minus fc
+        self.trunk = build_trunk(cfg)  # trunk(x) = res5 avgpool: (N, trunk_dim); torchvision's keys minus fc
+        self.trunk_dim = ARCHS[cfg.arch][1]
         self.patch_head = nn.Linear(self.trunk_dim, cfg.embed_dim)
         self.classifier = nn.Linear(cfg.num_patches * cfg.embed_dim, num_permutations)
-        self.to(memory_format=torch.channels_last)
 
     def features(self, x: Tensor) -> Tensor:
         """res5 after average pooling: (N, 3, H, W) -> (N, trunk_dim)."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
-        return self.trunk(x.contiguous(memory_format=torch.channels_last))
+        return self.trunk(x.contiguous(memory_format=weight_layout(self.trunk)))
 
     def forward(self, patches: Tensor) -> Tensor:
         """patches (B*P, 3, h, w), sample b's patches contiguous in presented order -> logits (B, num_perms)."""

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from pirl_fast.model import weight_layout
+
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
 LR_MILESTONES = (8 / 28, 16 / 28, 24 / 28)  # Goyal et al.'s 28-epoch step schedule, as fractions
 
@@ -58,7 +60,7 @@ class ProbeConfig:
 @torch.no_grad()
 def stage_features(trunk: nn.Module, x: Tensor) -> dict[str, Tensor]:
     """Global-average-pooled output of each stage of a torchvision ResNet: {stage: (N, C_stage)}."""
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=weight_layout(trunk))  # the weights' layout: NCHW on CPU, NHWC on CUDA
     x = trunk.relu(trunk.bn1(trunk.conv1(x)))  # (N, 64, H/2, W/2)
     out = {"conv1": x.mean(dim=(2, 3))}
     x = trunk.maxpool(x)
@@ -157,6 +159,17 @@ def cached_batches(feats: dict[str, Tensor], labels: Tensor, batch_size: int, sh
         if shuffle and idx.numel() < 2:
             continue  # BatchNorm cannot train on a batch of one
         yield {s: f[idx] for s, f in feats.items()}, labels[idx]
+
+
+def probe_cached(train_feats: dict[str, Tensor], train_labels: Tensor, val_feats: dict[str, Tensor],
+                 val_labels: Tensor, num_classes: int, cfg: ProbeConfig, device) -> tuple[dict, list[float]]:
+    """Train the five heads on stored stage features (the `--no-augment` protocol) and evaluate them
+    on the stored validation features: ({stage: {"top1", "top5"}}, mean loss per epoch)."""
+    torch.manual_seed(cfg.seed)  # the heads' initialisation
+    probes = StageProbes({s: f.shape[1] for s, f in train_feats.items()}, num_classes)
+    batches = lambda epoch: cached_batches(train_feats, train_labels, cfg.batch_size, True, cfg.seed + epoch)  # noqa: E731
+    history = train_probes(probes, batches, cfg, -(-train_labels.shape[0] // cfg.batch_size), device)
+    return evaluate_probes(probes, cached_batches(val_feats, val_labels, 1024, False, 0), device), history
 
 
 def image_batches(trunk: nn.Module, loader, device):

@@ -21,7 +21,7 @@ NaN until estimated, and saved in state_dict so a resumed run keeps them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,9 @@ class LossTerms:
     total: Tensor  # lam * jigsaw + (1 - lam) * image, what backward() runs on
     jigsaw: Tensor  # L(m_I, g)
     image: Tensor  # L(m_I, f)
+    # Diagnostics, detached 0-dim tensors left on the device (pirl_fast/diagnostics.py):
+    # pos_<term> / neg_<term>, the mean positive and negative cosine score of each term.
+    scores: dict[str, Tensor] = field(default_factory=dict)
 
 
 class PIRLCriterion(nn.Module):
@@ -107,8 +110,10 @@ class PIRLCriterion(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._z_ready = None
 
-    def _term(self, q: Tensor, pos: Tensor, index_neg: Tensor, bank, z: Tensor) -> Tensor:
+    def _term(self, q: Tensor, pos: Tensor, index_neg: Tensor, bank, z: Tensor, name: str,
+              scores: dict[str, Tensor]) -> Tensor:
         neg = bank.scores(q, index_neg)  # (B, K)
+        scores[f"pos_{name}"], scores[f"neg_{name}"] = pos.detach().mean(), neg.detach().mean()
         if self.cfg.kind == "infonce":
             return info_nce_loss(pos, neg, self.cfg.temperature)
         if not self._z_ready:
@@ -122,8 +127,9 @@ class PIRLCriterion(nn.Module):
         m = bank.rows(index)  # (B, D) float32, detached: the positives m_I
         f, g = f.float(), g.float()
         b = f.shape[0]
-        jigsaw = self._term(g, (m * g).sum(1), bank.sample_negatives(b), bank, self.z_jigsaw)  # first draw
-        image = self._term(f, (m * f).sum(1), bank.sample_negatives(b), bank, self.z_image)  # second draw
+        scores: dict[str, Tensor] = {}
+        jigsaw = self._term(g, (m * g).sum(1), bank.sample_negatives(b), bank, self.z_jigsaw, "jigsaw", scores)
+        image = self._term(f, (m * f).sum(1), bank.sample_negatives(b), bank, self.z_image, "image", scores)
         self._z_ready = True
         lam = self.cfg.lam
-        return LossTerms(total=lam * jigsaw + (1.0 - lam) * image, jigsaw=jigsaw, image=image)
+        return LossTerms(total=lam * jigsaw + (1.0 - lam) * image, jigsaw=jigsaw, image=image, scores=scores)
