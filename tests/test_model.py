@@ -154,3 +154,21 @@ def test_patch_forward_and_bn_running_stats(patch_bn_stats):
     torch.testing.assert_close(bn.running_var, expected.running_var, rtol=0, atol=0)
     assert not torch.equal(images_only.trunk.layer4[1].bn2.running_var, reference.trunk.layer4[1].bn2.running_var)
     assert bn.momentum == 0.1  # restored after the patch forward
+
+
+def test_embed_bn_centres_the_embeddings():
+    """model.embed_bn: in training the pre-normalisation f and g have zero batch mean per dimension
+    (BatchNorm1d without affine parameters); off, a linear head leaves a large shared component."""
+    torch.manual_seed(0)
+    images, patches = inputs(4)
+    for embed_bn in (False, True):
+        model = PIRLModel(ModelConfig(arch="resnet18", embed_dim=16, embed_bn=embed_bn)).train()
+        raw = {}
+        model.image_bn.register_forward_hook(lambda m, i, o: raw.__setitem__("f", o))
+        model.jigsaw_bn.register_forward_hook(lambda m, i, o: raw.__setitem__("g", o))
+        f, g = model(images, patches)
+        assert torch.allclose(f.norm(dim=1), torch.ones(B), atol=1e-5)
+        for out in raw.values():
+            centred = out.mean(0).abs().max() < 1e-5
+            assert centred == embed_bn
+    assert set(dict(model.named_buffers())) >= {"image_bn.running_mean", "jigsaw_bn.running_var"}
