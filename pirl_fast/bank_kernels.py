@@ -8,8 +8,12 @@ fly, in the forward (scores) and the backward (grad_query[b] = sum_k grad[b,k] *
 and are differentiable with respect to `query` only (the bank is a buffer, updated by momentum).
 
 kernel:
-  triton  Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1, which is how the
-          tests run them). Extra memory: the (B, K) scores and a (B, splits, D) fp32 partial sum.
+  triton  Triton kernels, compiled, on CUDA tensors; or run by Triton's interpreter on CPU tensors
+          in a process that imported triton with TRITON_INTERPRET=1 (how the CPU tests run them).
+          Triton reads that variable once, at import, and then interprets or compiles every
+          kernel of the process, its own library (tl.sum, tl.max) included: one process never
+          mixes the two (see `interpreted`; tests/conftest.py decides it for the test suite).
+          Extra memory: the (B, K) scores and a (B, splits, D) fp32 partial sum.
   torch   chunked PyTorch over K: extra memory O(B * chunk * D), chunk = CHUNK_ELEMENTS // (B*D).
   naive   index_select + bmm, plain autograd: the reference and the benchmark's baseline.
   auto    triton on CUDA tensors, torch on CPU tensors.
@@ -17,10 +21,9 @@ The bank may be float32 or bfloat16; products are accumulated in float32; scores
 
 The update (gather rows, blend, normalise, scatter) lives here too: `bank_update`, one Triton
 program per gathered row, with a PyTorch fallback computing the same formula (see its docstring
-for the duplicate rule).
+for the duplicate rule). The fused loss term (scores, loss and query gradient in one pass) is
+in pirl_fast.bank_loss and shares the helpers here (kernel choice, index check, gather, split-K).
 """
-
-import os
 
 import torch
 from torch import Tensor
@@ -28,28 +31,65 @@ from torch import Tensor
 try:  # optional at the edge: the package imports and the torch paths run without Triton
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 except ImportError:  # pragma: no cover - triton ships with the CUDA torch wheels
-    triton = tl = None
+    triton = tl = InterpretedFunction = JITFunction = None
 
 KERNELS = ("auto", "triton", "torch", "naive")
 CHUNK_ELEMENTS = 1 << 20  # torch path: at most 1M gathered elements (4 MB fp32, cache-sized) alive at once
 BLOCK_K = 64  # bank rows per Triton program step: 64 x 128 x 2 B = 16 KB of bf16 in flight per program
-TARGET_PROGRAMS = 1024  # backward split-K: enough programs to fill ~132 SMs several times over
+# Split-K grids (B, splits): about PROGRAMS_PER_SM programs per SM in all. The split-K kernels
+# take 20-26K of an SM's 64K registers per program (4 warps x ~110, or 8 warps x ~100 for the
+# fused loss; tests/test_kernel_compile.py reads them), so 2-4 programs are resident per SM and
+# 8 per SM makes 2-4 waves, enough to even out the tail.
+PROGRAMS_PER_SM = 8
+INTERPRETER_SMS = 2  # CPU tensors (Triton's interpreter): a few splits, so tests run the split-K code
+
+
+def interpreted() -> bool:
+    """Whether this process runs Triton's interpreter (triton imported with TRITON_INTERPRET=1)."""
+    return triton is not None and isinstance(tl.sum, InterpretedFunction)  # Triton's own @jit functions follow it
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA, 'torch' elsewhere; unknown names raise, naming the choices."""
+    """'auto' -> 'triton' on CUDA, 'torch' elsewhere; unknown names and impossible choices raise, saying why."""
     if kernel not in KERNELS:
         raise ValueError(f"bank kernel={kernel!r} is unknown; choose one of {KERNELS}")
     if kernel == "auto":
-        return "triton" if device.type == "cuda" and triton is not None else "torch"
+        kernel = "triton" if device.type == "cuda" and triton is not None else "torch"
     if kernel == "triton":
         if triton is None:
             raise RuntimeError("kernel='triton' needs the triton package; install it or use kernel='torch'")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type == "cuda" and interpreted():
+            raise RuntimeError("kernel='triton' on CUDA tensors, but triton was imported with TRITON_INTERPRET=1, "
+                               "which makes it interpret every kernel of the process: unset TRITON_INTERPRET, or "
+                               "use kernel='torch'")
+        if device.type != "cuda" and not interpreted():
             raise RuntimeError(f"kernel='triton' got {device.type} tensors: use CUDA tensors, or set "
-                               "TRITON_INTERPRET=1 before the first call to run the kernel on the CPU")
+                               "TRITON_INTERPRET=1 before triton is first imported to run the kernels in "
+                               "Triton's interpreter on the CPU")
     return kernel
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached by torch, no sync); INTERPRETER_SMS for CPU tensors."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
+def split_k(b: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(splits, k_per_split) for a (B, splits) grid of about PROGRAMS_PER_SM programs per SM.
+
+    Every split holds a whole number of BLOCK_K blocks and at least one index:
+    splits = ceil(K / k_per_split).
+    """
+    sms = sm_count(device)
+    blocks = triton.cdiv(k, BLOCK_K)
+    splits = min(blocks, max(1, triton.cdiv(sms * PROGRAMS_PER_SM, b)))
+    k_per_split = BLOCK_K * triton.cdiv(blocks, splits)
+    return triton.cdiv(k, k_per_split), k_per_split
 
 
 def check_index(index: Tensor, num_rows: int) -> None:
@@ -66,7 +106,7 @@ def check_index(index: Tensor, num_rows: int) -> None:
         raise IndexError(f"{msg}; got min {int(lo)}, max {int(hi)}")
 
 
-def _check_shapes(query: Tensor, bank: Tensor, index: Tensor) -> None:
+def check_shapes(query: Tensor, bank: Tensor, index: Tensor) -> None:
     if query.dim() != 2 or bank.dim() != 2 or index.dim() != 2:
         raise ValueError(f"expected query (B, D), bank (N, D), index (B, K); got {tuple(query.shape)}, "
                          f"{tuple(bank.shape)}, {tuple(index.shape)}")
@@ -82,7 +122,7 @@ def _check_shapes(query: Tensor, bank: Tensor, index: Tensor) -> None:
 
 def bank_scores(query: Tensor, bank: Tensor, index: Tensor, kernel: str = "auto") -> Tensor:
     """Scores <query[b], bank[index[b, k]]>: query (B,D), bank (N,D), index (B,K) int64 -> (B,K) float32."""
-    _check_shapes(query, bank, index)
+    check_shapes(query, bank, index)
     check_index(index, bank.shape[0])
     kernel = resolve_kernel(kernel, query.device)
     bank = bank.detach()  # gradients flow to the query only
@@ -101,13 +141,24 @@ def naive_scores(query: Tensor, bank: Tensor, index: Tensor) -> Tensor:
     return torch.bmm(rows, query.float().unsqueeze(2)).squeeze(2)  # (B, K)
 
 
-def _gather(bank: Tensor, index: Tensor) -> Tensor:
-    """bank rows for index (B, c) -> (B, c, D) float32; index_select on a flat index beats bank[index] ~3x on CPU."""
+def gather_rows(bank: Tensor, index: Tensor, out: Tensor) -> Tensor:
+    """bank rows for index (B, c) -> (B, c, D) float32, written into the flat float32 buffer `out`.
+
+    index_select on a flat index beats bank[index] ~3x on CPU; one buffer reused for every chunk
+    saves an allocation (and its page faults) per chunk.
+    """
     b, c = index.shape
-    return bank.index_select(0, index.reshape(-1)).view(b, c, -1).float()
+    flat = index.reshape(-1)  # (B*c,)
+    rows = out[:flat.numel() * bank.shape[1]].view(flat.numel(), bank.shape[1])  # (B*c, D)
+    if bank.dtype == torch.float32:
+        torch.index_select(bank, 0, flat, out=rows)
+    else:
+        rows.copy_(bank.index_select(0, flat))  # bf16 -> float32
+    return rows.view(b, c, -1)
 
 
-def _chunk(b: int, d: int) -> int:
+def chunk_size(b: int, d: int) -> int:
+    """Negatives per chunk of the torch paths: B * chunk * D <= CHUNK_ELEMENTS."""
     return max(1, CHUNK_ELEMENTS // (b * d))
 
 
@@ -117,12 +168,14 @@ class _ChunkedScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: Tensor, bank: Tensor, index: Tensor) -> Tensor:
         b, k = index.shape
-        q = query.float().unsqueeze(2)  # (B, D, 1)
+        q = query.float().unsqueeze(1)  # (B, 1, D)
         out = torch.empty(b, k, device=query.device, dtype=torch.float32)  # (B, K)
-        step = _chunk(b, query.shape[1])
+        step = chunk_size(b, query.shape[1])
+        buf = torch.empty(b * min(step, k) * bank.shape[1], device=query.device)  # one chunk of rows
         for k0 in range(0, k, step):
-            rows = _gather(bank, index[:, k0:k0 + step])  # (B, c, D) float32
-            out[:, k0:k0 + step] = torch.bmm(rows, q).squeeze(2)
+            rows = gather_rows(bank, index[:, k0:k0 + step], buf)  # (B, c, D) float32
+            # (B,1,D) @ (B,D,c): on CPU ~8x faster than the equal (B,c,D) @ (B,D,1) batched mat-vec
+            out[:, k0:k0 + step] = torch.bmm(q, rows.transpose(1, 2)).squeeze(1)
         ctx.save_for_backward(bank, index)
         ctx.query_dtype = query.dtype
         return out
@@ -132,17 +185,16 @@ class _ChunkedScores(torch.autograd.Function):
         bank, index = ctx.saved_tensors
         b, k = index.shape
         grad = grad.float()
-        grad_q = torch.zeros(b, bank.shape[1], device=grad.device, dtype=torch.float32)  # (B, D)
-        step = _chunk(b, bank.shape[1])
+        grad_q = torch.zeros(b, 1, bank.shape[1], device=grad.device, dtype=torch.float32)  # (B, 1, D)
+        step = chunk_size(b, bank.shape[1])
+        buf = torch.empty(b * min(step, k) * bank.shape[1], device=grad.device)  # one chunk of rows
         for k0 in range(0, k, step):
-            rows = _gather(bank, index[:, k0:k0 + step])  # (B, c, D), recomputed: nothing (B,K,D) was kept
-            grad_q += torch.bmm(grad[:, k0:k0 + step].unsqueeze(1), rows).squeeze(1)
-        return grad_q.to(ctx.query_dtype), None, None
+            rows = gather_rows(bank, index[:, k0:k0 + step], buf)  # (B, c, D), again: nothing (B,K,D) was kept
+            grad_q.baddbmm_(grad[:, k0:k0 + step].unsqueeze(1), rows)
+        return grad_q.squeeze(1).to(ctx.query_dtype), None, None
 
 
 # ---------------------------------------------------------------------------------- Triton
-# Kernels are compiled on first use (not at import), so TRITON_INTERPRET=1 set by a test or a
-# script any time before the first call takes effect.
 
 if triton is not None:
     # All tensors are contiguous (the wrappers make sure), so strides are implied: row r of the bank
@@ -168,7 +220,9 @@ if triton is not None:
         split = tl.program_id(1)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # Accumulate in 2-D and reduce over K once at the end: a per-step tl.sum(axis=0) would be a
+        # cross-warp reduction (shared memory and a barrier) on every BLOCK_K rows.
+        acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
         for k0 in range(0, K_PER_SPLIT, BLOCK_K):
             offs_k = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)  # (BK,)
             mask_k = offs_k < K
@@ -176,8 +230,8 @@ if triton is not None:
             rows = tl.load(idx_ptr + b * K + offs_k, mask=mask_k, other=0)  # (BK,)
             m = tl.load(bank_ptr + rows[:, None] * D + offs_d[None, :],
                         mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # (BK, BD)
-            acc += tl.sum(g[:, None] * m, axis=0)
-        tl.store(part_ptr + (b * tl.num_programs(1) + split) * D + offs_d, acc, mask=mask_d)
+            acc += g[:, None] * m
+        tl.store(part_ptr + (b * tl.num_programs(1) + split) * D + offs_d, tl.sum(acc, axis=0), mask=mask_d)
 
     def _bank_update(bank_ptr, emb_ptr, sorted_idx_ptr, order_ptr, first_ptr, end_ptr, momentum,
                      D: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -201,9 +255,14 @@ if triton is not None:
 _JITTED: dict = {}
 
 
-def _jit(fn):
+def jit(fn):
+    """The launchable kernel `fn`, in the process's mode (`interpreted`), wrapped on first use.
+
+    Not triton.jit at first use: that reads TRITON_INTERPRET again, and a variable changed after
+    triton's import would give an interpreted kernel calling a compiled tl.sum, or the reverse.
+    """
     if fn not in _JITTED:
-        _JITTED[fn] = triton.jit(fn)
+        _JITTED[fn] = InterpretedFunction(fn) if interpreted() else JITFunction(fn)
     return _JITTED[fn]
 
 
@@ -218,8 +277,8 @@ class _TritonScores(torch.autograd.Function):
         if triton.cdiv(k, BLOCK_K) > 65535:  # CUDA's limit on grid dimension 1
             raise ValueError(f"K={k} negatives exceed the Triton kernel's limit of {65535 * BLOCK_K}; "
                              "use kernel='torch' or fewer negatives")
-        _jit(_scores_fwd)[(b, triton.cdiv(k, BLOCK_K))](q, bank, index, out, k, D=d, BLOCK_K=BLOCK_K,
-                                                        BLOCK_D=block_d)
+        jit(_scores_fwd)[(b, triton.cdiv(k, BLOCK_K))](q, bank, index, out, k, D=d, BLOCK_K=BLOCK_K,
+                                                       BLOCK_D=block_d)
         ctx.save_for_backward(bank, index)
         ctx.query_dtype = query.dtype
         return out
@@ -230,13 +289,10 @@ class _TritonScores(torch.autograd.Function):
         b, k = index.shape
         d = bank.shape[1]
         grad = grad.contiguous()
-        blocks = triton.cdiv(k, BLOCK_K)
-        splits = min(blocks, max(1, triton.cdiv(TARGET_PROGRAMS, b)))  # split K so B*splits fills the GPU
-        k_per_split = BLOCK_K * triton.cdiv(blocks, splits)
-        splits = triton.cdiv(k, k_per_split)
+        splits, k_per_split = split_k(b, k, grad.device)  # split K so B*splits fills the GPU
         part = torch.empty(b, splits, d, device=grad.device, dtype=torch.float32)  # (B, S, D)
-        _jit(_scores_bwd)[(b, splits)](grad, bank, index, part, k, k_per_split, D=d, BLOCK_K=BLOCK_K,
-                                       BLOCK_D=triton.next_power_of_2(d))
+        jit(_scores_bwd)[(b, splits)](grad, bank, index, part, k, k_per_split, D=d, BLOCK_K=BLOCK_K,
+                                      BLOCK_D=triton.next_power_of_2(d))
         return part.sum(1).to(ctx.query_dtype), None, None  # (B, D), a fixed-order (deterministic) sum
 
 
@@ -267,8 +323,9 @@ def bank_update(bank: Tensor, index: Tensor, embedding: Tensor, momentum: float,
         emb = embedding.contiguous()
         if not bank.is_contiguous():
             raise ValueError("bank_update(kernel='triton') updates the bank in place and needs it contiguous")
-        _jit(_bank_update)[(m,)](bank, emb, sorted_idx, order, first.to(torch.int8), end, float(momentum),
-                                 D=bank.shape[1], BLOCK_D=triton.next_power_of_2(bank.shape[1]))
+        # One warp per row: 32 threads x 4 fp32 = a 128-wide row in 16-byte loads (4 warps would load 4 bytes each)
+        jit(_bank_update)[(m,)](bank, emb, sorted_idx, order, first.to(torch.int8), end, float(momentum),
+                                D=bank.shape[1], BLOCK_D=triton.next_power_of_2(bank.shape[1]), num_warps=1)
         return
     # torch / naive: the same formula with PyTorch ops (unique_consecutive syncs on CUDA; fine for a fallback)
     rows, counts = torch.unique_consecutive(sorted_idx, return_counts=True)  # (U,), (U,)

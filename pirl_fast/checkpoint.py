@@ -4,8 +4,12 @@ Layout: run_dir/checkpoints/step_000001234.pt, one file per save, the newest `ke
 
 A save writes a temporary file in the same folder, fsyncs it, renames it over the final name
 (atomic on POSIX) and fsyncs the folder, so a reader sees either the previous set of files or the
-new complete one, never half a file. Loading uses `torch.load(weights_only=True)`: only tensors,
-numbers, strings, lists, tuples and dicts are accepted, so the resolved config is stored as YAML
+new complete one, never half a file. Before writing, the free space is checked against the
+checkpoint's size (the bytes of its tensors' storages, plus a margin): a full disk gives
+"no space left on device: need about N MB in DIR, have M" (NoSpaceError), not torch's "unexpected
+pos". Temp files of killed saves are removed at the next start (`remove_stale_temps`).
+Loading uses `torch.load(weights_only=True)`: only tensors, numbers, strings, lists, tuples and
+dicts are accepted, so the resolved config is stored as YAML
 text and RNG states as tensors and lists (see `rng_state`).
 
 `load_latest` walks the checkpoints newest first and returns the first one that loads and has
@@ -37,14 +41,15 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from pirl_fast.atomic import atomic_write
+from pirl_fast.atomic import MB, NoSpaceError, atomic_write, is_no_space, remove_stale_temp_files, require_free_space
 
 CKPT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -81,16 +86,57 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """torch.save `state` to `path` so that `path` is always either absent, old, or complete."""
-    with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+def save_atomic(state: dict[str, Any], path: str | os.PathLike, hint: str = "") -> None:
+    """torch.save `state` to `path` so that `path` is always either absent, old, or complete.
+
+    Refuses with NoSpaceError before writing when the folder lacks room for it (`hint` is added to
+    the message), and turns an ENOSPC during the write into the same clear error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = state_bytes(state)
+    require_free_space(path.parent, need, hint)
+    try:
+        with atomic_write(path, "wb") as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:
+        if is_no_space(e):
+            free = shutil.disk_usage(path.parent).free  # after the temp file was removed
+            raise NoSpaceError(path.parent, need, free, hint, during=f" while writing {path.name}") from e
+        raise
+
+
+def state_bytes(state: Any) -> int:
+    """About the size `torch.save(state)` writes: its tensors' storages (each once, as torch.save
+    writes them), plus 1% and 1 MiB for the pickled rest."""
+    storages: dict[int, int] = {}
+
+    def visit(node: Any) -> None:
+        if torch.is_tensor(node):
+            storage = node.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(node, dict):
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                visit(value)
+    visit(state)
+    return int(sum(storages.values()) * 1.01) + MB
+
+
+def remove_stale_temps(run_dir: str | os.PathLike) -> list[tuple[Path, int]]:
+    """Delete the temp files that killed saves left in run_dir/checkpoints (pirl_fast/atomic.py
+    decides what is stale); returns (path, bytes) of each."""
+    return remove_stale_temp_files(checkpoint_dir(run_dir))
 
 
 def save(run_dir: str | os.PathLike, state: dict[str, Any], keep: int) -> Path:
     """Write state as the checkpoint for state["step"], then delete all but the newest `keep`."""
     path = checkpoint_path(run_dir, int(state["step"]))
-    save_atomic(state, path)
+    existing = list_checkpoints(run_dir)
+    hint = (f" (the {len(existing)} checkpoints kept there use {sum(p.stat().st_size for p in existing) / MB:,.0f} MB; "
+            f"trainer.keep_checkpoints={keep} keeps {keep} plus the one being written)" if existing else "")
+    save_atomic(state, path, hint)
     for old in list_checkpoints(run_dir)[max(1, keep):]:
         old.unlink(missing_ok=True)
     return path
@@ -110,18 +156,20 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def load_latest(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in run_dir that loads, or None if there are none at all.
+def load_latest(run_dir: str | os.PathLike, loader: Callable[[Path], dict[str, Any]] = load,
+                ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in run_dir that `loader` loads, or None if there are none at all.
 
     A newest file that fails to load (truncated, corrupt, incomplete) is skipped with a warning
     and the previous one is tried. If files exist but none loads, raises CheckpointError: silently
-    starting from scratch would throw away a run.
+    starting from scratch would throw away a run. The trainer resumes with it (`load`: everything
+    needed to continue) and eval reads with it (its own loader: the weights and config suffice).
     """
     candidates = list_checkpoints(run_dir)
     failures = []
     for path in candidates:
         try:
-            return path, load(path)
+            return path, loader(path)
         except Exception as e:  # noqa: BLE001 -- any failure to read means: try the previous one
             failures.append(f"{path.name}: {type(e).__name__}: {e}")
             warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); falling back to the "

@@ -21,16 +21,19 @@ Top-level keys:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pirl_fast.data import DataConfig
+from pirl_fast.data import DataConfig, check_config
 from pirl_fast.loss import LossConfig
 from pirl_fast.memory_bank import BankConfig
 from pirl_fast.model import ModelConfig
-from pirl_fast.optim import OptimConfig
+from pirl_fast.optim import SCHEDULES, OptimConfig
 
 METHODS = ("pirl", "jigsaw")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -104,6 +107,10 @@ def to_dataclass(cfg: DictConfig) -> Config:
 
 def validate(cfg: Config, world_size: int) -> None:
     """Everything that can be checked before a single tensor is built; raises ConfigError."""
+    bad = non_finite(cfg)
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: every number in the configuration must be finite (nan and inf are "
+                          "refused at start-up, before they could turn into a NaN loss steps later)")
     if cfg.method not in METHODS:
         raise ConfigError(f"method={cfg.method!r} is not known; choose one of {', '.join(METHODS)}")
     if cfg.method == "jigsaw" and cfg.data.num_permutations < 2:
@@ -123,6 +130,13 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             f"data.batch_size={batch} is the GLOBAL batch and must divide evenly over the {world_size} ranks; "
             f"use a multiple of {world_size}, e.g. data.batch_size={lower} or data.batch_size={lower + world_size}")
+    try:
+        check_config(cfg.data, world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if cfg.model.num_patches != cfg.data.grid ** 2:
+        raise ConfigError(f"model.num_patches={cfg.model.num_patches} but data.grid={cfg.data.grid} cuts "
+                          f"{cfg.data.grid ** 2} patches per image: set model.num_patches={cfg.data.grid ** 2}")
     if cfg.trainer.epochs < 1:
         raise ConfigError(f"trainer.epochs={cfg.trainer.epochs} must be >= 1")
     if cfg.trainer.max_steps < 0:
@@ -135,8 +149,26 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.optim.lr <= 0 or not 0 <= cfg.optim.final_lr_ratio <= 1 or cfg.optim.warmup_epochs < 0:
         raise ConfigError(f"need optim.lr > 0 (got {cfg.optim.lr}), 0 <= optim.final_lr_ratio <= 1 (got "
                           f"{cfg.optim.final_lr_ratio}) and optim.warmup_epochs >= 0 (got {cfg.optim.warmup_epochs})")
+    if cfg.optim.schedule not in SCHEDULES or (cfg.optim.schedule == "multistep"
+                                                              and not cfg.optim.milestones):
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: use cosine, or multistep with optim.milestones "
+                          f"(epochs, e.g. [30, 60, 90, 100]; got {list(cfg.optim.milestones)})")
     if cfg.resume not in ("auto", "none") and not cfg.resume.endswith(".pt"):
         raise ConfigError(f"resume={cfg.resume!r}: use auto, none, or the path of a checkpoint file (*.pt)")
+
+
+def non_finite(node: Any, prefix: str = "") -> list[str]:
+    """`key=value` for every float in the dataclass tree `node` (lists included) that is nan or inf."""
+    found = []
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found += non_finite(value, f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{key}={value}")
+        elif isinstance(value, (list, tuple)):
+            found += [f"{key}[{i}]={v}" for i, v in enumerate(value) if isinstance(v, float) and not math.isfinite(v)]
+    return found
 
 
 def to_yaml(cfg: Config | DictConfig) -> str:

@@ -12,6 +12,15 @@ batch_size // world_size samples; over all ranks every sample comes at least onc
 global_batch * ceil(N / global_batch) - N < global_batch extra deliveries are duplicates of
 real samples (`duplicates_per_epoch`). Iterating again starts the next epoch, reshuffled.
 
+Corrupt data found while training (a JPEG that does not decode, or whose bytes do not match the
+crc member written with it, shards/README.md): with data.on_corrupt=error (the default) the
+loader raises ShardError naming the shard and the sample key; with data.on_corrupt=skip the
+sample's place in its batch is taken by a copy of another sample of the same batch
+(`replace_corrupt`), and Batch.corrupt counts it (metrics.jsonl: corrupt_skipped). So the
+contract above holds for every sample that is not corrupt: the number and size of batches, and
+so every rank's step count, do not change; a corrupt sample never reaches the model or its
+memory-bank row (which keeps its initial value), and its copy's index is one more duplicate.
+
 Patch order: every backend delivers patches in cell order; `PatchOrder` draws a permutation per
 sample (any of 9!, or one of a fixed max-Hamming set) and applies it as one gather on the device.
 """
@@ -28,17 +37,19 @@ import torch
 
 from pirl_fast.manifest import Manifest, ShardError, load_manifest
 from pirl_fast.permutations import max_hamming_permutations, random_permutations
+from pirl_fast.splits import resolve_shards
 
 BACKENDS = ("dali", "torch", "synthetic")
 INDEX_HEADER = "v1.2"  # DALI webdataset index format written by pirl_fast.shard / wds2idx
 HASH_CHUNK = 1 << 22  # 4 MiB reads when checksumming shards
+ON_CORRUPT = ("error", "skip")
 
 
 @dataclass
 class DataConfig:
     """Hydra structured config of the data group (plain int/float/str/bool/list fields only)."""
 
-    shards: str = "???"  # shard directory (ignored by synthetic)
+    shards: str = "???"  # shard directory, or a dataset root's (its train split is read); ignored by synthetic
     backend: str = "dali"  # dali | torch | synthetic
     batch_size: int = 256  # GLOBAL batch over all ranks; per rank = batch_size // world_size
     workers: int = 4  # DALI CPU threads / DataLoader workers, per rank
@@ -48,19 +59,29 @@ class DataConfig:
     patch_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     grid: int = 3  # 3x3 cells of patch_crop_size // grid (85) px
     patch_size: int = 64  # one patch per cell, at a random offset inside it
-    brightness: float = 0.4
+    # The augmentation contract (dali_pipelines/pirl.py's docstring): per crop, in this order,
+    # colour jitter -> photometric -> greyscale -> blur -> mirror, every draw per crop.
+    brightness: float = 0.4  # jitter factors ~ U[1-x, 1+x) (the paper's 0.4, 0.4, 0.4)
     contrast: float = 0.4
     saturation: float = 0.4
-    hue: float = 0.2  # torchvision units: a fraction of the colour circle (DALI gets 360*hue degrees)
+    hue: float = 0.2  # h ~ U[-hue, hue) of the colour circle (torchvision units; DALI gets 360*h degrees)
+    jitter_p: float = 1.0  # the jitter's probability (1: always, as the paper; the improved recipe 0.8)
+    photometric_p: float = 0.66  # posterize+sharpness+solarize+autocontrast together (the reference's p)
+    posterize_bits: list[int] = field(default_factory=lambda: [4, 8])  # bits kept ~ U{4..8}
+    sharpness: list[float] = field(default_factory=lambda: [0.1, 1.9])  # factor ~ U[0.1, 1.9)
+    solarize_threshold: list[int] = field(default_factory=lambda: [0, 256])  # t ~ U{0..256}; 256 = never
     gray_p: float = 0.2
+    blur_p: float = 0.0  # Gaussian blur (the improved recipe's 0.5); off in the paper's recipe
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # sigma ~ U[0.1, 2.0) px
     flip_p: float = 0.5
-    color_aug: bool = True  # off -> no jitter / greyscale (geometry tests)
+    color_aug: bool = True  # off -> none of jitter, photometric, greyscale, blur (geometry tests)
     num_permutations: int = 0  # 0: any of 9! orders; P > 0: a fixed max-Hamming set of P
     shuffle_buffer: int = 4096  # DALI initial_fill / shuffle buffer, samples
     synthetic_samples: int = 10000  # dataset size the synthetic backend pretends to have
     seed: int = 0
     prefetch: int = 2  # batches prepared ahead: DALI prefetch_queue_depth / DataLoader prefetch_factor
     verify_sha256: bool = False  # hash every shard at start-up (minutes for ImageNet; sizes are always checked)
+    on_corrupt: str = "error"  # a sample failing its decode or checksum: error (stop, naming it) | skip (count it)
 
 
 @dataclass
@@ -71,6 +92,7 @@ class Batch:
     label: torch.Tensor  # (B,) int64
     perm: torch.Tensor  # (B, 9) int64: patches[9b+j] was cut from grid cell perm[b, j] (row-major)
     perm_id: torch.Tensor  # (B,) int64: row of perm in the fixed set, -1 when num_permutations == 0
+    corrupt: int = 0  # samples of this batch replaced by copies of others: their data was corrupt (on_corrupt=skip)
 
 
 class PIRLLoader(Protocol):
@@ -87,6 +109,13 @@ def check_config(cfg: DataConfig, world_size: int) -> int:
     """Validate `cfg` for `world_size` ranks; returns the per-rank batch size."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"data.backend={cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    if cfg.on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"data.on_corrupt={cfg.on_corrupt!r} is not one of {', '.join(ON_CORRUPT)}")
+    for name, low, high, example in SIZES_AND_RATES:
+        value = getattr(cfg, name)
+        if not low <= value <= high:
+            valid = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise ValueError(f"data.{name}={value} is out of range: it must be {valid} ({example})")
     if world_size < 1 or cfg.batch_size % world_size or cfg.batch_size < world_size:
         raise ValueError(f"data.batch_size={cfg.batch_size} (global) must be a positive multiple of the world "
                          f"size {world_size}")
@@ -102,7 +131,40 @@ def check_config(cfg: DataConfig, world_size: int) -> int:
         lo, hi = getattr(cfg, name)
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
+    check_augmentation(cfg)
     return cfg.batch_size // world_size
+
+
+# (key, lowest, highest, an example of a valid value) checked by check_config; sizes are pixels.
+SIZES_AND_RATES = (
+    ("image_size", 1, math.inf, "224 in the paper"), ("patch_crop_size", 1, math.inf, "255: a 3x3 grid of 85 px"),
+    ("grid", 1, math.inf, "3 for the 3x3 jigsaw"), ("patch_size", 1, math.inf, "64: one patch per 85 px cell"),
+    ("shuffle_buffer", 1, math.inf, "4096"), ("prefetch", 1, math.inf, "2"),
+    ("synthetic_samples", 1, math.inf, "10000"),
+    ("num_permutations", 0, math.inf, "0: any order, or 1000"), ("workers", 0, math.inf, "4"),
+)  # the augmentation keys' ranges: check_augmentation
+
+
+def check_augmentation(cfg: DataConfig) -> None:
+    """The augmentation keys' ranges (the contract in dali_pipelines/pirl.py); raises ValueError."""
+    for name in ("jitter_p", "photometric_p", "gray_p", "blur_p", "flip_p"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"data.{name}={getattr(cfg, name)} is out of range: it must be in [0, 1] (a probability)")
+    for name in ("brightness", "contrast", "saturation"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"data.{name}={getattr(cfg, name)} must be >= 0 (the factor is drawn from "
+                             f"[max(0, 1 - x), 1 + x); the paper uses 0.4)")
+    if not 0 <= cfg.hue <= 0.5:
+        raise ValueError(f"data.hue={cfg.hue} is out of range: it must be in [0, 0.5] "
+                         f"(a fraction of the colour circle; the paper uses 0.2)")
+    ranges = {"posterize_bits": (1, 8, "integers of bits kept, e.g. [4, 8]"),
+              "sharpness": (0, float("inf"), "factors, e.g. [0.1, 1.9]"),
+              "solarize_threshold": (0, 256, "integer thresholds, e.g. [0, 256] (256 never inverts)"),
+              "blur_sigma": (1e-3, float("inf"), "Gaussian sigmas in pixels, e.g. [0.1, 2.0]")}
+    for name, (least, most, what) in ranges.items():
+        value = getattr(cfg, name)
+        if len(value) != 2 or not least <= value[0] <= value[1] <= most:
+            raise ValueError(f"data.{name}={list(value)} must be [min, max] with {least} <= min <= max <= {most}: {what}")
 
 
 def derive_seed(seed: int, k: int) -> int:
@@ -122,9 +184,10 @@ def check_shards(cfg: DataConfig) -> Manifest:
 
     Checks per shard: tar size equals the manifest's; the index file's header is `v1.2 <n>` with n
     equal to the manifest's sample count and n entry lines, each inside the tar; and, with
-    cfg.verify_sha256, the tar's SHA-256. Raises ShardError naming the file and the fix.
+    cfg.verify_sha256, the tar's SHA-256. Raises ShardError naming the file and the fix. A dataset
+    root's shards (cfg.shards/train, cfg.shards/val, ...) mean their train split (splits.py).
     """
-    manifest = load_manifest(cfg.shards)
+    manifest = load_manifest(resolve_shards(cfg.shards, "train").dir)
     fix = f"re-run `python -m pirl_fast.shard SRC {cfg.shards}` (or restore the file from a copy)"
     for shard in manifest.shards:
         tar, index = manifest.root / shard.name, manifest.root / shard.index_name
@@ -201,14 +264,30 @@ class PatchOrder:
 
 
 def make_batch(images_nhwc: torch.Tensor, patches_cells: torch.Tensor, index: torch.Tensor, label: torch.Tensor,
-               order: PatchOrder) -> Batch:
+               order: PatchOrder, corrupt: int = 0) -> Batch:
     """Assemble a Batch from backend outputs already on the device.
 
     images_nhwc (B, S, S, 3) contiguous; patches_cells (B, 9, P, P, 3) in cell order; index, label (B,)."""
     perm, perm_id = order.draw(images_nhwc.shape[0])
     return Batch(images=images_nhwc.permute(0, 3, 1, 2),  # (B, 3, S, S), channels_last strides
                  patches=order.apply(patches_cells, perm), index=index.reshape(-1), label=label.reshape(-1),
-                 perm=perm, perm_id=perm_id)
+                 perm=perm, perm_id=perm_id, corrupt=corrupt)
+
+
+def replace_corrupt(bad: list[int], where: list[str], *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """data.on_corrupt=skip: batch rows `bad` of every tensor in `rows` (dim 0 = the batch) become
+    copies of the batch's good rows, taken in turn; new tensors, the inputs are left alone.
+
+    `where` describes the bad samples (shard and key) for the error raised when no row is good."""
+    batch = rows[0].shape[0]
+    good = [b for b in range(batch) if b not in set(bad)]
+    if not good:
+        raise ShardError(f"every sample of a batch is corrupt ({'; '.join(where)}): the shards are damaged beyond "
+                         "skipping a few samples; check them with `python -m pirl_fast.shard --verify DIR`")
+    source = list(range(batch))
+    for k, b in enumerate(bad):
+        source[b] = good[k % len(good)]
+    return tuple(t.index_select(0, torch.tensor(source, device=t.device)) for t in rows)
 
 
 def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,

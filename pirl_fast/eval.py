@@ -1,5 +1,5 @@
-"""python -m pirl_fast.eval {export,knn,linear,invariance} CHECKPOINT ... : is the representation good,
-and is it invariant?
+"""python -m pirl_fast.eval {export,knn,linear,svm,finetune,invariance,import-vissl} CHECKPOINT ... : is the
+representation good, and is it invariant?
 
 CHECKPOINT is a checkpoint file (run_dir/checkpoints/step_*.pt) or a run directory (its newest
 checkpoint). Every command writes its numbers as JSON into --out, by default the run directory
@@ -8,7 +8,17 @@ checkpoint). Every command writes its numbers as JSON into --out, by default the
     export      trunk as a torchvision ResNet state dict + the heads, separately
     knn         weighted kNN (k=200, tau=0.07, NPID) on res5 features, train shards -> val shards
     linear      linear classifiers on conv1, res2..res5 of the frozen trunk, trained together
+    svm         one-vs-rest linear SVMs on one frozen stage (VOC07-style mAP, top-1, low-shot)
+    finetune    the whole network fine-tuned on a class-balanced 1% / 10% of the labels
     invariance  distance between the representation of an image and of its jigsaw-shuffled version
+    import-vissl  a reference (facebookresearch/vissl) checkpoint converted into this layout, so that
+                every command above runs on the published models
+
+Shards: the train shards default to the checkpoint's data.shards. When those are a split of a
+dataset root's shards (`python -m pirl_fast.shard /imagenet shards/in1k` writes shards/in1k/train and
+shards/in1k/val), the validation shards default to the split beside them: val, else validation,
+else test. --train-shards / --val-shards (invariance: --shards) override them, and may themselves
+name a dataset root's shards (train: its train split; val: its val, validation or test split).
 """
 
 from __future__ import annotations
@@ -20,17 +30,25 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from tqdm import tqdm
 
 from pirl_fast import invariance as inv
+from pirl_fast import finetune as ft
+from pirl_fast import finetune_data as ftd
 from pirl_fast import linear_probe as lp
+from pirl_fast import svm
+from pirl_fast import vissl_import
 from pirl_fast.batchnorm import reestimate_running_stats
+from pirl_fast.checkpoint import list_checkpoints, save_atomic
 from pirl_fast.features import (ShardImageDataset, Pretrained, eval_transform, extract, load_pretrained, make_loader,
-                                pick_device, random_init, read_checkpoint, train_transform)
+                                pick_device, random_init, read_checkpoint, svm_transform, train_transform)
 from pirl_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
+from pirl_fast.manifest import ShardError
 from pirl_fast.model import ARCHS, apply_stem
+from pirl_fast.splits import ShardPath, eval_split_beside, resolve_shards
 
 
 def default_out(ckpt_path: Path | None) -> Path:
@@ -75,11 +93,42 @@ def image_size_of(args, net: Pretrained) -> int:
     return args.image_size or int(net.config.get("data", {}).get("image_size", 224))
 
 
-def train_shards_of(args, net: Pretrained) -> str:
+def train_shards_of(args, net: Pretrained) -> ShardPath:
     shards = args.train_shards or net.config.get("data", {}).get("shards")
     if not shards or shards == "???":
         raise SystemExit("--train-shards is required (the checkpoint's config names no data.shards)")
-    return shards
+    return resolve_shards(shards, "train")
+
+
+def val_shards_of(given: str | None, train: ShardPath | None, flag: str = "--val-shards") -> str:
+    """`given` (a shard folder, or a dataset root's shards: its val split), else the validation
+    split beside the train shards; SystemExit saying what to pass when there is none."""
+    if given:
+        return str(resolve_shards(given, "eval").dir)
+    beside = eval_split_beside(train) if train is not None else None
+    if beside is None:
+        why = (f"the train shards {train.dir} are not a split of a dataset root's shards with a val, validation or "
+               "test split beside them" if train else "the checkpoint's config names no data.shards")
+        raise SystemExit(f"{flag} is required: {why}. Pass {flag} DIR, a shard folder of validation images "
+                         "(python -m pirl_fast.shard /imagenet shards/in1k writes shards/in1k/train and "
+                         "shards/in1k/val)")
+    print(f"validation shards: {beside.dir} (the {beside.split} split beside {train.dir}; {flag} overrides)")
+    return str(beside.dir)
+
+
+def open_splits(args, train_view, val_view):
+    """(device, network, image size, train dataset, val dataset) for the commands that read both splits;
+    `train_view` / `val_view` map the image size to a transform."""
+    device = pick_device(args.device)
+    net = load_network(args, device)
+    size = image_size_of(args, net)
+    shards = train_shards_of(args, net)
+    val_dir = val_shards_of(args.val_shards, shards)
+    train = ShardImageDataset(shards.dir, train_view(size), limit=args.limit)
+    val = ShardImageDataset(val_dir, val_view(size), limit=args.limit)
+    check_same_classes(train.classes, val.classes, val_dir)
+    reestimate_bn(args, net, ShardImageDataset(shards.dir, eval_transform(size), limit=args.limit), device)
+    return device, net, size, train, val
 
 
 def describe(net: Pretrained) -> dict:
@@ -120,13 +169,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_knn(args) -> int:
-    device = pick_device(args.device)
-    net = load_network(args, device)
-    size = image_size_of(args, net)
-    train = ShardImageDataset(train_shards_of(args, net), eval_transform(size), limit=args.limit)
-    val = ShardImageDataset(args.val_shards, eval_transform(size), limit=args.limit)
-    check_same_classes(train.classes, val.classes, args.val_shards)
-    reestimate_bn(args, net, train, device)
+    device, net, size, train, val = open_splits(args, eval_transform, eval_transform)
     fn = net.model.features  # res5 after average pooling, (N, 2048 | 512)
     train_f, train_y, _ = extract(fn, make_loader(train, args.batch_size, args.workers), device, "features: train")
     val_f, val_y, _ = extract(fn, make_loader(val, args.batch_size, args.workers), device, "features: val")
@@ -137,42 +180,48 @@ def cmd_knn(args) -> int:
           f"{result.num_classes} classes; chance {100 / result.num_classes:.2f}%)")
     out = Path(args.out) if args.out else default_out(net.path)
     write_json(out, result_name("knn", args),
-               {**describe(net), **result.as_dict(), "bn_reestimated": args.reestimate_bn, "image_size": size, "train_shards": str(train.manifest.root),
+               {**describe(net), **result.as_dict(), "bn_reestimated": args.reestimate_bn, "image_size": size,
+                "train_shards": str(train.manifest.root),
                 "val_shards": str(val.manifest.root)})
     return 0
 
 
 def cmd_linear(args) -> int:
-    device = pick_device(args.device)
-    net = load_network(args, device)
-    size = image_size_of(args, net)
-    cfg = lp.ProbeConfig(epochs=args.epochs, lr=args.lr, batch_size=args.probe_batch, weight_decay=args.weight_decay,
-                         momentum=args.momentum, augment=not args.no_augment, seed=args.seed or 0)
-    shards = train_shards_of(args, net)
-    train = ShardImageDataset(shards, train_transform(size) if cfg.augment else eval_transform(size), args.limit)
-    val = ShardImageDataset(args.val_shards, eval_transform(size), limit=args.limit)
-    check_same_classes(train.classes, val.classes, args.val_shards)
-    reestimate_bn(args, net, ShardImageDataset(shards, eval_transform(size), args.limit), device)
+    cfg = lp.ProbeConfig(protocol=args.protocol, epochs=args.epochs, lr=args.lr, batch_size=args.probe_batch,
+                         weight_decay=args.weight_decay, momentum=args.momentum, nesterov=not args.no_nesterov,
+                         augment=not args.no_augment, seed=args.seed or 0)
+    device, net, size, train, val = open_splits(args, train_transform if cfg.augment else eval_transform,
+                                                eval_transform)
     trunk = net.model.trunk
+    torch.manual_seed(cfg.seed)
+    probes = lp.build_probes(cfg.protocol, lp.stage_widths(trunk), len(train.classes))
     val_feats, val_y = lp.cache_stage_features(trunk, make_loader(val, args.batch_size, args.workers), device,
-                                               "stage features: val")
-    if cfg.augment:  # a fresh random crop per epoch: the trunk runs every epoch, once for all five heads
-        torch.manual_seed(cfg.seed)
-        probes = lp.StageProbes(lp.stage_widths(trunk), len(train.classes))
-        loader = make_loader(train, cfg.batch_size, args.workers, shuffle=True, seed=cfg.seed)
-        history = lp.train_probes(probes, lambda epoch: lp.image_batches(trunk, loader, device), cfg, len(loader),
-                                  device)
-        results = lp.evaluate_probes(probes, lp.cached_batches(val_feats, val_y, 1024, False, 0), device)
+                                               "stage features: val", cfg.protocol)
+    out = Path(args.out) if args.out else default_out(net.path)
+    if cfg.augment:  # a fresh random crop per epoch: the trunk runs every epoch, once for all heads
+        # The fine-tuning loaders: DALI (GPU decode + crop) where installed; the reference's train view
+        # (RandomResizedCrop + flip), last partial batch dropped.
+        loader = ftd.build_loader(args.backend, train, np.arange(len(train)), out / "linear_index", size,
+                                  cfg.batch_size, True, args.workers, device, cfg.seed)
+        batches, steps = (lambda epoch: lp.image_batches(trunk, loader, device, cfg.protocol)), len(loader)
     else:  # the same centre crop every epoch: run the trunk once
         feats, labels = lp.cache_stage_features(trunk, make_loader(train, args.batch_size, args.workers), device,
-                                                "stage features: train")
-        results, history = lp.probe_cached(feats, labels, val_feats, val_y, len(train.classes), cfg, device)
-    print(f"linear probes ({net.method}, {describe(net)['arch']}; chance {100 / len(train.classes):.2f}%):")
-    for stage, r in results.items():
-        print(f"  {stage:5s}  top-1 {100 * r['top1']:6.2f}%  top-5 {100 * r['top5']:6.2f}%")
-    out = Path(args.out) if args.out else default_out(net.path)
+                                                "stage features: train", cfg.protocol)
+        batches = lambda epoch: lp.cached_batches(feats, labels, cfg.batch_size, True, cfg.seed + epoch)  # noqa: E731
+        steps = -(-labels.shape[0] // cfg.batch_size)
+    history = lp.train_probes(probes, batches, cfg, steps, device)
+    results = lp.evaluate_probes(probes, lp.cached_batches(val_feats, val_y, 1024, False, 0), device)
+    dims = lp.head_in_features(probes)
+    print(f"linear probes, protocol {cfg.protocol} ({net.method}, {describe(net)['arch']}, {size} px; "
+          f"chance {100 / len(train.classes):.2f}%):")
+    for head, r in results.items():
+        print(f"  {head:10s} {dims[head]:6d} dims  top-1 {100 * r['top1']:6.2f}%  top-5 {100 * r['top5']:6.2f}%")
+    best = max(results, key=lambda h: results[h]["top1"])
     write_json(out, result_name("linear", args),
-               {**describe(net), "bn_reestimated": args.reestimate_bn, "stages": results, "protocol": cfg.as_dict(), "loss_per_epoch": history,
+               {**describe(net), "bn_reestimated": args.reestimate_bn, "stages": results,
+                "best": {"head": best, **results[best]},
+                "head_in_features": dims, "protocol": cfg.as_dict(), "loss_per_epoch": history,
+                "train_loader": type(loader).__name__ if cfg.augment else "cached centre-crop features",
                 "image_size": size, "num_train": len(train), "num_val": len(val), "num_classes": len(train.classes)})
     return 0
 
@@ -180,6 +229,10 @@ def cmd_linear(args) -> int:
 def cmd_invariance(args) -> int:
     device = pick_device(args.device)
     nets = [load_pretrained(c, device) for c in args.checkpoints]
+    for net in nets:
+        if net.config.get("imported", {}).get("heads") is False:
+            raise SystemExit(f"{net.path} was imported with --trunk-only: its heads are not the reference's, so "
+                             "the head distances would be meaningless; invariance needs a checkpoint with heads")
     labels = args.labels or [f"{n.method}:{n.path.parent.parent.name if n.path else '?'}" for n in nets]
     if len(labels) != len(nets) or len(set(labels)) != len(labels):
         raise SystemExit(f"--labels needs one distinct label per checkpoint ({len(nets)}); got {labels}")
@@ -191,7 +244,10 @@ def cmd_invariance(args) -> int:
     views = inv.ViewConfig.from_run_config(nets[0].config)
     if args.image_size:
         views = inv.ViewConfig(args.image_size, views.patch_crop_size, views.grid, views.patch_size)
-    data = ShardImageDataset(args.shards, inv.InvarianceViews(views), limit=args.limit)
+    run_shards = nets[0].config.get("data", {}).get("shards")
+    train = resolve_shards(run_shards, "train") if run_shards and run_shards != "???" and not args.shards else None
+    data = ShardImageDataset(val_shards_of(args.shards, train, "--shards"), inv.InvarianceViews(views),
+                             limit=args.limit)
     loader = make_loader(data, args.batch_size, args.workers)
     dists = {label: inv.invariance_distances(net.model, net.method, loader, views.grid, device, args.seed or 0)
              for label, net in zip(labels, nets)}
@@ -221,9 +277,110 @@ def reestimate_bn(args, net: Pretrained, train: ShardImageDataset, device) -> No
         net.model = reestimate_running_stats(net.model, lambda m, x: m.features(x), images, device)
 
 
+def variant(args) -> str:
+    """The result-name suffix of the evaluated network: "", _random_init, _bn or _random_init_bn."""
+    return f"{'_random_init' if args.random_init else ''}{'_bn' if args.reestimate_bn else ''}"
+
+
 def result_name(command: str, args) -> str:
     """knn.json, knn_random_init.json, knn_bn.json, knn_random_init_bn.json (and linear_...)."""
-    return f"{command}{'_random_init' if args.random_init else ''}{'_bn' if args.reestimate_bn else ''}.json"
+    return f"{command}{variant(args)}.json"
+
+
+def cmd_svm(args) -> int:
+    device, net, size, train, val = open_splits(args, svm_transform, svm_transform)
+    if train.multi_label != val.multi_label:
+        raise SystemExit(f"the train shards are {'multi' if train.multi_label else 'single'}-label but the val shards "
+                         f"{val.manifest.root} are not: shard both splits the same way")
+    trunk, stage = net.model.trunk, args.feature
+
+    def fn(x):  # (N, 3, S, S) -> (N, D): one stage, Goyal-pooled and flattened
+        return lp.goyal_features(trunk, x)[stage].flatten(1)
+
+    train_x, _, _ = extract(fn, make_loader(train, args.batch_size, args.workers), device, f"{stage}: train")
+    val_x, _, _ = extract(fn, make_loader(val, args.batch_size, args.workers), device, f"{stage}: val")
+    cfg = svm.SVMConfig(costs=tuple(args.costs), folds=args.folds, normalize=not args.no_normalize, dual=args.dual,
+                        jobs=args.jobs, seed=args.seed or 0)
+    single = not train.multi_label
+    info = {**describe(net), "feature": stage, "dims": int(train_x.shape[1]), "image_size": size,
+            "label_kind": "single" if single else "multi", "num_train": len(train), "num_val": len(val),
+            "num_classes": len(train.classes), "classes": train.classes, "svm": cfg.as_dict()}
+    out = Path(args.out) if args.out else default_out(net.path)
+    suffix = variant(args)
+    if args.low_shot:
+        result = svm.low_shot(train_x.numpy(), train.targets, val_x.numpy(), val.targets, args.low_shot, single, cfg,
+                              draws=args.draws)
+        for k, r in result.items():
+            print(f"low-shot k={k}: {r['metric']} {100 * r['mean']:.2f} +- {100 * r['std']:.2f} "
+                  f"(min {100 * r['min']:.2f}, max {100 * r['max']:.2f}; {args.draws} draws, cost {r['cost']})")
+        write_json(out, f"svm_lowshot{suffix}.json", {**info, "draws": args.draws, "low_shot": result})
+        return 0
+    result = svm.train_and_test(train_x.numpy(), train.targets, val_x.numpy(), val.targets, single, cfg)
+    top1 = f"top-1 {100 * result.top1:.2f}%, " if single else ""
+    print(f"SVM on {stage} ({info['dims']} dims, {net.method}): {top1}mAP {100 * result.mAP:.2f} over "
+          f"{len(train.classes)} classes ({len(train)} train -> {len(val)} val)")
+    write_json(out, f"svm{suffix}.json", {**info, **result.as_dict()})
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    device, net, size, train_data, val_data = open_splits(args, train_transform, eval_transform)
+    if (args.fraction is None) == (args.subset is None):
+        raise SystemExit("finetune needs exactly one of --fraction F (a class-balanced subset) and --subset FILE")
+    try:
+        if args.subset:
+            positions, tag = ftd.subset_from_file(args.subset, train_data), Path(args.subset).stem
+        else:
+            positions, tag = ftd.balanced_subset(train_data.labels.numpy(), args.fraction, args.seed or 0), \
+                f"{100 * args.fraction:g}pct"
+    except ValueError as e:
+        raise SystemExit(f"finetune: {e}") from e
+    cfg = ft.FinetuneConfig(epochs=args.epochs, lr=args.lr, milestones=tuple(args.milestones),
+                            batch_size=args.ft_batch, weight_decay=args.weight_decay, freeze_trunk=args.freeze_trunk,
+                            seed=args.seed or 0)
+    out = Path(args.out) if args.out else default_out(net.path)
+    name = f"finetune_{tag}{'_frozen' if cfg.freeze_trunk else ''}{variant(args)}"
+    torch.manual_seed(cfg.seed)
+    model = ft.Classifier(net.model.trunk, net.model.trunk_dim, len(train_data.classes))
+    loaders = [ftd.build_loader(args.backend, data, pos, out / f"{name}_index" / split, size,
+                                cfg.batch_size if split == "train" else args.batch_size, split == "train",
+                                args.workers, device, cfg.seed)
+               for data, pos, split in ((train_data, positions, "train"),
+                                        (val_data, np.arange(len(val_data)), "val"))]
+    counts = np.bincount(train_data.labels.numpy()[positions], minlength=len(train_data.classes))
+    print(f"finetune on {positions.size} of {len(train_data)} labelled images ({tag}; {counts.min()}-{counts.max()} "
+          f"per class), {type(loaders[0]).__name__}, {'trunk frozen' if cfg.freeze_trunk else 'whole network'}")
+    history = ft.train(model, loaders[0], cfg, device)
+    result = ft.evaluate(model, loaders[1], device)
+    print(f"finetune {tag}: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+          f"({len(val_data)} val images, chance {100 / len(train_data.classes):.2f}%)")
+    save_atomic({"model": {k: v.contiguous() for k, v in model.state_dict().items()}, "classes": train_data.classes,
+                 "arch": describe(net)["arch"]}, out / f"{name}.pt")
+    write_json(out, f"{name}.json", {**describe(net), **result, "subset": tag, "num_labelled": int(positions.size),
+                                     "per_class_min": int(counts.min()), "per_class_max": int(counts.max()),
+                                     "loader": type(loaders[0]).__name__, "schedule": cfg.as_dict(),
+                                     "loss_per_epoch": history, "image_size": size, "num_val": len(val_data),
+                                     "num_classes": len(train_data.classes), "weights": str(out / f"{name}.pt")})
+    return 0
+
+
+def cmd_import_vissl(args) -> int:
+    out = Path(args.out)
+    if list_checkpoints(out) and not args.overwrite:
+        raise SystemExit(f"{out} already holds checkpoints ({list_checkpoints(out)[0].name}); pass a new --out "
+                         "folder, or --overwrite")
+    try:
+        path = vissl_import.import_checkpoint(args.checkpoint, out, trunk_only=args.trunk_only)
+    except (vissl_import.ImportRefused, FileNotFoundError) as e:
+        raise SystemExit(f"import-vissl: {e}") from e
+    net = load_pretrained(path, "cpu")
+    report = torch.load(path, map_location="cpu", weights_only=True)["import_report"]
+    heads = report["heads"] or "none (--trunk-only: heads at a seeded init, marked imported.heads=false)"
+    print(f"wrote {path}\n  method {net.method}, arch {report['arch']}, trunk {report['trunk_tensors']} tensors "
+          f"(torchvision keys), heads mapped: {heads}")
+    print(f"  evaluate it like any run: python -m pirl_fast.eval linear {out} --train-shards T --val-shards V")
+    write_json(out, "import.json", {**describe(net), **report, "source": str(Path(args.checkpoint).resolve())})
+    return 0
 
 
 def check_same_classes(train: list[str], val: list[str], val_dir: str) -> None:
@@ -247,8 +404,11 @@ def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
                         "run started from), invariance permutations and probe shuffling (default 0)")
     p.add_argument("--out", default=None, help="folder for the JSON (default: the checkpoint's run directory)")
     if shards:
-        p.add_argument("--train-shards", default=None, help="train shard dir (default: the checkpoint's data.shards)")
-        p.add_argument("--val-shards", required=True, help="validation shard dir (python -m pirl_fast.shard)")
+        p.add_argument("--train-shards", default=None, help="train shard dir (default: the checkpoint's data.shards; "
+                       "a dataset root's shards mean their train split)")
+        p.add_argument("--val-shards", default=None,
+                       help="validation shard dir (default: the val, validation or test split beside the train shards "
+                       "when those are a dataset root's train split; a dataset root's shards mean that split)")
         p.add_argument("--random-init", action="store_true",
                        help="evaluate the same arch untrained instead (the baseline); writes *_random_init.json")
         p.add_argument("--arch", choices=sorted(ARCHS), default=None, help="arch for --random-init without CHECKPOINT")
@@ -277,24 +437,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_knn)
 
     d = lp.ProbeConfig()
-    p = sub.add_parser("linear", help="linear classifiers on conv1, res2..res5, trained together",
+    p = sub.add_parser("linear", help="linear classifiers on conv1, res2..res5 (+res5avg), trained together",
                        description=lp.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)
+    p.add_argument("--protocol", choices=lp.PROTOCOLS, default=d.protocol,
+                   help="goyal (default): each stage average-pooled to ~9k dims + BatchNorm + Linear, as the "
+                        "reference's benchmark; gap: global-average-pooled stages (quick, not comparable)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs} (Goyal et al. 2019)")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"SGD lr, x0.1 at 8/28, 16/28, 24/28 (default {d.lr})")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help=f"SGD lr per 256 images, scaled linearly with --probe-batch-size; x0.1 at 8/28, 16/28, "
+                        f"24/28 of training (default {d.lr})")
     p.add_argument("--probe-batch-size", dest="probe_batch", type=int, default=d.batch_size,
                    help=f"probe training batch (default {d.batch_size})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"on the Linear layers, not BatchNorm (default {d.weight_decay})")
     p.add_argument("--momentum", type=float, default=d.momentum, help=f"default {d.momentum}")
+    p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
     p.add_argument("--no-augment", action="store_true",
                    help="centre crops only: runs the trunk once and trains the heads on stored features")
+    p.add_argument("--backend", choices=ftd.BACKENDS, default="auto",
+                   help="training images: auto (DALI when installed, else torch) | dali | torch")
     _common(p)
     p.set_defaults(fn=cmd_linear)
+
+    p = sub.add_parser("svm", help="one-vs-rest linear SVMs on a frozen stage: mAP / top-1, or low-shot",
+                       description=svm.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)
+    p.add_argument("--feature", choices=lp.GOYAL_HEADS[:-1], default="res5",
+                   help="stage, Goyal-pooled as in the reference (res5: 2048x2x2 = 8192 dims on a ResNet-50 at "
+                        "224 px; res5avg: the 2048-d global pool, the one to use at ImageNet scale); default res5")
+    p.add_argument("--costs", type=float, nargs="+", default=list(svm.COSTS),
+                   help="SVM costs C swept per class (default: the reference's 0.01 ... 1000)")
+    p.add_argument("--folds", type=int, default=svm.CV_FOLDS, help="cross-validation folds (default 3)")
+    p.add_argument("--low-shot", type=int, nargs="+", default=None, metavar="K",
+                   help="low-shot mode: K training samples per class (single-label) or K positives and (C-1)K "
+                        "negatives per class (multi-label), e.g. --low-shot 1 2 4 8 16 32 64 96")
+    p.add_argument("--draws", type=int, default=svm.LOW_SHOT_DRAWS, help="independent low-shot draws (default 5)")
+    p.add_argument("--jobs", type=int, default=1, help="processes fitting (class, cost) SVMs in parallel")
+    p.add_argument("--dual", choices=("auto", "true", "false"), default="auto",
+                   help="liblinear formulation: auto (dual when samples <= features, as the reference; primal "
+                        "Newton otherwise), true (always dual, the reference's setting), false (always primal)")
+    p.add_argument("--no-normalize", action="store_true", help="skip the per-sample L2 normalisation")
+    _common(p)
+    p.set_defaults(fn=cmd_svm)
+
+    d = ft.FinetuneConfig()
+    p = sub.add_parser("finetune", help="fine-tune the whole network on a 1%% / 10%% labelled subset",
+                       description=ft.__doc__ + "\n" + ftd.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)
+    p.add_argument("--fraction", type=float, default=None, help="class-balanced subset of this fraction, e.g. 0.01")
+    p.add_argument("--subset", default=None, help="the reference's subset list (.txt of paths or .npy)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"lr per 256 images (default {d.lr}; SimCLR's lists: 0.05)")
+    p.add_argument("--milestones", type=int, nargs="*", default=list(d.milestones),
+                   help="epochs at which the lr drops x0.1 (default 30)")
+    p.add_argument("--ft-batch-size", dest="ft_batch", type=int, default=d.batch_size,
+                   help=f"training batch (default {d.batch_size})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
+    p.add_argument("--freeze-trunk", action="store_true", help="train the Linear only: the frozen-probe baseline")
+    p.add_argument("--backend", choices=ftd.BACKENDS, default="auto",
+                   help="auto (DALI when installed, else torch) | dali | torch")
+    _common(p)
+    p.set_defaults(fn=cmd_finetune)
+
+    p = sub.add_parser("import-vissl", help="convert a reference (vissl) checkpoint into this project's layout",
+                       description=vissl_import.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="the reference's checkpoint file (model_final_checkpoint_phase*.torch)")
+    p.add_argument("--out", required=True, help="run directory to create: OUT/checkpoints/step_*.pt + config.yaml")
+    p.add_argument("--trunk-only", action="store_true",
+                   help="import the trunk even when the heads have no counterpart here (e.g. MLP heads)")
+    p.add_argument("--overwrite", action="store_true", help="replace checkpoints already in --out")
+    p.set_defaults(fn=cmd_import_vissl)
 
     p = sub.add_parser("invariance", help="||f(v_I) - g(v_It)|| and res5 distances, checkpoints side by side",
                        description=inv.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (e.g. a PIRL run and a Jigsaw run)")
-    p.add_argument("--shards", required=True, help="shard dir whose images are measured (e.g. the val shards)")
+    p.add_argument("--shards", default=None, help="shard dir whose images are measured (default: the val, "
+                   "validation or test split beside the first checkpoint's train shards, as --val-shards)")
     p.add_argument("--labels", nargs="+", default=None, help="a label per checkpoint (default method:run-name)")
     p.add_argument("--random-init", action="store_true", help="add the untrained network as a third column")
     _common(p, shards=False)
@@ -304,7 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except ShardError as e:  # a missing or unfinished shard folder: the message names the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

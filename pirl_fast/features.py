@@ -10,6 +10,8 @@ in a fixed order, with its label, and the standard deterministic view:
 (the 256 -> 224 centre crop of every ImageNet evaluation; image_size defaults to the size the
 checkpoint was pre-trained at, `data.image_size`). Per sample the shards hold KEY.jpg (RGB JPEG),
 KEY.lbl (int64 LE label) and KEY.idx (int64 LE global index); see pirl_fast/manifest.py.
+Multi-label shards (the proposal in shards/README.md) add KEY.mlb: C signed bytes, 1 = the class
+is present, 0 = absent, -1 = present but "difficult" (VOC), read into `ShardImageDataset.targets`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
@@ -29,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from pirl_fast.checkpoint import list_checkpoints
+from pirl_fast.checkpoint import list_checkpoints, load_latest
 from pirl_fast.jigsaw import JigsawModel
 from pirl_fast.manifest import ShardError, load_manifest
 from pirl_fast.model import ModelConfig, PIRLModel, memory_format_for
@@ -59,6 +62,17 @@ def train_transform(image_size: int) -> Callable[[Image.Image], Tensor]:
     ])
 
 
+def svm_transform(image_size: int) -> Callable[[Image.Image], Tensor]:
+    """The reference's SVM view (eval_resnet_8gpu_transfer_voc07_svm.yaml): resize the shorter side to
+    256, then squash to 224 x 224, no crop (scaled to image_size)."""
+    return T.Compose([
+        T.Resize(round(image_size * RESIZE_RATIO)),
+        T.Resize((image_size, image_size)),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
 @dataclass(frozen=True)
 class _Entry:
     shard: int  # position in manifest.tar_paths()
@@ -66,6 +80,8 @@ class _Entry:
     size: int  # JPEG size in bytes
     label: int
     index: int  # global sample index (the memory-bank row in pre-training)
+    multi_hot: bytes | None = None  # KEY.mlb of multi-label shards: C int8 in {1, 0, -1}
+    key: str = ""  # the sample key (member name without extension)
 
 
 class ShardImageDataset(Dataset):
@@ -108,7 +124,11 @@ class ShardImageDataset(Dataset):
                                      "was not written by `python -m pirl_fast.shard`, or is damaged: re-shard it")
                 label = _int64(tar, members["lbl"], path)
                 index = _int64(tar, members["idx"], path)
-                out.append(_Entry(shard, members["jpg"].offset_data, members["jpg"].size, label, index))
+                mlb = tar.extractfile(members["mlb"]).read() if "mlb" in members else None
+                if mlb is not None and len(mlb) != len(self.classes):
+                    raise ShardError(f"{path}: {key}.mlb has {len(mlb)} bytes but the manifest lists "
+                                     f"{len(self.classes)} classes (one int8 per class): re-shard it")
+                out.append(_Entry(shard, members["jpg"].offset_data, members["jpg"].size, label, index, mlb, key))
         if len(out) != expected:
             raise ShardError(f"{path} holds {len(out)} samples but manifest.json says {expected}: re-shard it "
                              "(`python -m pirl_fast.shard SRC DST --overwrite`)")
@@ -132,6 +152,23 @@ class ShardImageDataset(Dataset):
     @property
     def labels(self) -> Tensor:
         return torch.tensor([e.label for e in self.entries], dtype=torch.long)
+
+    @property
+    def multi_label(self) -> bool:
+        """True for shards whose samples carry KEY.mlb (several classes per image)."""
+        return bool(self.entries) and self.entries[0].multi_hot is not None
+
+    @property
+    def targets(self) -> np.ndarray:
+        """(N, C) int8 per class: 1 present, 0 absent, -1 difficult (multi-label), or the one-hot
+        labels of single-label shards; rows in dataset order."""
+        if self.multi_label:
+            if any(e.multi_hot is None for e in self.entries):
+                raise ShardError(f"{self.manifest.root}: some samples have KEY.mlb and some do not: re-shard it")
+            return np.stack([np.frombuffer(e.multi_hot, np.int8) for e in self.entries])
+        out = np.zeros((len(self.entries), len(self.classes)), np.int8)
+        out[np.arange(len(self.entries)), [e.label for e in self.entries]] = 1
+        return out
 
 
 def _int64(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> int:
@@ -170,10 +207,27 @@ def build_model(method: str, config: dict) -> nn.Module:
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict, dict]:
     """(checkpoint file, its dict, the run's resolved config as a plain dict); weights_only load.
 
-    `path` may be a checkpoint file or a run directory (its newest run_dir/checkpoints/step_*.pt).
-    The trainer stores the resolved config as YAML text under "config_yaml" (pirl_fast/checkpoint.py).
+    `path` may be a checkpoint file or a run directory: then its newest checkpoint that loads, chosen
+    as the trainer chooses where to resume (checkpoint.load_latest: a corrupt newest file is skipped
+    with a warning naming it). The trainer stores the resolved config as YAML text under
+    "config_yaml" (pirl_fast/checkpoint.py).
     """
-    path = resolve_checkpoint(path)
+    path = Path(path)
+    run_dir = next((d for d in (path, path.parent) if list_checkpoints(d)), None) if path.is_dir() else None
+    if run_dir is not None:  # a run directory, or its checkpoints/ folder
+        path, ckpt = load_latest(run_dir, load_weights)
+    else:
+        path = resolve_checkpoint(path)
+        ckpt = load_weights(path)
+    if "config_yaml" in ckpt:
+        config = OmegaConf.to_container(OmegaConf.create(ckpt["config_yaml"]), resolve=True)
+    else:
+        config = dict(ckpt["config"])
+    return path, ckpt, config
+
+
+def load_weights(path: Path) -> dict:
+    """A training checkpoint's dict (weights_only); ValueError unless it holds 'model' and its config."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -182,24 +236,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict, dict]:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not a pirl_fast training checkpoint (needs 'model' and 'config_yaml'; has "
                          f"{keys}); pass a file written by `python -m pirl_fast.train`")
-    if "config_yaml" in ckpt:
-        config = OmegaConf.to_container(OmegaConf.create(ckpt["config_yaml"]), resolve=True)
-    else:
-        config = dict(ckpt["config"])
-    return path, ckpt, config
+    return ckpt
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file as is; for a run directory (or its checkpoints/ folder), the newest step_*.pt."""
-    path = Path(path)
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint file as is; for a folder without checkpoints/step_*.pt, its newest *.pt."""
     if path.is_file():
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass a checkpoint file or a run directory")
-    for run_dir in (path, path.parent):
-        found = list_checkpoints(run_dir)
-        if found:
-            return found[0]  # newest step first
     found = sorted(path.rglob("*.pt"), key=lambda p: p.stat().st_mtime)
     if found:
         return found[-1]

@@ -12,11 +12,19 @@ representation *covariant* with it, because it must tell the shuffles apart.
 
 Target: `Batch.perm_id`, the position of the sample's permutation in the fixed max-Hamming set of
 P = data.num_permutations permutations (`pirl_fast.permutations.max_hamming_permutations`; the
-loader draws from that set when P > 0). The head is the smallest that can solve the task: a
-linear map on the concatenation sees every patch at every position, and the ReLU in front of it
-lets it combine patch identities non-linearly (Noroozi & Favaro use fc6 per tile, concat, fc7,
-fc8; we keep one hidden width, D = model.embed_dim, so the parameter count stays that of PIRL's
-patch path plus a 9D x P classifier).
+loader draws from that set when P > 0).
+
+Two heads (`model.jigsaw_head`):
+
+    reference  the reference's ImageNet Jigsaw (facebookresearch/vissl
+               configs/config/pretrain/jigsaw/jigsaw_8gpu_resnet.yaml, HEAD.PARAMS):
+               per patch Linear 2048 -> 1000, BatchNorm1d, ReLU ("mlp" dims [2048, 1000],
+               use_bn, use_relu, skip_last_layer_relu_bn False); concatenation of the 9
+               ("siamese_concat_view", num_towers 9): 9000; Linear 9000 -> P ("mlp" [9000, 2000]
+               for its 2,000 permutations). `experiment=jigsaw_in1k_r50` trains it.
+    light      (default) per patch Linear trunk_dim -> model.embed_dim, ReLU; concat; Linear -> P.
+               The smallest head that can solve the task, for CPU-sized runs and ResNet-18:
+               PIRL's patch-path width plus a 9D x P classifier.
 
 The trainer's step for method=jigsaw:
 
@@ -33,6 +41,9 @@ from torch import Tensor, nn
 from pirl_fast.loss import LossTerms
 from pirl_fast.model import ARCHS, ModelConfig, build_trunk, weight_layout
 
+JIGSAW_HEADS = ("light", "reference")
+REFERENCE_PATCH_WIDTH = 1000  # jigsaw_8gpu_resnet.yaml: ["mlp", {"dims": [2048, 1000], ...}] per patch
+
 
 class JigsawModel(nn.Module):
     """ResNet trunk + per-patch head + permutation classifier; forward(patches) -> logits (B, P).
@@ -43,6 +54,9 @@ class JigsawModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_permutations: int):
         super().__init__()
+        if cfg.jigsaw_head not in JIGSAW_HEADS:
+            raise ValueError(f"model.jigsaw_head={cfg.jigsaw_head!r} is unknown; choose one of "
+                             f"{', '.join(JIGSAW_HEADS)}")
         if num_permutations < 2:
             raise ValueError(
                 f"method=jigsaw needs a fixed permutation set to classify: set data.num_permutations to P >= 2 "
@@ -53,8 +67,14 @@ class JigsawModel(nn.Module):
         self.num_permutations = num_permutations
         self.trunk = build_trunk(cfg)  # trunk(x) = res5 avgpool: (N, trunk_dim); torchvision's keys minus fc
         self.trunk_dim = ARCHS[cfg.arch][1]
-        self.patch_head = nn.Linear(self.trunk_dim, cfg.embed_dim)
-        self.classifier = nn.Linear(cfg.num_patches * cfg.embed_dim, num_permutations)
+        if cfg.jigsaw_head == "reference":  # Linear -> BN -> ReLU per patch, as the reference's "mlp" with use_bn
+            self.patch_width = REFERENCE_PATCH_WIDTH
+            self.patch_head = nn.Sequential(nn.Linear(self.trunk_dim, REFERENCE_PATCH_WIDTH),
+                                            nn.BatchNorm1d(REFERENCE_PATCH_WIDTH), nn.ReLU(inplace=True))
+        else:
+            self.patch_width = cfg.embed_dim
+            self.patch_head = nn.Linear(self.trunk_dim, cfg.embed_dim)  # the ReLU is applied in forward
+        self.classifier = nn.Linear(cfg.num_patches * self.patch_width, num_permutations)
 
     def features(self, x: Tensor) -> Tensor:
         """res5 after average pooling: (N, 3, H, W) -> (N, trunk_dim)."""
@@ -68,8 +88,10 @@ class JigsawModel(nn.Module):
         if n % p != 0:
             raise ValueError(f"got {n} patches, not a multiple of num_patches={p}: patches must be "
                              f"(B*{p}, 3, h, w) with each sample's {p} patches contiguous")
-        e = F.relu(self.patch_head(self.features(patches)))  # (B*9, D)
-        e = e.reshape(n // p, p * self.cfg.embed_dim)  # (B, 9*D), in the presented (shuffled) order
+        e = self.patch_head(self.features(patches))  # (B*9, D)
+        if self.cfg.jigsaw_head == "light":
+            e = F.relu(e)
+        e = e.reshape(n // p, p * self.patch_width)  # (B, 9*D), in the presented (shuffled) order
         return self.classifier(e).float()  # (B, P); float32 for the loss even under bf16 autocast
 
 

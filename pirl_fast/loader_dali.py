@@ -4,15 +4,22 @@ On a CUDA device the pipeline decodes with nvJPEG and augments on the GPU; on th
 the same graph's CPU version (`device_id=None` where there is no CUDA at all). The reader pads each rank's part of the dataset (pad_last_batch) to exactly
 ceil(N / global_batch) batches per epoch on every rank, so this loader runs that many batches
 per epoch and never reads across an epoch boundary (reader_meta("Reader") confirms N at start).
+
+Corrupt samples (pirl_fast/corrupt.py): the pipeline's gate checks the crc members on the host
+before decoding and records which samples it handed on; `_run` acts on what it found (an error
+naming the sample, or data.on_corrupt=skip) and, when the decoder itself fails, names the sample.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import torch
 
-from pirl_fast.data import Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch
+from pirl_fast.corrupt import FIX as CORRUPT_FIX
+from pirl_fast.corrupt import SKIP_HINT, DaliGate, find_undecodable
+from pirl_fast.data import Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch, replace_corrupt
 from pirl_fast.manifest import Manifest, ShardError
 
 try:
@@ -48,8 +55,18 @@ class DaliLoader:
         self.num_samples = manifest.num_samples
         self._len, self.duplicates_per_epoch = epoch_length(manifest.num_samples, per_rank * world_size)
         self.order = PatchOrder(cfg, rank, device)
+        self.skip = cfg.on_corrupt == "skip"
+        if not manifest.has_checksums and rank == 0:
+            warnings.warn(f"the shards in {manifest.root} carry no per-sample checksums (crc members, "
+                          "shards/README.md): a JPEG damaged after sharding can train silently on DALI, whose "
+                          "decoder only warns about some damage (libjpeg) or does not notice it (nvJPEG); re-shard "
+                          "to add them, or check the shards with `python -m pirl_fast.shard --verify DIR`",
+                          RuntimeWarning, stacklevel=2)
+        # Batches the gate may have passed on beyond the one being delivered: the prefetch queue and
+        # the executor's own stages (a margin of 3).
+        self.gate = DaliGate(manifest.has_checksums, keep=cfg.prefetch + 3)
         self.pipe = pirl_pipeline(
-            manifest.tar_paths(), manifest.index_paths(), cfg, rank, world_size, gpu,
+            manifest.tar_paths(), manifest.index_paths(), cfg, rank, world_size, gpu, self.gate,
             batch_size=per_rank, num_threads=cfg.workers, device_id=device_id,
             seed=derive_seed(cfg.seed, rank),  # augmentations differ per rank; shard order is seeded by cfg.seed
             prefetch_queue_depth=cfg.prefetch,
@@ -70,15 +87,48 @@ class DaliLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self._position:  # the previous epoch was abandoned: drain it so epochs stay aligned
             for _ in range(self._len - self._position):
-                self.pipe.run()
+                self._run()
             self._position = 0
         for _ in range(self._len):
-            outputs = self.pipe.run()
+            outputs = self._run()
             self._position += 1
             if self._position == self._len:
                 self._position = 0
             images, patches, index, label = (self._to_torch(out) for out in outputs)
-            yield make_batch(images, patches, index.to(self.device), label.to(self.device), self.order)
+            bad, where = self._corrupt_in(index)
+            if bad:  # data.on_corrupt=skip: the gate fed the decoder a placeholder for these
+                for w in where:
+                    warnings.warn(f"skipping a corrupt sample (data.on_corrupt=skip): {w}", RuntimeWarning,
+                                  stacklevel=2)
+                images, patches, index, label = replace_corrupt(bad, where, images, patches, index, label)
+            yield make_batch(images, patches, index.to(self.device), label.to(self.device), self.order,
+                             corrupt=len(bad))
+
+    def _run(self):
+        """pipe.run(), with a decoder failure turned into an error that names the sample."""
+        try:
+            return self.pipe.run()
+        except RuntimeError as e:
+            candidates = [where for batch in self.gate.in_flight for where in batch]
+            found = find_undecodable(candidates)
+            if not found:
+                raise
+            checksums = ("" if self.gate.checksums else "; shards written with per-sample checksums (crc members) "
+                         "let such damage be caught before the decoder")
+            raise ShardError(f"DALI's decoder failed ({dali_reason(e)}) on a corrupt sample:\n  " + "\n  ".join(found)
+                             + f"\n{CORRUPT_FIX}. DALI cannot continue past a sample its decoder rejects, so "
+                             f"data.on_corrupt=skip cannot skip this one (data.backend=torch can){checksums}") from e
+
+    def _corrupt_in(self, index: torch.Tensor) -> tuple[list[int], list[str]]:
+        """Batch positions and descriptions of the samples the gate found corrupt (checksums);
+        raises ShardError naming them unless data.on_corrupt=skip."""
+        if not self.gate.corrupt:  # the usual case: nothing found, no per-sample work
+            return [], []
+        bad = [(b, self.gate.corrupt[i]) for b, i in enumerate(index.reshape(-1).tolist()) if i in self.gate.corrupt]
+        if bad and not self.skip:
+            raise ShardError("corrupt sample(s) in the shards:\n  " + "\n  ".join(w for _, w in bad)
+                             + f"\n{CORRUPT_FIX}{SKIP_HINT}")
+        return [b for b, _ in bad], [w for _, w in bad]
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         """One DALI output batch as a torch tensor: on the host a zero-copy DLPack view, which keeps
@@ -94,3 +144,10 @@ class DaliLoader:
 
     def close(self) -> None:
         self.pipe = None  # DALI frees its threads and buffers when the pipeline is collected
+
+
+def dali_reason(error: Exception) -> str:
+    """The operator's own message from a DALI pipeline error (the line after "encountered:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    after = [k + 1 for k, line in enumerate(lines) if line.endswith("encountered:") and k + 1 < len(lines)]
+    return lines[after[0]] if after else (lines[0] if lines else type(error).__name__)

@@ -34,6 +34,12 @@ the start of each epoch from (seed, epoch, rank, worker), so the batches of an e
 function of those too. `set_epoch(e)` makes the next `iter()` epoch e; each `iter()` after it is
 the next epoch (an abandoned epoch counts as one), so a resumed run that calls set_epoch sees the
 order of the original run.
+
+Corrupt samples (pirl_fast/corrupt.py): a worker checks each sample's crc member (when the shards
+have one) and its decoding; data.on_corrupt=error raises ShardError naming the shard and key,
+skip hands a placeholder marked corrupt that `_batches` replaces (data.replace_corrupt).
+Stop signals: workers ignore SIGINT / SIGTERM / SIGUSR1 (pirl_fast/signals.py); the trainer acts
+on them and `close()` then shuts the workers down.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ import bisect
 import functools
 import itertools
 import math
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -49,8 +57,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pirl_fast.data import Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch
+from pirl_fast.corrupt import FIX as CORRUPT_FIX
+from pirl_fast.corrupt import SKIP_HINT, checksum_problem, decoder_message
+from pirl_fast.data import Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch, replace_corrupt
 from pirl_fast.manifest import Manifest, ShardError
+from pirl_fast.signals import blocked, shield_worker
 from pirl_fast.torch_transforms import PIRLTransform
 
 INT64_BYTES = 8  # `idx` and `lbl` members: little-endian int64 (shards/README.md)
@@ -111,6 +122,9 @@ class ShardStream(IterableDataset):
         self.buffer = math.ceil(cfg.shuffle_buffer / self.workers)  # per worker: a rank holds shuffle_buffer
         self.transform = PIRLTransform(cfg)
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.checksums, self.skip = manifest.has_checksums, cfg.on_corrupt == "skip"
+        cells, size = cfg.grid * cfg.grid, cfg.patch_size
+        self.placeholder = (torch.zeros(cfg.image_size, cfg.image_size, 3), torch.zeros(cells, size, size, 3))
 
     def plan(self, epoch: int, worker: int) -> list[Visit]:
         first, end = worker_slots(self.rank, worker, self.workers, self.batches, self.per_rank)
@@ -132,7 +146,8 @@ class ShardStream(IterableDataset):
         return iter(pipeline)
 
     def read(self, visits: list[Visit]):
-        """Stream the planned shard reads through webdataset, checking count and indices."""
+        """Stream the planned shard reads through webdataset, checking count and indices; yields
+        (key, url, jpeg bytes, index, label, crc member bytes or None)."""
         for visit in visits:
             url = self.urls[visit.shard]
             position = visit.start
@@ -149,7 +164,7 @@ class ShardStream(IterableDataset):
                     if index != expected:
                         raise ShardError(f"shard {url}: sample {position} ({sample['__key__']}) has index {index}, "
                                          f"the manifest implies {expected} (a shard of another run?): {FIX}")
-                    yield sample["__key__"], url, sample["jpg"], index, label
+                    yield sample["__key__"], url, sample["jpg"], index, label, sample.get("crc")
                     position += 1
             except ShardError:
                 raise
@@ -160,20 +175,30 @@ class ShardStream(IterableDataset):
                 raise ShardError(f"shard {url} ended after {position} samples, the manifest says "
                                  f"{self.sizes[visit.shard]} (damaged after the start-up check?): {FIX}")
 
-    def augment(self, sample) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        key, url, jpeg, index, label = sample
-        try:
-            view, patches = self.transform(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
-        except RuntimeError as e:
-            raise ShardError(f"sample {index} ({key}) in {url} cannot be decoded ({e}): "
-                             f"re-run `python -m pirl_fast.shard` on its source") from e
-        return view, patches, index, label  # (S, S, 3), (9, P, P, 3), int, int
+    def augment(self, sample) -> tuple[torch.Tensor, torch.Tensor, int, int, str | None]:
+        """(view (S, S, 3), patches (9, P, P, 3), index, label, None), or for a corrupt sample under
+        data.on_corrupt=skip (placeholder zeros, zeros, index, label, "where: why")."""
+        key, url, jpeg, index, label, crc = sample
+        problem = None
+        if self.checksums:
+            problem = "its crc member is missing" if crc is None else checksum_problem(jpeg, crc)
+        if problem is None:
+            try:
+                view, patches = self.transform(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
+                return view, patches, index, label, None
+            except RuntimeError as e:
+                problem = f"does not decode ({decoder_message(e)})"
+        where = f"sample {index} ({key}) in {url}"
+        if not self.skip:
+            raise ShardError(f"{where}: {problem}: {CORRUPT_FIX}{SKIP_HINT}")
+        return *self.placeholder, index, label, f"{where}: {problem}"
 
 
 def collate(samples):
-    views, patches, index, label = zip(*samples)
+    views, patches, index, label, corrupt = zip(*samples)
     return (torch.stack(views), torch.stack(patches),  # (B, S, S, 3), (B, 9, P, P, 3)
-            torch.tensor(index, dtype=torch.int64), torch.tensor(label, dtype=torch.int64))
+            torch.tensor(index, dtype=torch.int64), torch.tensor(label, dtype=torch.int64),
+            [(b, where) for b, where in enumerate(corrupt) if where])  # corrupt samples' positions
 
 
 class TorchLoader:
@@ -186,13 +211,18 @@ class TorchLoader:
         self.order = PatchOrder(cfg, rank, device)
         self.epoch = 0  # the epoch the next iter() delivers
         self.stream = ShardStream(cfg, manifest, per_rank, rank, world_size)
+        self.closing = torch.zeros((), dtype=torch.bool).share_memory_()  # set by close(): workers may die now
+        # Also at interpreter exit, before multiprocessing terminates and joins the (daemonic) workers: a
+        # loader never closed (a notebook, an exception) must not leave exit waiting on a shielded worker.
+        weakref.finalize(self, self.closing.fill_, True)
         # Worker base seeds come from this generator, not the global RNG (which the trainer restores);
         # each worker reseeds per epoch anyway (ShardStream.__iter__).
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, rank))
         self.loader = DataLoader(
             self.stream, batch_size=per_rank, num_workers=cfg.workers, collate_fn=collate,
             pin_memory=device.type == "cuda", generator=generator, persistent_workers=cfg.workers > 0,
-            prefetch_factor=cfg.prefetch if cfg.workers > 0 else None)
+            prefetch_factor=cfg.prefetch if cfg.workers > 0 else None,
+            worker_init_fn=functools.partial(shield_worker, self.closing) if cfg.workers > 0 else None)
 
     def set_epoch(self, epoch: int) -> None:
         """The next iter() delivers epoch `epoch` (for resuming); later ones count on from it."""
@@ -204,16 +234,26 @@ class TorchLoader:
     def __iter__(self) -> Iterator[Batch]:
         self.stream.epoch.fill_(self.epoch)  # before iter(): (persistent) workers read it as they start
         self.epoch += 1
-        return self._batches(iter(self.loader))
+        with blocked():  # workers start here the first time: no stop signal before they shield themselves
+            source = iter(self.loader)
+        return self._batches(source)
 
     def _batches(self, source) -> Iterator[Batch]:
         to = dict(device=self.device, non_blocking=True)
         count = 0
-        for views, patches, index, label in source:
+        for views, patches, index, label, corrupt in source:
             count += 1
-            yield make_batch(views.to(**to), patches.to(**to), index.to(**to), label.to(**to), self.order)
+            if corrupt:  # data.on_corrupt=skip (with error, the worker raised)
+                bad, where = [b for b, _ in corrupt], [w for _, w in corrupt]
+                for w in where:
+                    warnings.warn(f"skipping a corrupt sample (data.on_corrupt=skip): {w}", RuntimeWarning,
+                                  stacklevel=2)
+                views, patches, index, label = replace_corrupt(bad, where, views, patches, index, label)
+            yield make_batch(views.to(**to), patches.to(**to), index.to(**to), label.to(**to), self.order,
+                             corrupt=len(corrupt))
         if count != self._len:
             raise RuntimeError(f"the torch loader delivered {count} batches in an epoch, not {self._len}: a loader bug")
 
     def close(self) -> None:
+        self.closing.fill_(True)  # from now on a SIGTERM (torch's terminate() of a stuck worker) ends a worker
         self.loader = None  # persistent workers exit when the DataLoader's iterator is collected

@@ -3,10 +3,14 @@
     total = lam * L(m_I, g(v_It)) + (1 - lam) * L(m_I, f(v_I))           (jigsaw, image terms)
 
 L is selectable:
-  nce      the reference implementation's NPID-style NCE: P = exp(s/tau) / Z, noise constant
-           c = K/|D| (uniform noise over the |D| samples, K draws);
+  nce      the paper's loss (its equations 3-4, a binary NCE), as the reference implementation
+           computes it (NPID-style): P = exp(s/tau) / Z, noise constant c = K/|D| (uniform noise
+           over the |D| samples, K draws);
            loss = -mean_b[ log(P0/(P0+c)) + sum_k log(c/(Pk+c)) ]
-  infonce  the paper's printed form: softmax cross-entropy over [pos, neg_1..neg_K] / tau.
+  infonce  the softmax form: cross-entropy over [pos, neg_1..neg_K] / tau with the positive as the
+           class (InfoNCE). Not in the paper; the reference uses it in its improved MLP-head recipe
+           (vissl configs/config/pretrain/pirl/models/resnet50_mlphead.yaml: loss_type
+           "cross_entropy", temperature 0.1).
 
 Scores s are cosine similarities (unit rows). Everything is computed in float32, through
 softplus / log-sum-exp so that exp(s/tau) (up to e^14 at tau=0.07) never overflows.
@@ -72,7 +76,7 @@ def info_nce_loss(pos: Tensor, neg: Tensor, temperature: float) -> Tensor:
 
 @dataclass
 class LossConfig:
-    kind: str = "nce"  # nce (the reference implementation's) | infonce (the paper's printed form)
+    kind: str = "nce"  # nce (the paper's, as the reference computes it) | infonce (the reference's MLP-head recipe)
     temperature: float = 0.07  # tau, the paper's
     lam: float = 0.5  # weight of the jigsaw term; the paper found 0.5 best (and sensitive)
 
@@ -110,15 +114,20 @@ class PIRLCriterion(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._z_ready = None
 
-    def _term(self, q: Tensor, pos: Tensor, index_neg: Tensor, bank, z: Tensor, name: str,
-              scores: dict[str, Tensor]) -> Tensor:
-        neg = bank.scores(q, index_neg)  # (B, K)
-        scores[f"pos_{name}"], scores[f"neg_{name}"] = pos.detach().mean(), neg.detach().mean()
-        if self.cfg.kind == "infonce":
-            return info_nce_loss(pos, neg, self.cfg.temperature)
-        if not self._z_ready:
-            z.copy_(estimate_z(pos.detach(), neg.detach(), self.cfg.temperature, self.num_data))
-        return nce_loss(pos, neg, self.cfg.temperature, self.num_data, z)
+    def _term(self, q: Tensor, pos: Tensor, bank, z: Tensor, name: str, scores: dict[str, Tensor]) -> Tensor:
+        """One term against K fresh negatives (pirl_fast.bank_loss); its mean positive and negative scores go
+        into `scores` as pos_<name>, neg_<name> (detached, on the device: the collapse diagnostics)."""
+        index_neg = bank.sample_negatives(q.shape[0])  # (B, K), a fresh draw per term
+        if self.cfg.kind == "nce" and not self._z_ready:  # first batch: Z needs the scores once
+            with torch.no_grad():
+                neg = bank.scores(q, index_neg)  # (B, K)
+            z.copy_(estimate_z(pos.detach(), neg, self.cfg.temperature, self.num_data))
+        # One pass over the negatives: the loss and its query gradient together. The indices were
+        # drawn by the bank, in range by construction: no range check.
+        term = bank.loss(q, pos, index_neg, self.cfg.kind, self.cfg.temperature, self.num_data, z,
+                         check_index=False)
+        scores[f"pos_{name}"], scores[f"neg_{name}"] = term.pos_mean, term.neg_mean
+        return term.loss
 
     def forward(self, f: Tensor, g: Tensor, index: Tensor, bank) -> LossTerms:
         """f, g (B, D) unit embeddings of the image and the patches; index (B,) the samples' bank rows."""
@@ -126,10 +135,9 @@ class PIRLCriterion(nn.Module):
             self._z_ready = bool(torch.isfinite(self.z_jigsaw) & torch.isfinite(self.z_image))
         m = bank.rows(index)  # (B, D) float32, detached: the positives m_I
         f, g = f.float(), g.float()
-        b = f.shape[0]
         scores: dict[str, Tensor] = {}
-        jigsaw = self._term(g, (m * g).sum(1), bank.sample_negatives(b), bank, self.z_jigsaw, "jigsaw", scores)
-        image = self._term(f, (m * f).sum(1), bank.sample_negatives(b), bank, self.z_image, "image", scores)
+        jigsaw = self._term(g, (m * g).sum(1), bank, self.z_jigsaw, "jigsaw", scores)  # first draw
+        image = self._term(f, (m * f).sum(1), bank, self.z_image, "image", scores)  # second draw
         self._z_ready = True
         lam = self.cfg.lam
         return LossTerms(total=lam * jigsaw + (1.0 - lam) * image, jigsaw=jigsaw, image=image, scores=scores)

@@ -9,7 +9,7 @@ manifest.json (format "pirl_fast-shards", version 1):
       "format": "pirl_fast-shards", "version": 1,
       "num_samples": N,                       # global sample indices are 0..N-1 (memory-bank rows)
       "classes": ["cat", "dog", ...],         # class names in label order (label = position)
-      "sample_members": ["jpg", "cls", "idx", "lbl"],
+      "sample_members": ["jpg", "cls", "idx", "lbl"],   # + "crc" when every sample has a checksum member
       "shards": [{"name": "shard-000000.tar", "index_name": "shard-000000.idx",
                   "samples": n0, "bytes": ..., "sha256": "...",
                   "first_index": 0,           # shard k holds indices first_index..first_index+samples-1
@@ -17,9 +17,15 @@ manifest.json (format "pirl_fast-shards", version 1):
                   "inputs_sha256": "..."},    # fingerprint of those inputs and options (for --resume)
                  ...],
       "skipped": [{"path": "dog/x.jpg", "reason": "...", "shard": "shard-000000.tar"}, ...],
-      "options": {"src": ..., "seed": ..., "samples_per_shard": ..., "max_side": ..., "quality": ...},
+      "options": {"src": ..., "seed": ..., "samples_per_shard": ..., "max_side": ..., "quality": ...,
+                  "split": "val"},            # split: only in a dataset root's shards (DST/<split>/)
+      "labels": {"file": ..., "format": "kaggle", "rows": ..., "header": null, "labelled_images": ...,
+                 "without_image": n, "without_image_examples": [...]},   # only for a flat folder
       "plan_sha256": "..."                    # fingerprint of all inputs and options (a re-run of the
     }                                         # same plan is a no-op; a different one is refused)
+
+A dataset root's shards are one such directory per split (DST/train/, DST/val/, ...), all with the
+same `classes`; splits.py says which of them a path means.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "pirl_fast-shards"
 FORMAT_VERSION = 1
 SAMPLE_MEMBERS = ["jpg", "cls", "idx", "lbl"]  # member order inside every sample (the team contract)
+CHECKSUM_MEMBERS = [*SAMPLE_MEMBERS, "crc"]  # the same, with the per-sample CRC-32 of the jpg (shard_format.py)
+OPTIONAL_MEMBERS = ("crc", "mlb")  # after the four, in this order: checksum, multi-hot labels (shards/README.md)
 
 _FIX = "run `python -m pirl_fast.shard SRC {dir}` to (re)make it, or `--resume` to finish an interrupted run"
 
@@ -59,6 +67,12 @@ class Manifest:
     shards: list[ShardInfo]
     skipped: list[dict] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    members: list[str] = field(default_factory=lambda: list(SAMPLE_MEMBERS))  # per sample, in tar order
+
+    @property
+    def has_checksums(self) -> bool:
+        """Every sample carries a crc member (shards written before it existed do not)."""
+        return "crc" in self.members
 
     def tar_paths(self) -> list[str]:
         """Absolute paths of the tar files, in shard (= global index) order."""
@@ -93,7 +107,13 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
         shards = [ShardInfo(name=str(s["name"]), index_name=str(s["index_name"]), samples=int(s["samples"]),
                             bytes=int(s["bytes"]), sha256=str(s["sha256"])) for s in raw["shards"]]
         manifest = Manifest(root=root, num_samples=int(raw["num_samples"]), classes=[str(c) for c in raw["classes"]],
-                            shards=shards, skipped=list(raw.get("skipped", [])), options=dict(raw.get("options", {})))
+                            shards=shards, skipped=list(raw.get("skipped", [])), options=dict(raw.get("options", {})),
+                            members=[str(m) for m in raw.get("sample_members", SAMPLE_MEMBERS)])
+        extra = manifest.members[len(SAMPLE_MEMBERS):]
+        if manifest.members[:len(SAMPLE_MEMBERS)] != SAMPLE_MEMBERS or extra != [
+                m for m in OPTIONAL_MEMBERS if m in extra]:
+            raise ValueError(f"sample_members {manifest.members}: expected {SAMPLE_MEMBERS} followed by any of "
+                             f"{list(OPTIONAL_MEMBERS)}, in that order")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ShardError(f"{path} is malformed ({type(e).__name__}: {e}): {fix}") from e
     total = sum(s.samples for s in manifest.shards)
@@ -108,14 +128,15 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
 
 
 def manifest_dict(*, num_samples: int, classes: list[str], shards: list[dict], skipped: list[dict],
-                  options: dict[str, Any]) -> dict[str, Any]:
-    """The manifest as written to disk (`shards` entries are ShardInfo fields plus resume bookkeeping)."""
+                  options: dict[str, Any], members: list[str] = SAMPLE_MEMBERS) -> dict[str, Any]:
+    """The manifest as written to disk (`shards` entries are ShardInfo fields plus resume bookkeeping);
+    `members`: CHECKSUM_MEMBERS for shards written with ShardWriter(checksums=True)."""
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "num_samples": num_samples,
         "classes": classes,
-        "sample_members": SAMPLE_MEMBERS,
+        "sample_members": list(members),
         "shards": shards,
         "skipped": skipped,
         "options": options,

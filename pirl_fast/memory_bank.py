@@ -2,9 +2,14 @@
 
     bank            buffer (N, D), unit rows, float32 or bfloat16; moves with .to(), saved in
                     checkpoints, initialised from `seed` so every rank starts identical
-    sample_negatives(B) -> (B, K) int64, uniform with replacement over [0, N) (the positive
-                    is not excluded, as in the paper); every call is a fresh draw
+    sample_negatives(B) -> (B, K) int64, uniform with replacement over [0, N); every call is a
+                    fresh draw. The positive is not excluded: the paper draws the negatives from
+                    the data other than I, the reference implementation draws uniformly over all N
+                    rows (vissl/losses/nce_loss.py, NCEAverage.do_negative_sampling: an
+                    AliasMethod over N equal weights), and we follow the reference (for ImageNet,
+                    K = 32,000 of N = 1.28M: about 2.5% of the samples get I among their K).
     scores(q, index)    -> (B, K) <q_b, m_index[b,k]> via the fused kernel (never (B, K, D))
+    loss(q, pos, index, kind, ...) -> one loss term in one pass over the negatives (pirl_fast.bank_loss)
     rows(index)         -> (B, D) float32 copy of m_index (the positives)
     update(index, f)    -> gathers (index, f) from all ranks, then per distinct index i:
                            m_i <- normalize(mu * m_i + (1 - mu) * mean of the f given for i)
@@ -37,6 +42,7 @@ from torch import Tensor, nn
 
 from pirl_fast import dist
 from pirl_fast.bank_kernels import KERNELS, bank_scores, bank_update, check_index
+from pirl_fast.bank_loss import BankLoss, bank_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FIRST_UPDATES = ("blend", "replace")
@@ -124,6 +130,16 @@ class MemoryBank(nn.Module):
     def scores(self, query: Tensor, index: Tensor) -> Tensor:
         """<query[b], m_index[b,k]>: query (B, D), index (B, K) -> (B, K) float32, grad to query only."""
         return bank_scores(query, self.bank, index, self.cfg.kernel)
+
+    def loss(self, query: Tensor, pos: Tensor, index: Tensor, kind: str, temperature: float, num_data: int,
+             z: Tensor, check_index: bool = True) -> BankLoss:
+        """One loss term of query (B, D) with positive scores pos (B,) against the rows index (B, K).
+
+        The fused one-pass kernel of pirl_fast.bank_loss (bank.kernel chooses); BankLoss also carries
+        the mean positive and negative scores. check_index=False skips the range check, for indices
+        from sample_negatives (in range by construction).
+        """
+        return bank_loss(query, pos, self.bank, index, kind, temperature, num_data, z, self.cfg.kernel, check_index)
 
     def rows(self, index: Tensor) -> Tensor:
         """m_index: index (B,) -> (B, D) float32, a detached copy."""

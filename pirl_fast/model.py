@@ -38,6 +38,7 @@ from pirl_fast.batchnorm import frozen_running_stats
 # arch -> (torchvision constructor name, width of res5 after avgpool)
 ARCHS = {"resnet50": ("resnet50", 2048), "resnet18": ("resnet18", 512)}
 STEMS = ("imagenet", "small")
+HEADS = ("linear", "mlp")
 
 
 @dataclass
@@ -48,6 +49,8 @@ class ModelConfig:
     stem: str = "imagenet"  # imagenet (7x7/2 conv + max-pool) | small (3x3/1 conv, no max-pool: 28-64 px images)
     patch_bn_stats: bool = False  # true: the patch forward also updates BN running stats (the reference); see batchnorm.py
     embed_bn: bool = False  # true: BatchNorm1d (no affine) on f and g before the L2 normalisation (see below)
+    jigsaw_head: str = "light"  # method=jigsaw only: light | reference (pirl_fast/jigsaw.py)
+    head: str = "linear"  # linear (the paper's) | mlp (the reference's improved recipe, see projection_heads)
 
 
 def apply_stem(resnet: nn.Module, stem: str) -> nn.Module:
@@ -83,6 +86,25 @@ def weight_layout(trunk: nn.Module) -> torch.memory_format:
         else torch.contiguous_format
 
 
+def projection_heads(head: str, trunk_dim: int, embed_dim: int) -> tuple[nn.Module, nn.Module]:
+    """(image head, per-patch head), trunk_dim -> embed_dim.
+
+    linear: one Linear each (the paper; vissl pirl_jigsaw_4node_resnet50.yaml).
+    mlp: the reference's MLP heads (vissl configs/config/pretrain/pirl/models/resnet50_mlphead.yaml,
+    dims [2048, 2048, 128] for ResNet-50: the hidden width is the trunk's): image head
+    Linear-ReLU-Linear; patch head Linear-ReLU-Linear-ReLU ("skip_last_layer_relu_bn": False
+    there, so a ReLU follows its last layer too, before the 9 patch embeddings are concatenated).
+    """
+    if head == "linear":
+        return nn.Linear(trunk_dim, embed_dim), nn.Linear(trunk_dim, embed_dim)
+    if head == "mlp":
+        image = nn.Sequential(nn.Linear(trunk_dim, trunk_dim), nn.ReLU(inplace=True), nn.Linear(trunk_dim, embed_dim))
+        patch = nn.Sequential(nn.Linear(trunk_dim, trunk_dim), nn.ReLU(inplace=True), nn.Linear(trunk_dim, embed_dim),
+                              nn.ReLU(inplace=True))
+        return image, patch
+    raise ValueError(f"model.head={head!r} is unknown; choose one of {HEADS}")
+
+
 class PIRLModel(nn.Module):
     """ResNet trunk + image head f and jigsaw head g; forward(images, patches) -> (f, g)."""
 
@@ -94,9 +116,8 @@ class PIRLModel(nn.Module):
         self.cfg = cfg
         self.trunk = build_trunk(cfg)  # trunk(x): res5 avgpool, flattened: (N, trunk_dim)
         self.trunk_dim = ARCHS[cfg.arch][1]
-        self.image_head = nn.Linear(self.trunk_dim, cfg.embed_dim)
-        self.patch_head = nn.Linear(self.trunk_dim, cfg.embed_dim)
-        self.jigsaw_head = nn.Linear(cfg.num_patches * cfg.embed_dim, cfg.embed_dim)
+        self.image_head, self.patch_head = projection_heads(cfg.head, self.trunk_dim, cfg.embed_dim)
+        self.jigsaw_head = nn.Linear(cfg.num_patches * cfg.embed_dim, cfg.embed_dim)  # linear in both recipes
         # embed_bn: centre and scale each embedding dimension over the batch before normalising. A linear
         # head on post-ReLU features gives every image a large shared component; with few steps per
         # epoch the memory bank's rows then crowd into one cone (diagnostic bank_cos 0.8-0.9 within 3

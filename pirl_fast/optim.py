@@ -7,7 +7,7 @@ residual branches and costs accuracy, and biases have nothing to regularise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from torch import nn
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 OPTIMIZERS = ("sgd",)
+SCHEDULES = ("cosine", "multistep")
 
 
 @dataclass
@@ -27,6 +28,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0  # linear warm-up before the cosine (paper: none)
     momentum: float = 0.9
     nesterov: bool = False
+    schedule: str = "cosine"  # cosine | multistep (x0.1 at each of `milestones`, in epochs; see schedule.py)
+    milestones: list[float] = field(default_factory=list)  # epochs, for schedule=multistep
+    warmup_start_ratio: float = 0.0  # the warm-up starts at this x peak (0: at peak / warmup steps)
     weight_decay: float = 1e-4  # on conv / linear weights only (see param_groups)
 
 

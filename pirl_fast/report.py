@@ -18,6 +18,10 @@ Per run it reads:
 
 The plot has one panel per metric family; x is the swept key (--x, default: the first key that
 varies), as a line over sorted numeric values or as bars otherwise.
+
+layerwise.png (whenever a run has linear.json): the paper's layer-wise comparison, linear top-1 of
+conv1, res2 .. res5 with one line per run, labelled by method (PIRL against the Jigsaw baseline is
+the paper's figure; run `eval linear` on both runs with the same --protocol, goyal by default).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from omegaconf import OmegaConf
 
 IGNORED_KEYS = ("run_dir", "name", "resume")  # differ between runs without being a setting
 ACCURACY_PREFIXES = ("knn_", "linear_")
+LAYERS = ("conv1", "res2", "res3", "res4", "res5")  # linear_probe.STAGES (not imported: it pulls in torch)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -186,6 +191,43 @@ def plot(runs: list[Path], configs, metrics, x_key: str | None, path: Path) -> N
     plt.close(fig)
 
 
+def layerwise_lines(runs: list[Path]) -> list[tuple[str, list[float]]]:
+    """[(label, linear top-1 in % for conv1 .. res5)] for each run whose linear.json has all five."""
+    lines = []
+    for run in runs:
+        linear = _json(run / "linear.json")
+        if linear and all(s in linear.get("stages", {}) for s in LAYERS):
+            protocol = linear.get("protocol", {}).get("protocol", "gap")
+            label = f"{linear.get('method', '?')} ({run.name}, {protocol})"
+            lines.append((label, [100 * linear["stages"][s]["top1"] for s in LAYERS]))
+    return lines
+
+
+def plot_layerwise(runs: list[Path], path: Path) -> bool:
+    """The layer-wise figure: a line per run over conv1 .. res5; False (nothing written) when no run
+    has linear.json."""
+    lines = layerwise_lines(runs)
+    if not lines:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, ys in lines:
+        ax.plot(range(len(LAYERS)), ys, marker="o", label=label)
+    ax.set_xticks(range(len(LAYERS)), LAYERS)
+    ax.set_xlabel("layer (frozen trunk)")
+    ax.set_ylabel("linear top-1 (%)")
+    ax.set_title("layer-wise linear evaluation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pirl_fast.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(runs, configs, metrics, x_key, out / "report.png")
     print(table)
     print(f"wrote {out / 'report.md'}\nwrote {out / 'report.png'}")
+    if plot_layerwise(runs, out / "layerwise.png"):
+        print(f"wrote {out / 'layerwise.png'}")
     return 0
 
 

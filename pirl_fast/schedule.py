@@ -12,6 +12,10 @@ so `experiment=pirl_in1k_r50` at batch 1024 gives exactly the paper's 0.12 -> 0.
 same config at batch 256 gives 0.03 -> 0.00003. An optional linear warm-up (`optim.warmup_epochs`,
 0 in the paper) ramps from 0 to the peak before the cosine starts.
 
+`optim.schedule=multistep` replaces the cosine by steps: peak x 0.1 after each of `optim.milestones`
+(epochs), as the reference's Jigsaw recipe (experiment=jigsaw_in1k_r50); there the warm-up starts
+at `optim.warmup_start_ratio` x peak (0.25: 0.025 -> 0.1) instead of near 0.
+
 Because the LR is a function of the step alone, resuming needs only the step: the checkpoint's
 "LR schedule position" is its `step`.
 """
@@ -30,6 +34,8 @@ class LRSchedule:
     final_lr: float
     total_steps: int  # the cosine spans the whole run: epochs * batches per epoch
     warmup_steps: int = 0
+    milestones: tuple[int, ...] = ()  # steps; non-empty: step decay x0.1 at each instead of the cosine
+    warmup_start_ratio: float = 0.0  # > 0: the warm-up is linear from this x peak (step 0) to the peak
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -59,7 +65,12 @@ def lr_at(step: int, schedule: LRSchedule) -> float:
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if step < schedule.warmup_steps:
+        if schedule.warmup_start_ratio > 0:
+            r = schedule.warmup_start_ratio
+            return schedule.peak_lr * (r + (1 - r) * step / schedule.warmup_steps)
         return schedule.peak_lr * (step + 1) / schedule.warmup_steps
+    if schedule.milestones:
+        return schedule.peak_lr * 0.1 ** sum(step >= m for m in schedule.milestones)
     decay_steps = schedule.total_steps - schedule.warmup_steps - 1
     if decay_steps <= 0:  # a one-step run (after warm-up): nothing to decay over
         return schedule.peak_lr

@@ -8,6 +8,9 @@ dtypes=INT64 and no Python per sample):
     KEY.cls   label as ASCII decimal text, no newline (the WebDataset convention)
     KEY.idx   global sample index 0..N-1 (the memory bank's row), 8 bytes little-endian int64
     KEY.lbl   label again, 8 bytes little-endian int64
+    KEY.crc   (shards written with checksums=True only) zlib CRC-32 of the KEY.jpg bytes, as an
+              8-byte little-endian int64 (0 .. 2**32-1); readers check it before decoding
+              (pirl_fast/corrupt.py). The manifest's sample_members lists "crc" when it is there.
 
 Every header is fixed (mtime 0, uid/gid 0, no user/group names, mode 0644), so the same
 samples always give the same bytes. Keys hold only [A-Za-z0-9_-]: WebDataset and DALI split
@@ -27,6 +30,7 @@ import io
 import re
 import struct
 import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
@@ -35,6 +39,7 @@ TAR_BLOCK = 512
 MAX_SLUG = 80  # keeps "KEY.jpg" under ustar's 100-character name field (80 + 1 + 10 + 4)
 _INT64 = struct.Struct("<q")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+CHECKSUM_MEMBER = "crc"  # the optional fifth member: CRC-32 of the jpg bytes
 
 
 def sample_key(relpath: str) -> str:
@@ -98,13 +103,15 @@ def parse_index(text: str) -> list[IndexEntry]:
 class ShardWriter:
     """Writes samples into an open binary file as a deterministic ustar archive.
 
-    `add(key, jpeg, label, index)` appends the four members; `entries` collects the index-file
-    lines; `close()` writes the end-of-archive blocks (the file itself stays open).
+    `add(key, jpeg, label, index)` appends the four members (five with checksums=True: the crc
+    member last); `entries` collects the index-file lines; `close()` writes the end-of-archive
+    blocks (the file itself stays open).
     """
 
-    def __init__(self, fileobj: BinaryIO):
+    def __init__(self, fileobj: BinaryIO, checksums: bool = False):
         self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
         self.entries: list[IndexEntry] = []
+        self.checksums = checksums
 
     def _add_member(self, name: str, data: bytes) -> tuple[int, int]:
         info = tarfile.TarInfo(name)
@@ -119,9 +126,12 @@ class ShardWriter:
         return header_offset + TAR_BLOCK, len(data)
 
     def add(self, key: str, jpeg: bytes, label: int, index: int) -> None:
+        contents = [("jpg", jpeg), ("cls", str(label).encode("ascii")), ("idx", encode_int64(index)),
+                    ("lbl", encode_int64(label))]
+        if self.checksums:
+            contents.append((CHECKSUM_MEMBER, encode_int64(zlib.crc32(jpeg))))
         members = []
-        for ext, data in (("jpg", jpeg), ("cls", str(label).encode("ascii")),
-                          ("idx", encode_int64(index)), ("lbl", encode_int64(label))):
+        for ext, data in contents:
             name = f"{key}.{ext}"
             offset, size = self._add_member(name, data)
             members.append((ext, offset, size, name))

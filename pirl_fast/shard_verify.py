@@ -2,9 +2,13 @@
 
 Checks, shard by shard: size and sha256 against the manifest; the index file equals the one
 rebuilt from the tar's own member offsets; every sample has exactly jpg, cls, idx, lbl in that
-order; cls and lbl agree and name a class; idx runs on from the previous shard; every JPEG
-decodes fully as a baseline RGB JPEG. Globally: the indices are exactly 0..N-1. Prints one line
+order (and crc last, matching the jpg bytes, in shards written with checksums); cls and lbl
+agree and name a class; idx runs on from the previous shard; every JPEG decodes fully as a
+baseline RGB JPEG. Globally: the indices are exactly 0..N-1. Prints one line
 per problem (naming the shard and key) and returns the list; empty means all good.
+
+A dataset root's shards (DST/train/, DST/val/, ...) are verified split by split, and their class
+lists must be identical (train's, as the sharder writes them).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from pirl_fast.manifest import SAMPLE_MEMBERS, ShardError, load_manifest
+from pirl_fast.corrupt import checksum_problem
+from pirl_fast.manifest import MANIFEST_NAME, ShardError, load_manifest
 from pirl_fast.shard_format import IndexEntry, decode_int64, index_text, iter_samples, sha256_file
+from pirl_fast.splits import split_folders
 
 
 def _check_jpeg(data: bytes) -> str | None:
@@ -37,7 +43,34 @@ def _check_jpeg(data: bytes) -> str | None:
 
 
 def verify_shards(shard_dir: str | Path, decode: bool = True) -> list[str]:
-    """All problems found in `shard_dir` (see the module docstring); prints a summary line."""
+    """All problems found in `shard_dir`, or in every split of a dataset root's shards (see the
+    module docstring); prints a summary line per shard folder."""
+    try:
+        splits = {} if (Path(shard_dir) / MANIFEST_NAME).is_file() else split_folders(shard_dir)
+    except ShardError as e:
+        print(f"FAIL: {e}", file=sys.stderr)
+        return [str(e)]
+    if not splits:
+        return _verify_one(shard_dir, decode)
+    problems: list[str] = []
+    classes: dict[str, list[str]] = {}
+    for name, folder in splits.items():
+        problems += [f"{name}: {p}" for p in _verify_one(folder, decode)]
+        try:
+            classes[name] = load_manifest(folder).classes
+        except ShardError:
+            pass  # already reported
+    if len({tuple(c) for c in classes.values()}) > 1:
+        counts = ", ".join(f"{n}: {len(c)} classes" for n, c in classes.items())
+        problems.append(f"{shard_dir}: the splits' class lists differ ({counts}), so a label id means different "
+                        "classes in different splits: re-shard the dataset root in one command")
+        print(f"FAIL: {problems[-1]}", file=sys.stderr)
+    status = f"{len(problems)} problem(s)" if problems else "OK"
+    print(f"verify {shard_dir}: dataset root with the splits {', '.join(splits)}: {status}")
+    return problems
+
+
+def _verify_one(shard_dir: str | Path, decode: bool) -> list[str]:
     try:
         manifest = load_manifest(shard_dir)
     except ShardError as e:
@@ -63,10 +96,12 @@ def verify_shards(shard_dir: str | Path, decode: bool = True) -> list[str]:
             with open(tar_path, "rb") as f:
                 for key, data, where in iter_samples(f):
                     count += 1
-                    if list(data) != SAMPLE_MEMBERS:
-                        problem(f"{info.name}: sample {key} has members {list(data)}, expected {SAMPLE_MEMBERS}")
+                    if list(data) != manifest.members:
+                        problem(f"{info.name}: sample {key} has members {list(data)}, expected {manifest.members}")
                         continue
-                    entries.append(IndexEntry(key, [(ext, *where[ext], f"{key}.{ext}") for ext in SAMPLE_MEMBERS]))
+                    entries.append(IndexEntry(key, [(ext, *where[ext], f"{key}.{ext}") for ext in manifest.members]))
+                    if manifest.has_checksums and (why := checksum_problem(data["jpg"], data["crc"])):
+                        problem(f"{info.name}: sample {key}: jpg {why}")
                     try:
                         label, lbl, index = int(data["cls"]), decode_int64(data["lbl"]), decode_int64(data["idx"])
                     except ValueError as e:

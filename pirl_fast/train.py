@@ -8,7 +8,7 @@
 `main(cfg)` is the Hydra entry point; `train(cfg)` is plain (tests call it with `compose(...)`).
 One step, top to bottom, in `train_step`: LR, forward under autocast, loss, finite check,
 backward, optimiser step, bank update. The loop around it (`fit`) fetches batches, checkpoints,
-logs, and stops on max_steps, the last epoch, a signal, or a non-finite loss.
+logs, and stops on max_steps, the last epoch, a signal (pirl_fast/signals.py), or a non-finite loss.
 
 Run directory: runs/${name} unless hydra.run.dir=DIR says otherwise; rank 0 decides it and
 broadcasts it, so every rank reads checkpoints from the same place (multi-node: a shared
@@ -21,9 +21,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,8 @@ from pirl_fast.metrics import MetricsLogger, StepClock, format_summary, gpu_memo
 from pirl_fast.model import PIRLModel, memory_format_for
 from pirl_fast.optim import build_optimizer, set_lr
 from pirl_fast.schedule import LRSchedule, lr_at, scaled_lr
+from pirl_fast.signals import STOP_SIGNALS, StopRequest, exit_status, stop_with_launcher
+from pirl_fast.splits import resolve_shards, shard_splits
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -79,7 +79,8 @@ class Run:
     epoch: int = 0  # epochs done
     batches_in_epoch: int = 0  # batches of the current epoch already consumed
     batches: Any = None  # the current epoch's iterator
-    stop_signal: int = 0  # set by the SIGTERM / SIGINT handler, acted on at the next step boundary
+    stop: StopRequest = field(default_factory=StopRequest)  # signals received, acted on at the next step boundary
+    corrupt_skipped: int = 0  # corrupt samples replaced so far, over all ranks (data.on_corrupt=skip)
     last_checkpoint: Path | None = None
     interval_losses: list = field(default_factory=list)
     diagnostics: IntervalMeans = field(default_factory=IntervalMeans)  # on-device sums, read at log intervals
@@ -87,7 +88,8 @@ class Run:
 
 # ---------------------------------------------------------------------------------------------- the step
 def train_step(run: Run, batch) -> list[float]:
-    """One optimiser step on `batch`; returns the global mean [total, jigsaw, image] loss and the stop flag."""
+    """One optimiser step on `batch`; returns the global mean [total, jigsaw, image] loss, the batch's
+    corrupt-sample count summed over ranks, and one flag per stop signal (> 0: some rank got it)."""
     lr = lr_at(run.step, run.schedule)
     set_lr(run.optimizer, lr)
     with run.clock.phase("compute"):
@@ -106,9 +108,9 @@ def train_step(run: Run, batch) -> list[float]:
                             {"acc_jigsaw": (logits.detach().argmax(1) == batch.perm_id).float().mean()})
         # One small all-reduce: the loss for the log is the mean over ranks, and a NaN or a stop
         # request on any rank reaches all of them, so every rank stops at the same step.
-        flags = torch.stack([terms.total.detach(), terms.jigsaw.detach(), terms.image.detach(),
-                             torch.tensor(float(run.stop_signal), device=run.device)])  # (4,)
-        flags = dist.all_reduce_mean(flags)
+        host = torch.tensor([float(batch.corrupt), *run.stop.flags()], device=run.device)  # (1 + 3,)
+        flags = torch.cat([torch.stack([terms.total.detach(), terms.jigsaw.detach(), terms.image.detach()]), host])
+        flags = dist.all_reduce_mean(flags)  # (7,)
         run.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         # The finite check reads the device once, after backward was queued (so the GPU keeps busy
@@ -119,6 +121,7 @@ def train_step(run: Run, batch) -> list[float]:
                 run, f"the loss is not finite at step {run.step + 1} (epoch {run.epoch}, batch "
                 f"{run.batches_in_epoch + 1}): total={values[0]}, jigsaw={values[1]}, image={values[2]}", lr))
         run.optimizer.step()
+    values[3] = round(values[3] * run.world_size)  # mean over ranks -> the step's total count
     if run.cfg.method == "pirl":
         with run.clock.phase("bank"):
             run.bank.update(batch.index, f.detach())  # after the loss: the positives were the old rows
@@ -151,12 +154,14 @@ def fit(run: Run) -> str:
         with run.clock.phase("data"):
             batch = next_batch(run)
         values = train_step(run, batch)
+        stop = StopRequest.decide(values[4:])  # the same on every rank: the flags were all-reduced
+        run.corrupt_skipped += values[3]
         run.step += 1
         run.batches_in_epoch += 1
         epoch_done = run.batches_in_epoch == len(run.loader)
         if epoch_done:
             run.epoch, run.batches_in_epoch, run.batches = run.epoch + 1, 0, None
-        stopping = values[3] > 0 or run.step >= run.stop_at
+        stopping = stop is not None or run.step >= run.stop_at
         if stopping or (ckpt_every and run.step % ckpt_every == 0) or (epoch_done and run.cfg.trainer.ckpt_epoch_end):
             with run.clock.phase("checkpoint"):
                 save_checkpoint(run)
@@ -165,8 +170,8 @@ def fit(run: Run) -> str:
         run.logger.advance()
         if run.step % run.cfg.trainer.log_every == 0 or stopping:
             log_interval(run)
-        if values[3] > 0:  # a signal on any rank (one that reached another rank only counts as SIGTERM)
-            return signal.Signals(run.stop_signal or signal.SIGTERM).name
+        if stop is not None:
+            return stop.name
     return "max_steps" if run.cfg.trainer.max_steps and run.step >= run.cfg.trainer.max_steps else "epochs"
 
 
@@ -180,7 +185,7 @@ def log_interval(run: Run) -> None:
         "loss": float(losses[0]), "loss_jigsaw": float(losses[1]), "loss_image": float(losses[2]),
         "lr": lr_at(run.step - 1, run.schedule), "samples_per_s": timing["samples_per_s"],
         "data_wait_share": timing["data_wait_share"], "step_time_s": timing["step_time_s"],
-        "gpu_mem_gb": gpu_memory_gb(run.device), **diagnostics,
+        "gpu_mem_gb": gpu_memory_gb(run.device), "corrupt_skipped": run.corrupt_skipped, **diagnostics,
     })
 
 
@@ -231,14 +236,19 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo) -> Run:
     total = cfg.trainer.epochs * steps_per_epoch
     peak = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.reference_batch)
     schedule = LRSchedule(peak_lr=peak, final_lr=peak * cfg.optim.final_lr_ratio, total_steps=total,
-                          warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch))
+                          warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch),
+                          # optim.schedule=multistep (the reference's Jigsaw): x0.1 at each milestone epoch
+                          milestones=tuple(round(m * steps_per_epoch) for m in cfg.optim.milestones)
+                          if cfg.optim.schedule == "multistep" else (),
+                          warmup_start_ratio=cfg.optim.warmup_start_ratio)
     optimizer = build_optimizer(module, cfg.optim, lr_at(0, schedule))
     precision = cfg.trainer.precision if cfg.trainer.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
     run = Run(cfg=cfg, rank=info.rank, world_size=info.world_size, device=device, run_dir=run_dir, loader=loader,
               module=module, model=module, criterion=criterion, bank=bank, optimizer=optimizer, schedule=schedule,
               stop_at=min(total, cfg.trainer.max_steps or total), global_batch=cfg.data.batch_size,
-              autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+              autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+              stop=StopRequest(info.rank, info.world_size))
     resume_into(run, choose_checkpoint(cfg, run_dir), loader_generators(loader))
     if dist.is_distributed():
         # broadcast_buffers: rank 0's BN running statistics are pushed to all ranks every forward
@@ -303,6 +313,7 @@ def run_training(cfg: DictConfig | Config) -> tuple[Run, dict[str, Any]]:
     """`train`, also returning the Run: its trained model, bank and optimiser (for tests and notebooks)."""
     config = to_dataclass(cfg) if isinstance(cfg, DictConfig) else cfg
     dist.slurm_to_torchrun_env()
+    stop_with_launcher()  # under torchrun: its death is a SIGTERM for this rank
     info = dist.init()
     validate(config, info.world_size)  # before any data or model is touched
     if not config.run_dir:
@@ -316,17 +327,24 @@ def run_training(cfg: DictConfig | Config) -> tuple[Run, dict[str, Any]]:
     run.logger = MetricsLogger(run_dir, enabled=run.rank == 0, progress=config.trainer.progress,
                                total_steps=run.stop_at, initial_step=run.step)
     run.clock = StepClock(run.device, config.trainer.sync_timing, config.trainer.timing_warmup_steps)
+    if run.rank == 0:
+        stale = checkpoint.remove_stale_temps(run_dir)  # left by runs killed while saving
+        if stale:
+            run.logger.message(f"removed {len(stale)} temp file(s) of interrupted checkpoint saves "
+                               f"({sum(size for _, size in stale) / 2**20:,.0f} MB) from {stale[0][0].parent}")
+    shards = resolve_shards(config.data.shards) if config.data.backend != "synthetic" else None
+    if shards is not None and shards.chosen:
+        run.logger.message(f"data.shards={config.data.shards} is a dataset root with the splits "
+                           f"{', '.join(shard_splits(shards.root))}: training on its train split, {shards.dir} "
+                           f"({run.loader.num_samples} samples)")
     if run.last_checkpoint is not None:
         run.logger.message(f"resumed from {run.last_checkpoint}: step {run.step}, epoch {run.epoch}, "
                            f"batch {run.batches_in_epoch} of {len(run.loader)}")
-    # Signal handlers can only be installed from the main thread (a notebook's worker thread: none).
-    on_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, make_handler(run)) for s in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
     try:
-        stopped_by = fit(run) if run.step < run.stop_at else "already_done"
+        with run.stop.installed():
+            stopped_by = fit(run) if run.step < run.stop_at else "already_done"
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        run.batches = None  # the epoch's iterator: loader.close() can then shut its workers down
         run.logger.close()
         run.loader.close()
     summary = make_summary(run, stopped_by)
@@ -337,17 +355,6 @@ def run_training(cfg: DictConfig | Config) -> tuple[Run, dict[str, Any]]:
     return run, summary
 
 
-def make_handler(run: Run):
-    def handler(signum, frame):
-        if run.stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-        run.stop_signal = signum
-        if run.rank == 0:
-            print(f"\n{signal.Signals(signum).name} received: checkpointing at the end of this step, then exiting "
-                  "(Ctrl-C again to abort without a checkpoint)", file=sys.stderr, flush=True)
-    return handler
-
-
 def make_summary(run: Run, stopped_by: str) -> dict[str, Any]:
     timing = run.clock.summary()
     return {
@@ -355,7 +362,8 @@ def make_summary(run: Run, stopped_by: str) -> dict[str, Any]:
         "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None, "run_dir": str(run.run_dir),
         "world_size": run.world_size, "global_batch": run.global_batch, "device": str(run.device),
         "backend": run.cfg.data.backend, "arch": run.cfg.model.arch,
-        "precision": "bf16" if run.autocast_dtype is not None else "fp32", **timing,
+        "precision": "bf16" if run.autocast_dtype is not None else "fp32", "corrupt_skipped": run.corrupt_skipped,
+        **timing,
     }
 
 
@@ -365,8 +373,9 @@ def main(cfg: DictConfig) -> None:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
     summary = train(cfg)
     dist.shutdown()
-    if summary["stopped_by"] in ("SIGTERM", "SIGINT"):
-        sys.exit(128 + signal.Signals[summary["stopped_by"]].value)  # the shell's "killed by signal" status
+    stopped_by = {s.name: s for s in STOP_SIGNALS}.get(summary["stopped_by"])
+    if stopped_by is not None:
+        sys.exit(exit_status(stopped_by))  # 143, 130 or 138: the shell's "stopped by signal" status
 
 
 # ---------------------------------------------------------------------------------------------- rank plumbing

@@ -20,17 +20,18 @@ mkdir -p "$out"
 
 if [ -f "$fmnist/train-images-idx3-ubyte.gz" ] || [ -f "$fmnist/train-images-idx3-ubyte" ]; then
   echo "== dataset: Fashion-MNIST (real photographs, 28 px) from $fmnist"
-  echo "== 1/6 sample ImageFolders: 1000 training and 500 test images (class-balanced)"
-  "$py" -m pirl_fast.idx_folder "$fmnist" "$out/images_train" --split train --limit 1000 --overwrite
-  "$py" -m pirl_fast.idx_folder "$fmnist" "$out/images_val" --split t10k --limit 500 --overwrite
+  echo "== 1/6 a sample dataset root: images/train 1000 and images/val 500 test images (class-balanced)"
+  "$py" -m pirl_fast.idx_folder "$fmnist" "$out/images/train" --split train --limit 1000 --overwrite
+  "$py" -m pirl_fast.idx_folder "$fmnist" "$out/images/val" --split t10k --limit 500 --overwrite
   dataset="Fashion-MNIST"
   recipe=(experiment=fmnist)
   epochs=$(( (steps * 32 + 999) / 1000 ))
 else
   echo "== dataset: generated sample images (Fashion-MNIST is not installed in $fmnist)"
-  echo "== 1/6 sample ImageFolders (generated, no download): train 8 x 40, val 8 x 20"
-  "$py" -m pirl_fast.sample_data "$out/images_train" --classes 8 --per-class 40 --seed 0
-  "$py" -m pirl_fast.sample_data "$out/images_val" --classes 8 --per-class 20 --seed 1
+  echo "== 1/6 a sample dataset root (generated, no download): images/train 8 x 40, images/val 8 x 20"
+  rm -rf "$out/images"  # a previous Fashion-MNIST demo's folders would mix in
+  "$py" -m pirl_fast.sample_data "$out/images/train" --classes 8 --per-class 40 --seed 0
+  "$py" -m pirl_fast.sample_data "$out/images/val" --classes 8 --per-class 20 --seed 1
   # loss=infonce: on 320 samples the reference NCE's noise ratio K/N = 256/320 is far from its
   # large-dataset regime (see README, "Loss"); the paper's recipe keeps loss=nce.
   dataset="generated sample images"
@@ -38,22 +39,20 @@ else
   epochs=$(( (steps + 9) / 10 ))
 fi
 
-echo "== 2/6 shard them"
-"$py" -m pirl_fast.shard "$out/images_train" "$out/shards_train" --samples-per-shard 64 --workers 2 --seed 0 --overwrite
-"$py" -m pirl_fast.shard "$out/images_val" "$out/shards_val" --samples-per-shard 64 --workers 2 --seed 0 --overwrite
+echo "== 2/6 shard it: images/{train,val} -> shards/{train,val}"
+"$py" -m pirl_fast.shard "$out/images" "$out/shards" --samples-per-shard 64 --workers 2 --seed 0 --overwrite
 
-echo "== 3/6 verify the shards"
-"$py" -m pirl_fast.shard --verify "$out/shards_train"
-"$py" -m pirl_fast.shard --verify "$out/shards_val"
+echo "== 3/6 verify the shards (both splits)"
+"$py" -m pirl_fast.shard --verify "$out/shards"
 
 echo "== 4/6 PIRL pre-training: ${recipe[0]} (ResNet-18), $steps steps of 32"
-"$py" -m pirl_fast.train "${recipe[@]}" data.shards="$out/shards_train" data.batch_size=32 \
+"$py" -m pirl_fast.train "${recipe[@]}" data.shards="$out/shards" data.batch_size=32 \
   trainer.epochs="$epochs" trainer.max_steps="$steps" trainer.log_every=10 trainer.ckpt_every=0 \
   trainer.progress=false resume=none hydra.run.dir="$out/run"
 
-echo "== 5/6 kNN top-1 (k=200): trained, then the same network at its initial weights"
-"$py" -m pirl_fast.eval knn "$out/run" --val-shards "$out/shards_val" --workers 2
-"$py" -m pirl_fast.eval knn "$out/run" --val-shards "$out/shards_val" --workers 2 --random-init
+echo "== 5/6 kNN top-1 (k=200) on shards/val: trained, then the same network at its initial weights"
+"$py" -m pirl_fast.eval knn "$out/run" --workers 2
+"$py" -m pirl_fast.eval knn "$out/run" --workers 2 --random-init
 
 echo "== 6/6 export the trunk for torchvision"
 "$py" -m pirl_fast.eval export "$out/run"

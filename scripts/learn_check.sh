@@ -12,9 +12,10 @@
 # dataset-fashion-mnist`, or FMNIST_DIR=folder of its IDX files): 1,000 training and 1,000 test
 # images, experiment=fmnist (the learning benchmark's recipe, pirl_fast/conf/experiment/fmnist.yaml).
 # Otherwise the generated sample classes (`python -m pirl_fast.sample_data`, 8 x 40 training and
-# 8 x 50 validation images) with experiment=smoke: on those an untrained network already scores far
-# above chance and varies ~10 points between seeds, so they show that the gradient goes somewhere
-# useful, not that the representation is good. The first line of the output says which was used.
+# 8 x 50 validation images) with experiment=smoke and the softmax loss (loss=infonce; README, "Loss on
+# tiny data"): on those an untrained network already scores far above chance and varies ~10 points
+# between seeds, so they show that the gradient goes somewhere useful, not that the representation
+# is good. The first line of the output says which was used.
 # Everything goes under ${LEARN_DIR:-runs/learn_check}; the run directory is recreated each time.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -5,5 +5,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_env.sh"
 cd "$root"
-export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"   # Triton kernels run on CPU tensors in tests
+# TRITON_INTERPRET: tests/conftest.py sets it (interpreter without CUDA, compiled kernels with it)
 exec "${PIRL_VENV:-$root/.venv}/bin/python" -m pytest "$@"

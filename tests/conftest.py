@@ -5,19 +5,38 @@
     sample_shards     Path of a shard directory made from it with 14 samples per shard:
                       shards of 14, 14, 14 and 6 samples (indices 0..47), DALI index files and
                       manifest.json. Read it through pirl_fast.manifest.load_manifest.
+    legacy_shards     The same samples rewritten without the per-sample crc member, as the sharder
+                      wrote them before checksums (sample_members jpg, cls, idx, lbl).
 
 Both are read-only for tests: copy them (shutil.copytree) before changing anything.
+
+    triton_device     Where this session's Triton kernels run: the CPU (interpreted) on a machine
+                      without CUDA, CUDA (compiled) on one with it. See the note below.
+    needs_interpreter A test that runs Triton kernels on CPU tensors: skipped in a compiling session.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import os
 
-import pytest
 import torch
 
-from pirl_fast.sample_data import write_sample_folder
-from pirl_fast.shard import Options, run_shard
+# Triton reads TRITON_INTERPRET once, when it is imported, and then interprets or compiles every
+# kernel of the process, its own library (tl.sum, tl.max) included: the two never mix. Decided
+# here, before anything imports triton: the interpreter (on CPU tensors) where there is no CUDA,
+# the compiled kernels (on CUDA tensors) where there is. Set TRITON_INTERPRET to choose yourself.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pirl_fast import bank_kernels  # noqa: E402
+from pirl_fast.manifest import MANIFEST_NAME, SAMPLE_MEMBERS  # noqa: E402
+from pirl_fast.sample_data import write_sample_folder  # noqa: E402
+from pirl_fast.shard import Options, run_shard  # noqa: E402
+from pirl_fast.shard_format import ShardWriter, decode_int64, index_text, iter_samples, sha256_file  # noqa: E402
 
 SAMPLE_CLASSES = 4
 SAMPLE_PER_CLASS = 12
@@ -35,6 +54,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def triton_device() -> torch.device:
+    return torch.device("cpu" if bank_kernels.interpreted() else "cuda")
+
+
+@pytest.fixture
+def needs_interpreter() -> None:
+    if not bank_kernels.interpreted():
+        pytest.skip("runs Triton on CPU tensors, which needs TRITON_INTERPRET=1; this session compiles the "
+                    "kernels (CUDA is present), and the tests on triton_device cover them")
+
+
 @pytest.fixture(scope="session")
 def sample_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sample_images")
@@ -46,4 +77,24 @@ def sample_shards(tmp_path_factory: pytest.TempPathFactory, sample_image_dir: Pa
     dst = tmp_path_factory.mktemp("sample_shards") / "shards"
     run_shard(Options(src=str(sample_image_dir), dst=str(dst), samples_per_shard=SAMPLE_SHARD_SIZE,
                       max_side=320, seed=0, workers=1))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def legacy_shards(tmp_path_factory: pytest.TempPathFactory, sample_shards: Path) -> Path:
+    """sample_shards rewritten as the sharder wrote them before per-sample checksums: four members
+    (jpg, cls, idx, lbl), no KEY.crc. Old shards must keep working."""
+    dst = tmp_path_factory.mktemp("legacy_shards") / "shards"
+    dst.mkdir()
+    manifest = json.loads((sample_shards / MANIFEST_NAME).read_text())
+    for shard in manifest["shards"]:
+        with open(sample_shards / shard["name"], "rb") as src, open(dst / shard["name"], "wb") as out:
+            writer = ShardWriter(out, checksums=False)
+            for key, data, _ in iter_samples(src):
+                writer.add(key, data["jpg"], decode_int64(data["lbl"]), decode_int64(data["idx"]))
+            writer.close()
+        (dst / shard["index_name"]).write_text(index_text(writer.entries))
+        shard.update(bytes=(dst / shard["name"]).stat().st_size, sha256=sha256_file(str(dst / shard["name"])))
+    manifest["sample_members"] = SAMPLE_MEMBERS
+    (dst / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
     return dst

@@ -1,4 +1,7 @@
-"""bank_scores (torch chunked, Triton under TRITON_INTERPRET=1, naive) and bank_update against float64 formulas.
+"""bank_scores (torch chunked, Triton, naive) and bank_update against float64 formulas.
+
+Triton runs on `triton_device` (tests/conftest.py): interpreted on CPU tensors without CUDA,
+compiled on CUDA tensors with it.
 
 Error bounds (stated, checked): scores and grad_query agree with a float64 evaluation of the same
 stored bank values to max|err| <= 1e-5 * max|ref| (fp32 accumulation over D <= 128 and K <= 300
@@ -6,10 +9,7 @@ terms); the bank update agrees with the float64 formula to 2e-6 absolute for flo
 one bfloat16 rounding step (2**-8 relative) for bfloat16 storage.
 """
 
-import os
 import zlib
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels are jitted on first use, so this takes effect
 
 import pytest
 import torch
@@ -48,7 +48,7 @@ def assert_close_rel(got, ref, rel, what):
 @pytest.mark.parametrize("kernel", ["naive", "torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", SIZES)
-def test_scores_and_grad_match_formula(kernel, dtype, size, monkeypatch):
+def test_scores_and_grad_match_formula(kernel, dtype, size, monkeypatch, triton_device):
     b, k, n, d = size
     gen = torch.Generator().manual_seed(zlib.crc32(repr((kernel, dtype, size)).encode()))  # fresh per case, reproducible
     if kernel == "torch":  # force several K-chunks, the last one partial
@@ -57,8 +57,11 @@ def test_scores_and_grad_match_formula(kernel, dtype, size, monkeypatch):
     index = torch.randint(n, (b, k), generator=gen)
     query = torch.randn(b, d, generator=gen, requires_grad=True)
     grad = torch.randn(b, k, generator=gen)
-    scores = bank_scores(query, bank, index, kernel)
-    (dq,) = torch.autograd.grad(scores, query, grad)
+    device = triton_device if kernel == "triton" else torch.device("cpu")
+    q = query.detach().clone().to(device).requires_grad_()
+    scores = bank_scores(q, bank.to(device), index.to(device), kernel)
+    (dq,) = torch.autograd.grad(scores, q, grad.to(device))
+    scores, dq = scores.cpu(), dq.cpu()
     ref_s, ref_dq = reference(query.detach(), bank, index, grad)
     assert scores.dtype == torch.float32 and scores.shape == (b, k)
     assert dq.dtype == query.dtype
@@ -67,16 +70,50 @@ def test_scores_and_grad_match_formula(kernel, dtype, size, monkeypatch):
 
 
 @pytest.mark.parametrize("target_programs", [1, 6, 1024])
-def test_triton_backward_split_k(target_programs, monkeypatch):
+def test_triton_backward_split_k(target_programs, monkeypatch, triton_device):
     """The split-K backward with one split, a few uneven splits, and one 64-block per split."""
-    monkeypatch.setattr(bank_kernels, "TARGET_PROGRAMS", target_programs)
+    monkeypatch.setattr(bank_kernels, "sm_count", lambda device: target_programs)
+    monkeypatch.setattr(bank_kernels, "PROGRAMS_PER_SM", 1)
     gen = torch.Generator().manual_seed(target_programs)
     bank = unit_bank(40, 24, torch.float32, gen)
     index = torch.randint(40, (3, 333), generator=gen)
-    query = torch.randn(3, 24, generator=gen, requires_grad=True)
+    query = torch.randn(3, 24, generator=gen)
     grad = torch.randn(3, 333, generator=gen)
-    (dq,) = torch.autograd.grad(bank_scores(query, bank, index, "triton"), query, grad)
-    assert_close_rel(dq, reference(query.detach(), bank, index, grad)[1], REL, "split-K grad_query")
+    q = query.to(triton_device).requires_grad_()
+    scores = bank_scores(q, bank.to(triton_device), index.to(triton_device), "triton")
+    (dq,) = torch.autograd.grad(scores, q, grad.to(triton_device))
+    assert_close_rel(dq.cpu(), reference(query, bank, index, grad)[1], REL, "split-K grad_query")
+
+
+@pytest.mark.parametrize("b, k, sms", [(256, 32000, 132), (256, 32000, 78), (1, 100, 132), (4096, 32000, 132),
+                                        (3, 1, 2)])
+def test_split_k_fills_the_device_with_whole_blocks(b, k, sms, monkeypatch):
+    """H200 (132 SMs), a small GPU, a short K, a batch larger than the target, K = 1."""
+    monkeypatch.setattr(bank_kernels, "sm_count", lambda device: sms)
+    splits, per_split = bank_kernels.split_k(b, k, torch.device("cpu"))
+    blocks = -(-k // bank_kernels.BLOCK_K)
+    assert per_split % bank_kernels.BLOCK_K == 0
+    assert (splits - 1) * per_split < k <= splits * per_split  # every split holds at least one index
+    assert b * splits >= min(sms * bank_kernels.PROGRAMS_PER_SM, b * blocks)  # enough programs, if K allows
+    assert b * (splits - 1) < max(sms * bank_kernels.PROGRAMS_PER_SM, b)  # and not more splits than needed
+
+
+def test_one_triton_mode_per_process_with_clear_errors():
+    """The session's mode (tests/conftest.py) reaches the kernels; the other device is refused, saying why."""
+    import os
+
+    from triton.runtime.interpreter import InterpretedFunction
+    assert bank_kernels.interpreted() == (os.environ["TRITON_INTERPRET"] == "1") == (not torch.cuda.is_available())
+    kernel = bank_kernels.jit(bank_kernels._scores_fwd)
+    assert isinstance(kernel, InterpretedFunction) == bank_kernels.interpreted()
+    if bank_kernels.interpreted():
+        with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
+            bank_kernels.resolve_kernel("triton", torch.device("cuda"))
+        assert bank_kernels.resolve_kernel("triton", torch.device("cpu")) == "triton"
+    else:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 before triton is first imported"):
+            bank_kernels.resolve_kernel("triton", torch.device("cpu"))
+    assert bank_kernels.resolve_kernel("auto", torch.device("cpu")) == "torch"
 
 
 def test_no_gradient_to_bank_and_autocast_ignored():
@@ -92,7 +129,9 @@ def test_no_gradient_to_bank_and_autocast_ignored():
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton", "naive"])
-def test_bad_index_raises(kernel):
+def test_bad_index_raises(kernel, request):
+    if kernel == "triton":  # CPU tensors: on CUDA the check is a device-side assert, fatal to the process
+        request.getfixturevalue("needs_interpreter")
     bank = torch.randn(10, 4)
     query = torch.randn(2, 4)
     for bad in (10, -1):
@@ -126,15 +165,21 @@ def update_formula(bank, index, embedding, mu):
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_update_matches_formula_with_duplicates(kernel, dtype):
+def test_update_matches_formula_with_duplicates(kernel, dtype, triton_device):
     gen = torch.Generator().manual_seed(7)
     n, d, mu = 23, 40, 0.3
     bank = unit_bank(n, d, dtype, gen)
     index = torch.tensor([5, 0, 5, 22, 9, 5, 0, 13])  # 5 three times, 0 twice, not sorted
     emb = torch.nn.functional.normalize(torch.randn(len(index), d, generator=gen), dim=1)
     expected = update_formula(bank, index, emb, mu)
-    got = bank.clone()
-    bank_update(got, index, emb, mu, kernel)
+    device = triton_device if kernel == "triton" else torch.device("cpu")
+
+    def update(bank, index, emb):  # on the kernel's device, back to the CPU
+        out = bank.clone().to(device)
+        bank_update(out, index.to(device), emb.to(device), mu, kernel)
+        return out.cpu()
+
+    got = update(bank, index, emb)
     assert got.dtype == dtype
     touched = torch.zeros(n, dtype=torch.bool)
     touched[index] = True
@@ -143,27 +188,24 @@ def test_update_matches_formula_with_duplicates(kernel, dtype):
     err = (got.double() - expected).abs().max().item()
     assert err <= tol, f"{kernel} update off by {err:.3g} > {tol}"
     assert torch.allclose(got.double().norm(dim=1), torch.ones(n, dtype=torch.float64), atol=tol * 4)
-    again = bank.clone()
-    bank_update(again, index, emb, mu, kernel)
-    assert torch.equal(again, got), "the same batch must give the same bits"
+    assert torch.equal(update(bank, index, emb), got), "the same batch must give the same bits"
     perm = torch.randperm(len(index), generator=gen)
-    shuffled = bank.clone()
-    bank_update(shuffled, index[perm], emb[perm], mu, kernel)
+    shuffled = update(bank, index[perm], emb[perm])
     assert (shuffled.double() - expected).abs().max().item() <= tol  # the rule does not depend on order
 
 
-def test_update_kernels_agree_and_momentum_edges():
+def test_update_kernels_agree_and_momentum_edges(triton_device):
     gen = torch.Generator().manual_seed(3)
     bank = unit_bank(12, 8, torch.float32, gen)
     index = torch.tensor([1, 4, 1, 11])
     emb = torch.randn(4, 8, generator=gen)
-    a, b = bank.clone(), bank.clone()
+    a, b = bank.clone(), bank.clone().to(triton_device)
     bank_update(a, index, emb, 0.5, "torch")
-    bank_update(b, index, emb, 0.5, "triton")
-    assert (a - b).abs().max().item() <= 1e-6
-    keep = bank.clone()
-    bank_update(keep, index, emb, 1.0, "triton")  # mu = 1: the bank keeps its (unit) rows
-    assert torch.allclose(keep, bank, atol=1e-6)
+    bank_update(b, index.to(triton_device), emb.to(triton_device), 0.5, "triton")
+    assert (a - b.cpu()).abs().max().item() <= 1e-6
+    keep = bank.clone().to(triton_device)
+    bank_update(keep, index.to(triton_device), emb.to(triton_device), 1.0, "triton")  # mu = 1: rows stay (unit)
+    assert torch.allclose(keep.cpu(), bank, atol=1e-6)
     replace = bank.clone()
     bank_update(replace, index, emb, 0.0, "torch")  # mu = 0: rows become the normalised mean embedding
     assert torch.allclose(replace[4], torch.nn.functional.normalize(emb[1], dim=0), atol=1e-6)
@@ -175,7 +217,9 @@ def test_update_kernels_agree_and_momentum_edges():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_auto_kernels_match_formula(dtype):
-    """kernel='auto' on CUDA is Triton (compiled when TRITON_INTERPRET is unset): same bounds as on CPU."""
+    """kernel='auto' on CUDA is the compiled Triton kernel (never the interpreter): same bounds as on CPU."""
+    from triton.runtime.jit import JITFunction
+    assert type(bank_kernels.jit(bank_kernels._scores_fwd)) is JITFunction
     gen = torch.Generator().manual_seed(11)
     b, k, n, d = 7, 5000, 10007, 128
     bank = unit_bank(n, d, dtype, gen)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pirl_fast import checkpoint
+from pirl_fast import atomic, checkpoint
+from pirl_fast.atomic import NoSpaceError
 from pirl_fast.checkpoint import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_state(step: int) -> dict:
@@ -122,3 +130,103 @@ def test_checkpoint_listing_ignores_temporary_and_foreign_files(tmp_path):
         (folder / name).write_bytes(b"")
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_000000012.pt", "step_000000004.pt"]
     assert isinstance(checkpoint.list_checkpoints(tmp_path)[0], Path)
+
+
+# ---------------------------------------------------------------------------------------------- temp files, full disks
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_a_save_killed_mid_write_leaves_a_temp_file_that_the_next_start_removes(tmp_path):
+    """The fault: SIGKILL during a save leaves `.step_*.pt.<host>.<pid>.*.tmp` behind (atomic_write
+    can clean up after exceptions, not after a kill); the next run's cleanup removes it."""
+    script = ("import sys, time; from pirl_fast.atomic import atomic_write\n"
+              "with atomic_write(sys.argv[1], 'wb') as f:\n"
+              "    f.write(b'x' * 4096); f.flush(); print('writing', flush=True); time.sleep(600)\n")
+    target = tmp_path / "checkpoints" / "step_000000003.pt"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n"
+    (temp,) = target.parent.glob(".step_000000003.pt.*.tmp")
+    proc.kill()
+    proc.wait()
+    assert temp.exists() and not target.exists()
+    assert checkpoint.remove_stale_temps(tmp_path) == [(temp, 4096)]
+    assert not any(target.parent.iterdir())
+
+
+def test_stale_temp_cleanup_touches_only_our_names_and_never_a_live_writer(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    hour_ago = time.time() - 2 * atomic.STALE_AFTER_S
+    files = {
+        f".step_000000005.pt.{atomic.HOST}.{dead_pid()}.a1b2c3d4.tmp": ("removed", None),  # this host, writer gone
+        f".step_000000006.pt.{atomic.HOST}.{os.getpid()}.a1b2c3d4.tmp": ("kept", hour_ago),  # a live writer: never
+        ".step_000000007.pt.othernode.12.a1b2c3d4.tmp": ("kept", None),  # another host's, recently written
+        ".step_000000008.pt.othernode.12.zz99yy88.tmp": ("removed", hour_ago),  # another host's, untouched for long
+        ".step_000000009.pt.k2j3h4g5.tmp": ("kept", None),  # the name before host and pid were in it: recent
+        ".step_000000010.pt.q9w8e7r6.tmp": ("removed", hour_ago),  # ... and untouched for long
+        "notes.tmp": ("kept", hour_ago), ".step_000000011.pt": ("kept", hour_ago),
+        "step_000000004.pt": ("kept", hour_ago),
+        ".step_000000012.pt.othernode.12.TOOLONG_random.tmp": ("kept", hour_ago),  # not mkstemp's 8 characters
+    }
+    for name, (_, mtime) in files.items():
+        (folder / name).write_bytes(b"123")
+        if mtime:
+            os.utime(folder / name, (mtime, mtime))
+    removed = checkpoint.remove_stale_temps(tmp_path)
+    assert sorted(p.name for p, _ in removed) == sorted(n for n, (fate, _) in files.items() if fate == "removed")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(n for n, (fate, _) in files.items() if fate == "kept")
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, fake_state(1), keep=3)
+    state = {**fake_state(2), "bank": {"bank": torch.zeros(1 << 20)}}  # 4 MiB of tensors
+    need = checkpoint.state_bytes(state)
+    assert 4 << 20 < need < 6 << 20
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 3 << 20))
+    with pytest.raises(NoSpaceError, match=r"no space left on device: need about 5 MB in .*checkpoints, have 3 MB "
+                                           r"free \(the 1 checkpoints kept there use 0 MB"):
+        checkpoint.save(tmp_path, state, keep=3)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000000001.pt"]  # nothing written
+
+
+def test_state_bytes_is_about_the_file_size(tmp_path):
+    state = {**fake_state(3), "bank": {"bank": torch.randn(256, 128)}, "model": {"w": torch.randn(1000, 100)}}
+    path = checkpoint.save(tmp_path, state, keep=1)
+    assert path.stat().st_size <= checkpoint.state_bytes(state) <= path.stat().st_size + (2 << 20)
+
+
+def test_a_full_tmpfs_gives_the_clear_error_before_and_during_the_write(tmp_path):
+    """A real 2 MiB tmpfs, mounted in a private mount namespace (skipped where that is not allowed):
+    a 4 MiB checkpoint is refused up front; one whose size the estimate misses (a big non-tensor
+    value) runs into ENOSPC mid-write and reports it the same way instead of "unexpected pos"."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    script = (
+        "import sys, torch\n"
+        "from pirl_fast import checkpoint\n"
+        "from pirl_fast.atomic import NoSpaceError\n"
+        "for name, extra in (('tensors', {'big': torch.zeros(1 << 20)}), ('a list', {'big': list(range(600_000))})):\n"
+        "    try:\n"
+        "        checkpoint.save(sys.argv[1], {'step': 1, **extra}, keep=2)\n"
+        "    except NoSpaceError as e:\n"
+        "        print(name, '->', e)\n")
+    (tmp_path / "save.py").write_text(script)
+    mount_and_run = f'mount -t tmpfs -o size=2m tmpfs {mount} && exec "$0" {tmp_path / "save.py"} {mount}'
+    cmd = ["unshare", "-rm", "sh", "-c", mount_and_run, sys.executable]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            timeout=120)
+    if "mount" in result.stderr and result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout + result.stderr
+    assert lines[0].startswith(f"tensors -> no space left on device: need about 5 MB in "
+                               f"{mount}/checkpoints, have 2 MB free")
+    assert lines[1].startswith(f"a list -> no space left on device while writing step_000000001.pt: need "
+                               f"about 1 MB in {mount}/checkpoints, have 2 MB free")
+    assert "unexpected pos" not in result.stdout + result.stderr

@@ -1,19 +1,29 @@
 """Patch geometry and colour facts of the PIRL views, DALI pipeline first, torch baseline alike.
 
-The test images are 255x255 (exactly one patch crop) made of 3x3 cells of 85 px; the left
-half of cell k is colour LEFT[k] and its right half RIGHT[k] (18 distinct, far-apart colours;
-class 1 images use the cells in another order). With patch_scale (1, 1) the patch crop is the
-whole image, and a 64 px patch at any offset in [0, 21] has its first columns in the left half
-and its last columns in the right half of its cell, so its two edge colours say which cell it
-came from and whether it was mirrored.
+Two kinds of test images:
+- grid images, 255x255 (exactly one patch crop), 3x3 cells of 85 px; the left half of cell k
+  is colour LEFT[k] and its right half RIGHT[k] (18 distinct, far-apart colours; class 1 images
+  use the cells in another order). With patch_scale (1, 1) the patch crop is the whole image, and
+  a 64 px patch at any offset in [0, 21] has its first columns in the left half and its last
+  columns in the right half of its cell, so its two edge colours say which cell it came from and
+  whether it was mirrored.
+- coordinate images, 255x255, red = x and green = y: every patch pixel says where it came from.
+  With both crops forced to the whole image each patch must be, pixel for pixel, a window of its
+  own cell of the decoded image or that window mirrored; at the default crop scales each patch
+  must be a straight (possibly mirrored) resampled window lying inside its cell.
+The augmentation contract's statistics (shares, factor spreads, independence) are in
+test_augment_contract.py.
 """
 
 import itertools
+import io
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from torchvision.io import decode_jpeg
 
 from pirl_fast.data import DataConfig, build_loader
 from pirl_fast.shard import Options, run_shard
@@ -83,6 +93,119 @@ def test_each_patch_comes_from_its_own_cell(grid_shards, backend, flip_p):
             assert right_edge.tolist() == [9 + layout[k] for k in cells], f"sample {int(batch.index[b])}"
             checked += 1
     assert checked == 6
+
+
+# ---------------------------------------------------------------------------------- coordinate images
+SIDE = 255  # red = x, green = y exactly (before JPEG)
+SLACK = CELL - 64  # 21: patch offsets lie in [0, SLACK]
+
+
+def coordinate_image() -> np.ndarray:
+    pixels = np.zeros((SIDE, SIDE, 3), np.uint8)
+    pixels[..., 0] = np.arange(SIDE)[None, :]
+    pixels[..., 1] = np.arange(SIDE)[:, None]
+    pixels[..., 2] = 128
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def coordinate_shards(tmp_path_factory) -> tuple[str, np.ndarray]:
+    """(shard dir of 12 identical coordinate images, the image as both backends decode it)."""
+    root = tmp_path_factory.mktemp("coordinate_data")
+    encoded = io.BytesIO()
+    Image.fromarray(coordinate_image()).save(encoded, format="JPEG", quality=100, subsampling=0)
+    for i in range(12):
+        (root / "src" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / "src" / f"class{i % 2}" / f"{i}.jpg").write_bytes(encoded.getvalue())  # copied as-is by the sharder
+    run_shard(Options(src=str(root / "src"), dst=str(root / "shards"), samples_per_shard=4, seed=0))
+    decoded = decode_jpeg(torch.frombuffer(bytearray(encoded.getvalue()), dtype=torch.uint8)).permute(1, 2, 0)
+    return str(root / "shards"), decoded.numpy().astype(np.float32)  # (255, 255, 3)
+
+
+def exact_window(patch: np.ndarray, source: np.ndarray, cell: int) -> tuple[int, int, bool] | None:
+    """(ox, oy, mirrored) if patch (P, P, 3) equals, within 0.5 levels, the P x P window of `source`
+    at (ox, oy) inside grid cell `cell` (row-major) or that window mirrored; None otherwise."""
+    p = patch.shape[0]
+    row, col = divmod(cell, GRID)
+    mirrored = patch[:, -1, 0].mean() < patch[:, 0, 0].mean()  # red = x falls from left to right
+    left_x = patch[:, -1 if mirrored else 0, 0].mean()  # red (= x, JPEG-rounded) of the leftmost source column
+    guess_x, guess_y = round(left_x) - col * CELL, round(patch[0, :, 1].mean()) - row * CELL
+    for oy in range(max(0, guess_y - 3), min(SLACK, guess_y + 3) + 1):  # JPEG moves the guess by a few levels
+        for ox in range(max(0, guess_x - 3), min(SLACK, guess_x + 3) + 1):
+            y, x = row * CELL + oy, col * CELL + ox
+            window = source[y:y + p, x:x + p]
+            if np.abs((window[:, ::-1] if mirrored else window) - patch).max() <= 0.5:
+                return ox, oy, bool(mirrored)
+    return None
+
+
+def coordinate_config(shards: str, backend: str, flip_p: float, whole: bool) -> DataConfig:
+    crop = {"image_scale": [1.0, 1.0], "patch_scale": [1.0, 1.0]} if whole else {}
+    return DataConfig(shards=shards, backend=backend, batch_size=6, workers=1, color_aug=False, flip_p=flip_p,
+                      shuffle_buffer=8, **crop)
+
+
+def near(share: float, p: float, n: int) -> bool:
+    """share within 4 standard errors of p (n independent coins)."""
+    return abs(share - p) <= 4 * (p * (1 - p) / n) ** 0.5 + 1e-9
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("flip_p", [0.0, 0.3, 0.5, 1.0])
+def test_every_patch_is_an_exact_window_of_its_cell(coordinate_shards, backend, flip_p):
+    """Whole-image crops, colour off: patch by patch, an exact (possibly mirrored) window of its own
+    cell at an offset in [0, 21], mirrored on its own coin with probability flip_p; views too."""
+    shards, source = coordinate_shards
+    loader = build_loader(coordinate_config(shards, backend, flip_p, whole=True))
+    patch_flips, view_flips, offsets = [], [], []
+    for _ in range(4):  # epochs: fresh draws each time
+        for batch in loader:
+            pixels = to_pixels(batch.patches).reshape(len(batch.index), 9, 64, 64, 3)
+            views = to_pixels(batch.images)  # (B, 224, 224, 3)
+            for b in range(len(batch.index)):
+                for j, cell in enumerate(batch.perm[b].tolist()):
+                    found = exact_window(pixels[b, j], source, cell)
+                    assert found is not None, f"sample {int(batch.index[b])}: patch {j} is no window of cell {cell}"
+                    offsets += found[:2]
+                    patch_flips.append(found[2])
+                red = views[b, 112, :, 0]  # the middle row's red runs 0 -> 254, or back when mirrored
+                view_flips.append(bool(red[-8:].mean() < red[:8].mean()))
+    assert near(np.mean(patch_flips), flip_p, len(patch_flips)), f"mirrored patch share {np.mean(patch_flips):.3f}"
+    assert near(np.mean(view_flips), flip_p, len(view_flips)), f"mirrored view share {np.mean(view_flips):.3f}"
+    assert min(offsets) == 0 and max(offsets) == SLACK  # the whole [0, c - P] range is reached
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_patches_lie_inside_their_cells_at_the_defaults(coordinate_shards, backend):
+    """Default sizes (224 / 255 / 85 / 64) and crop scales, colour off, flip_p 0.5: every patch is a
+    straight resampled window (red linear along rows, green along columns, one scale for all nine),
+    and the nine windows fit in their cells of one crop: their cell-relative offsets, in crop pixels,
+    span at most c - P = 21."""
+    shards, _ = coordinate_shards
+    loader = build_loader(coordinate_config(shards, backend, 0.5, whole=False))
+    flips = []
+    for _ in range(2):
+        for batch in loader:
+            pixels = to_pixels(batch.patches).reshape(len(batch.index), 9, 64, 64, 3)
+            for b in range(len(batch.index)):
+                columns, rows = np.arange(64), np.arange(64)
+                fits = [(np.polyfit(columns[1:-1], pixels[b, j, 1:-1, 1:-1, 0].mean(0), 1),  # red vs column
+                         np.polyfit(rows[1:-1], pixels[b, j, 1:-1, 1:-1, 1].mean(1), 1)) for j in range(9)]
+                sx, sy = np.median([abs(fx[0]) for fx, _ in fits]), np.median([fy[0] for _, fy in fits])
+                u, v = [], []
+                for j, cell in enumerate(batch.perm[b].tolist()):
+                    (slope_x, x0), (slope_y, y0) = fits[j]
+                    red = pixels[b, j, 1:-1, 1:-1, 0]
+                    assert np.abs(red - np.polyval((slope_x, x0), columns[1:-1])).max() < 4, "not a straight window"
+                    assert abs(abs(slope_x) - sx) < 0.02 * sx and abs(slope_y - sy) < 0.02 * sy, "scales differ"
+                    flips.append(slope_x < 0)
+                    left = x0 if slope_x > 0 else x0 + slope_x * 63  # source x of the leftmost patch column
+                    row, col = divmod(cell, GRID)
+                    u.append(left / sx - col * CELL)  # cell-relative offset in crop pixels, up to a common shift
+                    v.append(y0 / sy - row * CELL)
+                for name, offs in (("x", u), ("y", v)):
+                    assert max(offs) - min(offs) <= SLACK + 1.5, f"{name} offsets {np.round(offs, 1)} leave their cells"
+    assert near(np.mean(flips), 0.5, len(flips))
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pirl_fast import eval as ev
+from pirl_fast import finetune_data as ftd
 from pirl_fast import invariance as inv
 from pirl_fast import linear_probe as lp
 from pirl_fast.batchnorm import reestimate_running_stats
@@ -118,6 +119,19 @@ def test_export_small_stem(tmp_path, sample_shards, capsys, monkeypatch):
         torch.testing.assert_close(plain.eval()(x), load_pretrained(ckpt).model.features(x), rtol=0, atol=0)
 
 
+def test_a_corrupt_newest_checkpoint_falls_back_like_the_trainer(tmp_path, sample_shards, capsys):
+    """eval on a run dir whose newest checkpoint is truncated: the previous one, with the trainer's
+    warning (checkpoint.load_latest serves both); given the corrupt file itself, a clear refusal."""
+    good = save_checkpoint(tmp_path / "run", "pirl", sample_shards)
+    newest = good.with_name("step_000000009.pt")
+    newest.write_bytes(good.read_bytes()[:1000])  # killed mid-copy, or a damaged disk
+    with pytest.warns(RuntimeWarning, match=r"step_000000009.pt is unreadable .*falling back to the previous one"):
+        assert ev.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    assert load_pretrained(tmp_path / "run").path == good
+    with pytest.raises(ValueError, match="cannot read checkpoint .*step_000000009.pt"):
+        ev.main(["export", str(newest), "--out", str(tmp_path / "export2")])
+
+
 def test_shard_reader_matches_webdataset(sample_shards):
     ds = ShardImageDataset(sample_shards, transform=np.asarray)
     reference = read_with_webdataset(sample_shards)
@@ -214,17 +228,24 @@ def test_probe_accuracy_counts_and_schedule():
     assert [lp.lr_at(e / 28, cfg) for e in (0, 7, 8, 16, 24, 27)] == pytest.approx([0.5, 0.5, 0.05, 5e-3, 5e-4, 5e-4])
 
 
-def test_linear_cli_fits_separable_training_set(pirl_run, sample_shards):
-    out = pirl_run / "linear_fit"
-    # val = train: 48 points in 512 dims are linearly separable, so a working probe must fit them.
+@pytest.mark.parametrize("protocol", ["goyal", "gap"])
+def test_linear_cli_fits_separable_training_set(pirl_run, sample_shards, protocol):
+    out = pirl_run / f"linear_fit_{protocol}"
+    # val = train: 48 points in 512+ dims are linearly separable, so a working probe must fit them.
+    # lr 3.2 per 256 images at batch 8 is 0.1 per step.
     assert ev.main(["linear", str(pirl_run), "--val-shards", str(sample_shards), "--no-augment", "--epochs", "30",
-                    "--lr", "0.1", "--probe-batch-size", "8", "--weight-decay", "0", "--workers", "0",
-                    "--out", str(out)]) == 0
+                    "--lr", "3.2", "--probe-batch-size", "8", "--weight-decay", "0", "--workers", "0",
+                    "--protocol", protocol, "--out", str(out)]) == 0
     got = json.loads((out / "linear.json").read_text())
-    assert list(got["stages"]) == list(lp.STAGES)
+    heads = lp.GOYAL_HEADS if protocol == "goyal" else lp.STAGES
+    assert list(got["stages"]) == list(heads)
     assert got["stages"]["res5"]["top1"] >= 0.9, got["stages"]
     assert got["loss_per_epoch"][-1] < got["loss_per_epoch"][0]
     assert got["protocol"]["augment"] is False and got["num_train"] == 48
+    assert got["protocol"]["protocol"] == protocol and got["protocol"]["effective_lr"] == pytest.approx(0.1)
+    if protocol == "goyal":  # resnet18 at 48 px: adaptive pooling to the reference's grids
+        assert got["head_in_features"] == {"conv1": 64 * 144, "res2": 64 * 36, "res3": 128 * 16, "res4": 256 * 9,
+                                           "res5": 512 * 4, "res5avg": 512, "res5avg_fc": 512}
 
 
 def test_linear_cli_augmented_path_runs(pirl_run, val_shards):
@@ -233,7 +254,9 @@ def test_linear_cli_augmented_path_runs(pirl_run, val_shards):
                     "--probe-batch-size", "16", "--out", str(out)]) == 0
     got = json.loads((out / "linear.json").read_text())
     assert got["protocol"]["augment"] is True and len(got["loss_per_epoch"]) == 1
-    assert all(0 <= got["stages"][s]["top1"] <= 1 for s in lp.STAGES)
+    assert got["protocol"]["protocol"] == "goyal" and got["protocol"]["nesterov"] is True
+    assert got["train_loader"] == ("DaliClassifyLoader" if ftd.dali_available() else "TorchClassifyLoader")
+    assert all(0 <= got["stages"][s]["top1"] <= 1 for s in lp.GOYAL_HEADS)
 
 
 # ---- invariance ---------------------------------------------------------------------------------
@@ -346,3 +369,11 @@ def test_reestimated_bn_statistics_are_the_batch_averages():
     torch.testing.assert_close(copy[1].running_mean, mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(copy[1].running_var, var, rtol=1e-5, atol=1e-5)
     assert not copy.training and torch.equal(net[1].running_mean, torch.zeros(4))  # the original is untouched
+
+
+@pytest.mark.parametrize("argv", [[], ["export"], ["knn"], ["linear"], ["svm"], ["finetune"], ["invariance"],
+                                  ["import-vissl"]])
+def test_every_command_prints_its_help(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ev.main([*argv, "--help"])
+    assert stop.value.code == 0 and "usage: python -m pirl_fast.eval" in capsys.readouterr().out

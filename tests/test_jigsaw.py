@@ -131,3 +131,27 @@ def test_trainer_method_jigsaw_needs_a_permutation_set(tmp_path):
 
     with pytest.raises(ConfigError, match="data.num_permutations"):
         train(jigsaw_config(tmp_path, "data.num_permutations=0"))
+
+
+def test_reference_head_has_the_reference_shapes():
+    # jigsaw_8gpu_resnet.yaml: mlp [2048, 1000] + BN + ReLU per patch, concat of 9 -> 9000, mlp [9000, 2000]
+    with torch.device("meta"):  # shapes only: a ResNet-50 and a 9000 x 2000 Linear, no memory
+        model = JigsawModel(ModelConfig(arch="resnet50", jigsaw_head="reference"), num_permutations=2000)
+    linear, bn, relu = model.patch_head
+    assert (linear.in_features, linear.out_features, bn.num_features) == (2048, 1000, 1000)
+    assert isinstance(relu, torch.nn.ReLU)
+    assert (model.classifier.in_features, model.classifier.out_features) == (9000, 2000)
+    small = JigsawModel(ModelConfig(arch="resnet18", jigsaw_head="reference"), num_permutations=5).eval()
+    assert small(torch.randn(18, 3, 32, 32)).shape == (2, 5)
+    with pytest.raises(ValueError, match="light, reference"):
+        JigsawModel(ModelConfig(arch="resnet18", jigsaw_head="mlp"), num_permutations=5)
+
+
+def test_trainer_trains_the_reference_head_with_a_multistep_schedule(tmp_path):
+    from pirl_fast.train import train
+
+    summary = train(jigsaw_config(tmp_path, "model.jigsaw_head=reference", "optim.schedule=multistep",
+                                  "optim.milestones=[1]", "trainer.epochs=2"))
+    assert summary["step"] == 2
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) >= 1 and all(math.isfinite(x) for x in lrs)

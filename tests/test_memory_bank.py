@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,13 +72,16 @@ def test_rows_and_scores():
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
-def test_update_rule(kernel):
+def test_update_rule(kernel, triton_device):
     mu = 0.25
     bank = MemoryBank(20, 6, BankConfig(momentum=mu, kernel=kernel))
-    before = bank.bank.clone()
+    if kernel == "triton":
+        bank.to(triton_device)
+    before = bank.bank.clone().cpu()
     index = torch.tensor([3, 8, 3])  # 3 twice: updated once with the mean of its two embeddings
     f = F.normalize(torch.randn(3, 6), dim=1)
     bank.update(index, f)
+    bank.cpu()
     for i, fi in ((8, f[1]), (3, (f[0] + f[2]) / 2)):
         v = mu * before[i].double() + (1 - mu) * fi.double()
         assert torch.allclose(bank.bank[i].double(), v / v.norm(), atol=2e-6)
@@ -134,8 +135,9 @@ def test_validation_names_choices():
         MemoryBank(5, 4, BankConfig()).update(torch.tensor([1]), torch.randn(1, 3))
 
 
-def test_two_ranks_keep_identical_banks(tmp_path):
-    """torchrun, 2 gloo processes, different data per rank: both copies equal the single-process result."""
+def test_two_ranks_keep_identical_banks(tmp_path, needs_interpreter):
+    """torchrun, 2 gloo processes, different data per rank: both copies equal the single-process result.
+    The workers run Triton on CPU tensors, and so does the replay here: it needs the interpreter."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "dist_bank_worker.py"), str(tmp_path)]

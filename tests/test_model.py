@@ -172,3 +172,23 @@ def test_embed_bn_centres_the_embeddings():
             centred = out.mean(0).abs().max() < 1e-5
             assert centred == embed_bn
     assert set(dict(model.named_buffers())) >= {"image_bn.running_mean", "jigsaw_bn.running_var"}
+
+
+def test_mlp_heads_are_the_references():
+    """head=mlp (vissl resnet50_mlphead.yaml): image head trunk-trunk-128 with a ReLU between, patch
+    head the same with a ReLU after its last layer too, jigsaw head still one 1152 -> 128 Linear."""
+    torch.manual_seed(0)
+    model = PIRLModel(ModelConfig(arch="resnet18", head="mlp")).eval()
+    linear_dims = lambda head: [(m.in_features, m.out_features) for m in head if isinstance(m, torch.nn.Linear)]  # noqa: E731
+    assert linear_dims(model.image_head) == linear_dims(model.patch_head) == [(512, 512), (512, 128)]
+    assert [type(m).__name__ for m in model.image_head] == ["Linear", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in model.patch_head] == ["Linear", "ReLU", "Linear", "ReLU"]
+    assert (model.jigsaw_head.in_features, model.jigsaw_head.out_features) == (9 * 128, 128)
+    images, patches = inputs(3)
+    with torch.no_grad():
+        f, g = model(images, patches)
+        e = model.patch_head(model.trunk(patches))  # (B*9, 128)
+    assert (e >= 0).all()  # the trailing ReLU
+    assert f.shape == g.shape == (B, 128) and torch.allclose(g.norm(dim=1), torch.ones(B), atol=1e-5)
+    with pytest.raises(ValueError, match="model.head='deep'.*linear.*mlp"):
+        PIRLModel(ModelConfig(arch="resnet18", head="deep"))

@@ -59,6 +59,20 @@ def test_report_on_two_runs(tmp_path, capsys):
     assert "| lam_a |" in capsys.readouterr().out
 
 
+def test_layerwise_figure_has_a_line_per_method(tmp_path):
+    pirl = fake_run(tmp_path / "runs" / "pirl", lam=0.5, knn_top1=0.5, res5=0.6, loss=1.0)
+    jigsaw = fake_run(tmp_path / "runs" / "jigsaw", lam=0.5, knn_top1=0.4, res5=0.45, loss=1.0)
+    for run, method in ((pirl, "pirl"), (jigsaw, "jigsaw")):
+        linear = json.loads((run / "linear.json").read_text())
+        (run / "linear.json").write_text(json.dumps({**linear, "method": method, "protocol": {"protocol": "goyal"}}))
+    lines = report.layerwise_lines([pirl, jigsaw])
+    assert [label for label, _ in lines] == ["pirl (pirl, goyal)", "jigsaw (jigsaw, goyal)"]
+    assert lines[0][1] == pytest.approx([12, 15, 20, 30, 60]) and lines[1][1] == pytest.approx([9, 11.25, 15, 22.5, 45])
+    assert report.main([str(pirl), str(jigsaw), "--out", str(tmp_path / "out")]) == 0
+    with Image.open(tmp_path / "out" / "layerwise.png") as png:
+        assert png.format == "PNG" and png.size[0] > 100
+
+
 def test_sweep_folder_expands_in_job_order(tmp_path):
     sweep = tmp_path / "sweep_negatives"
     for job, k in [(10, 0.9), (2, 0.3), (0, 0.1)]:

@@ -100,3 +100,11 @@ def test_sgd_step_decays_conv_weights_but_not_bn_or_bias():
 def test_unknown_optimizer_names_the_valid_ones():
     with pytest.raises(ValueError, match="sgd"):
         build_optimizer(Tiny(), OptimConfig(name="adamw"), lr=0.1)
+
+
+def test_multistep_with_warmup_from_a_fraction_of_the_peak():
+    # The reference's Jigsaw: 0.025 -> 0.1 linearly over 5 epochs, then x0.1 at 30, 60, 90, 100 (10 steps/epoch).
+    s = LRSchedule(peak_lr=0.1, final_lr=0.0, total_steps=1050, warmup_steps=50,
+                   milestones=(300, 600, 900, 1000), warmup_start_ratio=0.25)
+    assert [lr_at(t, s) for t in (0, 25, 49, 50, 299, 300, 600, 900, 1000, 1049)] == pytest.approx(
+        [0.025, 0.0625, 0.0985, 0.1, 0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-5])

@@ -59,7 +59,7 @@ def test_webdataset_reads_every_image_once_with_label_and_index(sample_image_dir
     assert [s["__key__"] for s in samples] == [shard_mod.sample_key(p) for p in order]
     for i, (s, relpath) in enumerate(zip(samples, order)):
         label = classes.index(relpath.split("/")[0])
-        assert list(k for k in s if not k.startswith("__")) == ["jpg", "cls", "idx", "lbl"]
+        assert list(k for k in s if not k.startswith("__")) == ["jpg", "cls", "idx", "lbl", "crc"]
         assert int(s["cls"].decode("ascii")) == label
         assert np.frombuffer(s["idx"], "<i8").tolist() == [i]
         assert np.frombuffer(s["lbl"], "<i8").tolist() == [label]
@@ -126,9 +126,9 @@ def test_index_files_match_dali_wds2idx(sample_shards, tmp_path):
 def test_manifest_fields(sample_image_dir, sample_shards):
     raw = json.loads((sample_shards / MANIFEST_NAME).read_text())
     assert raw["num_samples"] == 48 and raw["classes"] == sorted(p.name for p in sample_image_dir.iterdir())
-    assert raw["skipped"] == [] and raw["sample_members"] == ["jpg", "cls", "idx", "lbl"]
+    assert raw["skipped"] == [] and raw["sample_members"] == ["jpg", "cls", "idx", "lbl", "crc"]
     assert raw["options"] == {"src": str(sample_image_dir), "seed": 0, "samples_per_shard": SHARD_SIZE,
-                              "max_side": MAX_SIDE, "quality": 95}
+                              "max_side": MAX_SIDE, "quality": 95, "max_bytes": 2**28}
     first = 0
     for s in raw["shards"]:
         data = (sample_shards / s["name"]).read_bytes()
@@ -204,12 +204,13 @@ def test_same_seed_gives_identical_bytes_different_seed_another_order(sample_ima
 KILL_AT_SHARD_2 = """
 import os, signal, sys
 import pirl_fast.shard as s
-real = s._finish_shard
+import pirl_fast.shard_write as w
+real = w.finish_shard
 def finish_or_die(dst, k, entries, base):
     if k == 2:  # shard 2 sits complete in its temp file: the process dies before renaming it
         os.kill(os.getpid(), signal.SIGKILL)
     return real(dst, k, entries, base)
-s._finish_shard = finish_or_die
+w.finish_shard = finish_or_die
 sys.exit(s.main(sys.argv[1:]))
 """
 

@@ -51,7 +51,10 @@ METHODS = ("pirl", "jigsaw")
 LABELS = {"pirl": "PIRL", "jigsaw": "Jigsaw", "untrained": "untrained"}
 JIGSAW_PERMUTATIONS = 100  # Noroozi & Favaro's smaller set (their best, 1000, is 1 class per image here)
 KNN_MARGIN = 5.0  # target: PIRL kNN top-1 at least this many points above the untrained network
-PROBE_EPOCHS, PROBE_LR = 30, 0.1  # cached-feature probes on a few thousand images (linear_probe.py's advice)
+PROBE_EPOCHS, PROBE_LR = 30, 0.1  # cached-feature probes on a few thousand images; lr per 256 images
+# gap: one global-pooled probe per stage (linear_probe.py: "the right probe for very small images"); the
+# Goyal pooling grids are sized for 224 px maps, which 32 px images do not have.
+PROBE_PROTOCOL = "gap"
 INVARIANCE_IMAGES = 500  # test images for the invariance analysis (distances are means; 500 is plenty)
 # Sizes per device: (train images, test images, epochs, global batch, model.stem, extra overrides)
 CPU_SIZE = dict(train_images=1000, test_images=1000, epochs=16, batch=50)
@@ -151,8 +154,8 @@ class Evaluator:
     def stage_features(self, trunk):
         from pirl_fast import linear_probe as lp
 
-        return (lp.cache_stage_features(trunk, self.train, "cpu", "features: train"),
-                lp.cache_stage_features(trunk, self.test, "cpu", "features: test"))
+        return (lp.cache_stage_features(trunk, self.train, "cpu", "features: train", PROBE_PROTOCOL),
+                lp.cache_stage_features(trunk, self.test, "cpu", "features: test", PROBE_PROTOCOL))
 
     def knn(self, trunk) -> float:
         """kNN top-1 (%) on res5 average-pooled (what `eval knn` uses), train split -> test split."""
@@ -179,7 +182,7 @@ class Evaluator:
 
         (train, train_y), (test, test_y) = self.stage_features(model.trunk)
         knn = 100 * knn_evaluate(train["res5"], train_y, test["res5"], test_y, self.num_classes).top1
-        probe_cfg = lp.ProbeConfig(epochs=PROBE_EPOCHS, lr=PROBE_LR, augment=False)
+        probe_cfg = lp.ProbeConfig(protocol=PROBE_PROTOCOL, epochs=PROBE_EPOCHS, lr=PROBE_LR, augment=False)
         probes, _ = lp.probe_cached(train, train_y, test, test_y, self.num_classes, probe_cfg, "cpu")
         distances = inv.invariance_distances(model, method, self.invariance, self.grid, "cpu")
         stats = {m: inv.summarise(d) for m, d in distances.items()}

@@ -8,6 +8,12 @@ figure is the median over rounds. With CUDA present the dali backend is also tim
 
 Without --shards, ~1000 synthetic images of ImageNet-like size (400-500 px sides, baseline JPEG)
 are generated and sharded in a temporary directory first.
+
+Both backends run the same augmentation, DataConfig's defaults (the paper's recipe with the
+reference's photometric ops) unless --data changes it, e.g.
+    --data photometric_p=0                                  without the photometric ops
+    --data photometric_p=0 blur_p=0.5 jitter_p=0.8 brightness=0.8 contrast=0.8 saturation=0.8
+                                                            the improved recipe (experiment=pirl_mlp_in1k_r50)
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=4, help="untimed batches before each timed run (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported (default 3)")
     p.add_argument("--plot", metavar="PATH.png", help="also draw a bar chart of samples/s per backend")
+    p.add_argument("--data", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="data.* settings for both backends, typed and checked like the trainer's "
+                        "(e.g. photometric_p=0 or blur_p=0.5); default: DataConfig's defaults")
 
 
 def make_bench_shards(root: Path, images: int, seed: int = 0) -> str:
@@ -83,13 +92,27 @@ def timed(stream, warmup: int, batches: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def data_settings(items: list[str]) -> dict:
+    """KEY=VALUE strings -> DataConfig fields, typed by the schema (a misspelt key or bad value fails)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.from_dotlist(items))
+    except OmegaConfBaseException as e:
+        raise SystemExit(f"--data {' '.join(items)}: {e}; keys are DataConfig's (pirl_fast/data.py)") from e
+    values = OmegaConf.to_container(merged)
+    return {key: values[key] for key in OmegaConf.from_dotlist(items)}
+
+
 def measure(shards: str, args) -> list[dict]:
     contenders = [("dali", torch.device("cpu")), ("torch", torch.device("cpu"))]
     if torch.cuda.is_available():
         contenders.append(("dali", torch.device("cuda")))
+    settings = data_settings(args.data)
     streams, seconds = {}, {}
     for backend, device in contenders:
-        cfg = DataConfig(shards=shards, backend=backend, batch_size=args.batch_size, workers=args.workers)
+        cfg = DataConfig(shards=shards, backend=backend, batch_size=args.batch_size, workers=args.workers, **settings)
         streams[backend, device.type] = endless(build_loader(cfg, device=device))
         seconds[backend, device.type] = []
     for _ in range(args.rounds):  # alternate, so a noisy neighbour hurts both alike
@@ -100,7 +123,8 @@ def measure(shards: str, args) -> list[dict]:
     for backend, device in contenders:
         rate = args.batch_size * args.batches / statistics.median(seconds[backend, device.type])
         rows.append({"backend": backend, "device": device.type, "threads": args.workers,
-                     "batch": args.batch_size, "samples_per_s": rate, "vs_torch": rate / torch_rate})
+                     "batch": args.batch_size, "samples_per_s": rate, "vs_torch": rate / torch_rate,
+                     "data": " ".join(args.data) or "defaults"})
     return rows
 
 

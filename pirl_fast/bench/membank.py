@@ -1,23 +1,32 @@
-"""Memory-bank negative scores: naive gather+bmm against the fused kernel, forward+backward.
+"""Memory-bank loss term: naive against two-pass against fused, forward+backward.
 
-For each bank dtype, batch B and negatives K (bank N x D, default ImageNet's N = 1,281,167 and
-D = 128) it times scores = bank_scores(q, bank, index) plus scores.backward(grad) and measures
-the peak extra memory of that forward+backward.
+For each bank dtype, batch B, negatives K and loss (bank N x D, default ImageNet's N = 1,281,167
+and D = 128) it times one loss term, loss.backward() included, three ways:
+  naive     gather (B, K, D) with index_select, bmm, the loss formula, plain autograd (the
+            reference; bank_loss(kernel='naive'))
+  two-pass  bank_scores (the fused score kernel: gathers in the forward and again in the
+            backward) followed by the loss formula on the (B, K) scores
+  fused     bank_loss: one pass over the negatives gives the loss and its query gradient; the
+            backward only scales the saved gradient
+two-pass and fused use --kernel (auto: Triton on CUDA, chunked PyTorch on CPU).
 
 What is counted:
   fwd_bwd_ms        median wall time of one forward+backward over --repeats runs (after one
                     warm-up; CUDA runs are synchronised before the clock stops)
-  fwd_bwd_per_s     1000 / fwd_bwd_ms; samples_per_s = B * fwd_bwd_per_s (one loss term)
-  peak_extra_mib    the most bytes alive at once, beyond the inputs (bank, index, query, grad),
-                    during one forward+backward: on CUDA torch.cuda.max_memory_allocated minus
-                    the allocated bytes before; on CPU the sum of the storages that operators
-                    create, tracked with a TorchDispatchMode and freed when their storage dies
-                    (the CPU allocator keeps no statistics). Includes the (B, K) scores and grads.
-  gather_gb_per_s   (CUDA) bank bytes the gather must read: B*K*D*elem_size for the forward
-                    plus the same for the backward, divided by fwd_bwd time (index, score and
-                    grad traffic, 2*B*K*(8+4) bytes, is not counted)
-  frac_of_peak      gather_gb_per_s / the HBM peak in --peak-gb-per-s (default by GPU name:
-                    H200 4800, H100 SXM 3350, A100 80GB 2039 GB/s)
+  samples_per_s     B * 1000 / fwd_bwd_ms (one loss term)
+  speedup           naive's fwd_bwd_ms / this row's, same dtype, B, K and loss
+  peak_extra_mib    the most bytes alive at once, beyond the inputs (bank, index, query,
+                    positive rows), during one forward+backward: on CUDA
+                    torch.cuda.max_memory_allocated minus the allocated bytes before; on CPU the
+                    sum of the storages that operators create, tracked with a TorchDispatchMode
+                    and freed when their storage dies (the CPU allocator keeps no statistics)
+  memory_ratio      naive's peak_extra_mib / this row's
+  gather_gb_per_s   bank bytes gathered (B*K*D*element size: once for naive and fused, twice
+                    for two-pass) / fwd_bwd time. Index traffic (B*K*8 bytes) is not counted.
+  frac_of_peak      (CUDA) gather_gb_per_s / the device's memory bandwidth peak: 2 x memory
+                    clock x bus width from the device properties, or --peak-gb-per-s
+  target            fused rows: "3x" when speedup >= 3, "10x mem" when memory_ratio >= 10 and,
+                    on CUDA, "60% HBM" when frac_of_peak >= 0.6 (issue 12's targets); "-" none
 """
 
 from __future__ import annotations
@@ -27,12 +36,17 @@ import time
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pirl_fast.bank_kernels import bank_scores, resolve_kernel
+from pirl_fast.bank_loss import bank_loss
+from pirl_fast.loss import estimate_z, info_nce_loss, nce_loss
 
-PEAK_GB_PER_S = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # vendor HBM peaks (SXM parts)
+PEAK_GB_PER_S = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # vendor HBM peaks, if the properties lack them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PATHS = ("naive", "two-pass", "fused")
+TEMPERATURE = 0.07  # the paper's tau
 
 
 def add_arguments(parser) -> None:
@@ -42,13 +56,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dim", type=int, default=128, help="embedding width D")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES),
                         help="bank storage dtypes")
-    parser.add_argument("--kernels", nargs="+", default=["naive", "auto"],
-                        choices=["naive", "auto", "torch", "triton"],
-                        help="kernels to compare (auto = triton on CUDA, chunked torch on CPU)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per row (median reported)")
+    parser.add_argument("--losses", nargs="+", default=["nce", "infonce"], choices=["nce", "infonce"],
+                        help="loss kinds (the fused pass differs: per-row weights for nce, online softmax for infonce)")
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS,
+                        help="implementations to compare (naive is the baseline of speedup and memory_ratio)")
+    parser.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"],
+                        help="kernel of two-pass and fused (auto = triton on CUDA, chunked torch on CPU)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-gb-per-s", type=float, default=None,
-                        help="memory bandwidth peak for frac_of_peak (default: by GPU name)")
+                        help="memory bandwidth peak for frac_of_peak (default: from the device's properties)")
 
 
 class LiveBytes(TorchDispatchMode):
@@ -83,87 +100,128 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _fwd_bwd(query, bank, index, grad, kernel) -> None:
-    query.grad = None
-    bank_scores(query, bank, index, kernel).backward(grad)
+class Term:
+    """One loss term's inputs and how to run it forward+backward along one path."""
+
+    def __init__(self, bank, index, query, pos_rows, kind: str, num_data: int, z, path: str, kernel: str):
+        self.bank, self.index, self.query, self.pos_rows = bank, index, query, pos_rows
+        self.kind, self.num_data, self.z, self.path, self.kernel = kind, num_data, z, path, kernel
+
+    def inputs(self) -> tuple:
+        return self.bank, self.index, self.query, self.pos_rows, self.z
+
+    def __call__(self) -> None:
+        self.query.grad = None
+        pos = (self.pos_rows * self.query).sum(1)  # (B,)
+        if self.path == "two-pass":
+            neg = bank_scores(self.query, self.bank, self.index, self.kernel)  # (B, K)
+            if self.kind == "nce":
+                loss = nce_loss(pos, neg, TEMPERATURE, self.num_data, self.z)
+            else:
+                loss = info_nce_loss(pos, neg, TEMPERATURE)
+        else:
+            kernel = "naive" if self.path == "naive" else self.kernel
+            loss = bank_loss(self.query, pos, self.bank, self.index, self.kind, TEMPERATURE, self.num_data, self.z,
+                             kernel).loss
+        loss.backward()
 
 
-def _peak_extra_bytes(query, bank, index, grad, kernel) -> int:
-    device = query.device
+def _peak_extra_bytes(term: Term) -> int:
+    device = term.query.device
     if device.type == "cuda":
         _sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        _fwd_bwd(query, bank, index, grad, kernel)
+        term()
         _sync(device)
-        query.grad = None
+        term.query.grad = None
         return torch.cuda.max_memory_allocated(device) - base
-    with LiveBytes(query, bank, index, grad) as counter:
-        _fwd_bwd(query, bank, index, grad, kernel)
-        query.grad = None
+    with LiveBytes(*term.inputs()) as counter:
+        term()
+        term.query.grad = None
     return counter.peak
 
 
-def _time_ms(query, bank, index, grad, kernel, repeats: int) -> float:
-    _fwd_bwd(query, bank, index, grad, kernel)  # warm-up: Triton compile, allocator caches
+def _time_ms(term: Term, repeats: int) -> float:
+    term()  # warm-up: Triton compile, allocator caches
     times = []
     for _ in range(repeats):
-        _sync(query.device)
+        _sync(term.query.device)
         start = time.perf_counter()
-        _fwd_bwd(query, bank, index, grad, kernel)
-        _sync(query.device)
+        term()
+        _sync(term.query.device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
-def _peak_bandwidth(args, device: torch.device) -> float | None:
+def peak_bandwidth(args, device: torch.device) -> float | None:
+    """GB/s: --peak-gb-per-s, else 2 (DDR) x memory clock x bus width of the CUDA device, else by name."""
     if args.peak_gb_per_s is not None:
         return args.peak_gb_per_s
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_GB_PER_S.items() if k in name), None)
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+    return next((v for k, v in PEAK_GB_PER_S.items() if k in props.name), None)
+
+
+def _target(row: dict, device: torch.device) -> str:
+    met = []
+    if row.get("speedup", 0) >= 3:
+        met.append("3x")
+    if row.get("memory_ratio", 0) >= 10:
+        met.append("10x mem")
+    if device.type == "cuda" and row.get("frac_of_peak", 0) >= 0.6:
+        met.append("60% HBM")
+    return ", ".join(met) or "-"
 
 
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     if min(args.batch + args.negatives + [args.repeats, args.num_samples, args.dim]) < 1:
         raise ValueError("--batch, --negatives, --repeats, --num-samples and --dim must all be >= 1")
-    peak_bw = _peak_bandwidth(args, device)
+    kernel = resolve_kernel(args.kernel, device)
+    peak_bw = peak_bandwidth(args, device)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
-        bank = torch.nn.functional.normalize(
-            torch.randn(args.num_samples, args.dim, device=device, generator=gen), dim=1).to(dtype)  # (N, D)
+        bank = F.normalize(torch.randn(args.num_samples, args.dim, device=device, generator=gen), dim=1)
+        bank = bank.to(DTYPES[dtype_name])  # (N, D)
         for b in args.batch:
             for k in args.negatives:
                 index = torch.randint(args.num_samples, (b, k), device=device, generator=gen)  # (B, K)
-                query = torch.randn(b, args.dim, device=device, generator=gen).requires_grad_()  # (B, D)
-                grad = torch.randn(b, k, device=device, generator=gen)  # (B, K) upstream gradient
-                baseline_ms = None
-                for kernel in args.kernels:
-                    row = {"kernel": resolve_kernel(kernel, device) if kernel == "auto" else kernel,
-                           "bank_dtype": dtype_name, "batch": b, "negatives": k}
-                    try:
-                        peak = _peak_extra_bytes(query, bank, index, grad, kernel)
-                        ms = _time_ms(query, bank, index, grad, kernel, args.repeats)
-                    except torch.OutOfMemoryError:
-                        row["status"] = "out of memory"
-                        rows.append(row)
-                        continue
-                    row.update(fwd_bwd_ms=ms, fwd_bwd_per_s=1e3 / ms, samples_per_s=b * 1e3 / ms,
-                               peak_extra_mib=peak / 2**20)
-                    if kernel == "naive":
-                        baseline_ms = ms
-                    elif baseline_ms is not None:
-                        row["speedup_vs_naive"] = baseline_ms / ms
-                    if device.type == "cuda":
-                        gathered = 2 * b * k * args.dim * bank.element_size()  # forward + backward gather
-                        row["gather_gb_per_s"] = gathered / (ms * 1e-3) / 1e9
+                query = F.normalize(torch.randn(b, args.dim, device=device, generator=gen), dim=1).requires_grad_()
+                pos_rows = bank[torch.randint(args.num_samples, (b,), device=device, generator=gen)].float()
+                with torch.no_grad():  # Z as training estimates it on its first batch
+                    z = estimate_z((pos_rows * query).sum(1), bank_scores(query, bank, index[:, :1024], kernel),
+                                   TEMPERATURE, args.num_samples)
+                for kind in args.losses:
+                    base = None
+                    for path in args.paths:
+                        row = {"path": path, "kernel": "naive" if path == "naive" else kernel, "loss": kind,
+                               "bank_dtype": dtype_name, "batch": b, "negatives": k}
+                        term = Term(bank, index, query, pos_rows, kind, args.num_samples, z, path, kernel)
+                        try:
+                            peak = _peak_extra_bytes(term)
+                            ms = _time_ms(term, args.repeats)
+                        except torch.OutOfMemoryError:
+                            row["status"] = "out of memory"
+                            rows.append(row)
+                            continue
+                        row.update(fwd_bwd_ms=ms, samples_per_s=b * 1e3 / ms, peak_extra_mib=peak / 2**20)
+                        if path == "naive":
+                            base = (ms, peak)
+                        elif base is not None:
+                            row.update(speedup=base[0] / ms, memory_ratio=base[1] / max(peak, 1))
+                        gathers = 2 if path == "two-pass" else 1
+                        row["gather_gb_per_s"] = gathers * b * k * args.dim * bank.element_size() / (ms * 1e-3) / 1e9
                         if peak_bw:
-                            row["frac_of_peak"] = row["gather_gb_per_s"] / peak_bw
-                    rows.append(row)
-                del index, query, grad
+                            row.update(peak_gb_per_s=peak_bw, frac_of_peak=row["gather_gb_per_s"] / peak_bw)
+                        if path == "fused":
+                            row["target"] = _target(row, device)
+                        rows.append(row)
+                del index, query, pos_rows
         del bank
     return rows

@@ -50,7 +50,7 @@ def plain_tar(src: Path, dst: Path, seed: int, samples_per_shard: int) -> int:
         path = dst / f"plain-{k:06d}.tar"
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for item in shard:
-                tar.add(src / item.relpath, arcname=f"{item.key}.{item.relpath.rsplit('.', 1)[-1]}")
+                tar.add(src / item.path, arcname=f"{item.key}.{item.path.rsplit('.', 1)[-1]}")
         total += path.stat().st_size
     return total
 

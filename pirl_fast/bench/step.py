@@ -86,6 +86,7 @@ def measure(args, backend: str, shards: str, num_samples: int, run_dir: Path) ->
 
 def run(args) -> list[dict]:
     from pirl_fast.manifest import load_manifest
+    from pirl_fast.splits import resolve_shards
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(backends) - set(BACKENDS))
@@ -99,7 +100,7 @@ def run(args) -> list[dict]:
 
             print(f"generating {args.images} sample images and sharding them in {tmp} ...", flush=True)
             shards = make_bench_shards(tmp / "data", args.images)
-        num_samples = load_manifest(shards).num_samples if shards else args.images
+        num_samples = load_manifest(resolve_shards(shards).dir).num_samples if shards else args.images
         rows = []
         for backend in backends:
             print(f"-- {backend}: {args.warmup} + {args.steps} steps of {args.arch}, global batch {args.batch}",
