@@ -88,3 +88,26 @@ def test_help_says_how_to_get_the_data(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["learn", "--help"])
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().out
+
+
+def test_missing_dataset_exits_2_saying_how_to_install(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["learn", "--idx-dir", str(tmp_path), "--out", str(tmp_path / "bench")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs Fashion-MNIST" in err and "apt-get install dataset-fashion-mnist" in err and str(tmp_path) in err
+    assert not (tmp_path / "bench").exists()  # nothing started
+
+
+def test_validation_split_is_held_out_from_pretraining(tmp_path):
+    """--eval-on val: class-balanced training-split images that pre-training never sees."""
+    idx = write_dataset(tmp_path / "idx", n_train=60)
+    args = build_parser().parse_args(["learn", "--idx-dir", str(idx), "--workers", "1"])
+    train = learn.prepare_split(args, "train", 30, tmp_path / "train")
+    val = learn.prepare_split(args, "train", 20, tmp_path / "val", skip=30)
+    names = {d: sorted(p.name for p in (d.parent / "images").rglob("*.jpg")) for d in (train, val)}
+    assert len(names[train]) == 30 and len(names[val]) == 20 and not set(names[train]) & set(names[val])
+    per_class = [len(list(c.iterdir())) for c in sorted((val.parent / "images").iterdir())]
+    assert per_class == [2] * 10  # balanced: 20 images over 10 classes
+    with pytest.raises(SystemExit, match="only 60"):
+        learn.prepare_split(args, "train", 40, tmp_path / "too_many", skip=30)

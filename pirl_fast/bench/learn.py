@@ -1,6 +1,7 @@
 """Does PIRL learn from real images? PIRL against the Jigsaw baseline and the untrained network.
 
     python -m pirl_fast.bench learn [--json learn.json]       # CPU: ~30 min on 2 idle cores
+    python -m pirl_fast.bench learn --eval-on val --seeds 0   # for choosing a recipe: never the test split
 
 The data is Fashion-MNIST (Xiao et al. 2017: 28 px greyscale photographs of clothing, 10 classes),
 which nothing else in pirl_fast needs. Install it with `sudo apt-get install dataset-fashion-mnist`
@@ -10,7 +11,10 @@ which nothing else in pirl_fast needs. Install it with `sudo apt-get install dat
 
   1. data      IDX -> ImageFolder of JPEGs (pirl_fast.idx_folder): a class-balanced subset of
                --train-images from the training split (pre-training, and the kNN / probe
-               training set) and --test-images from the test split (every reported accuracy)
+               training set) and --test-images from the test split (every reported accuracy).
+               With --eval-on val the accuracies are measured instead on --test-images held-out
+               images of the *training* split, disjoint from the pre-training ones: choose recipes
+               there, and report the test split once
   2. shard     both through `python -m pirl_fast.shard`, the product's path
   3. train     per seed, `experiment=fmnist` (pirl_fast/conf/experiment/fmnist.yaml, where the
                choices are explained): PIRL, then Jigsaw (method=jigsaw, P=100 permutations) with
@@ -42,6 +46,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pirl_fast import atomic
@@ -72,11 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-images", type=int, default=size["train_images"],
                    help=f"pre-training images (default: CPU {CPU_SIZE['train_images']}, CUDA {GPU_SIZE['train_images']})")
     p.add_argument("--test-images", type=int, default=size["test_images"],
-                   help=f"test images (default: CPU {CPU_SIZE['test_images']}, CUDA {GPU_SIZE['test_images']})")
+                   help=f"images evaluated on: test split, or held-out training images with --eval-on val (default: CPU {CPU_SIZE['test_images']}, CUDA {GPU_SIZE['test_images']})")
     p.add_argument("--epochs", type=int, default=size["epochs"],
                    help=f"pre-training epochs (default: CPU {CPU_SIZE['epochs']}, CUDA {GPU_SIZE['epochs']})")
     p.add_argument("--batch", type=int, default=size["batch"],
                    help=f"global batch (default: CPU {CPU_SIZE['batch']}, CUDA {GPU_SIZE['batch']})")
+    p.add_argument("--eval-on", choices=("test", "val"), default="test",
+                   help="test: the Fashion-MNIST test split (what is reported); val: held-out training images, "
+                   "disjoint from the pre-training ones (for choosing settings; default test)")
     p.add_argument("--seeds", default="0,1", help="training seeds, comma-separated (default 0,1)")
     p.add_argument("--evals", type=int, default=4, help="kNN points over training per run (default 4)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -87,9 +95,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def prepare_split(args, split: str, count: int, folder: Path) -> Path:
-    """Fashion-MNIST `split` -> folder/images (ImageFolder) -> folder/shards, unless already there."""
-    from pirl_fast.idx_folder import convert
+def prepare_split(args, split: str, count: int, folder: Path, skip: int = 0) -> Path:
+    """Fashion-MNIST `split` -> folder/images (ImageFolder) -> folder/shards, unless already there.
+
+    A class-balanced subset of `count` images, seeded; `skip` > 0 leaves out the first `skip` of the
+    same balanced order (the pre-training images), so the two subsets of one split never overlap."""
+    from pirl_fast.idx_folder import balanced_subset, load_split, write_folder
     from pirl_fast.manifest import load_manifest
 
     shards = folder / "shards"
@@ -97,15 +108,30 @@ def prepare_split(args, split: str, count: int, folder: Path) -> Path:
         print(f"reusing {shards} ({count} images)")
         return shards
     shutil.rmtree(folder, ignore_errors=True)
-    _, written = convert(args.idx_dir, folder / "images", split, limit=count, seed=0)
-    if written != count:
-        raise SystemExit(f"--{'train' if split == 'train' else 'test'}-images {count}: the {split} split has only "
-                         f"{written} images")
+    images, labels = load_split(args.idx_dir, split)
+    if skip + count > labels.shape[0]:
+        raise SystemExit(f"{count} images from the {split} split (after the {skip} pre-training ones): it has only "
+                         f"{labels.shape[0]}; lower --train-images / --test-images")
+    before = balanced_subset(labels, skip, seed=0) if skip else np.zeros(0, dtype=np.int64)
+    keep = np.setdiff1d(balanced_subset(labels, skip + count, seed=0), before)  # (count,), class-balanced
+    write_folder(images[keep], labels[keep], keep, folder / "images", split)
     command = [sys.executable, "-m", "pirl_fast.shard", str(folder / "images"), str(shards),
                "--samples-per-shard", "250", "--workers", str(args.workers), "--seed", "0"]
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, check=True)
     return shards
+
+
+def check_dataset(idx_dir: str) -> None:
+    """Exit 2, saying how to install Fashion-MNIST, unless both splits' IDX files are in idx_dir."""
+    from pirl_fast.idx_folder import IdxError, find_split
+
+    try:
+        for split in ("train", "t10k"):
+            find_split(idx_dir, split)
+    except IdxError as e:
+        print(f"bench learn needs Fashion-MNIST: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -127,6 +153,7 @@ def training_overrides(args, method: str, seed: int, shards: Path, run_dir: Path
 def pretrain(args, method: str, seed: int, shards: Path, run_dir: Path) -> dict:
     from hydra import compose, initialize_config_module
 
+    from pirl_fast.signals import STOP_SIGNALS, exit_status
     from pirl_fast.train import train
 
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -134,7 +161,12 @@ def pretrain(args, method: str, seed: int, shards: Path, run_dir: Path) -> dict:
     print(f"\n-- pre-train {LABELS[method]}, seed {seed}: python -m pirl_fast.train " + " ".join(overrides), flush=True)
     with initialize_config_module("pirl_fast.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    return train(cfg)
+    summary = train(cfg)
+    stopped_by = {s.name: s for s in STOP_SIGNALS}.get(summary["stopped_by"])
+    if stopped_by is not None:  # the trainer saved a checkpoint and returned: stop the whole benchmark
+        print(f"bench learn: stopped by {stopped_by.name} during {run_dir}; nothing is reported", file=sys.stderr)
+        raise SystemExit(exit_status(stopped_by))
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -260,7 +292,7 @@ def targets(rows: list[dict]) -> list[tuple[str, bool]]:
     return out
 
 
-def plot(per_seed: dict[int, dict[str, dict]], path: Path, title: str) -> None:
+def plot(per_seed: dict[int, dict[str, dict]], path: Path, title: str, split: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,7 +312,7 @@ def plot(per_seed: dict[int, dict[str, dict]], path: Path, title: str) -> None:
         if len(untrained) > 1:
             ax.axhspan(min(untrained), max(untrained), color="grey", alpha=0.12)
     ax.set_xlabel("training step")
-    ax.set_ylabel("kNN top-1 on the test split (%)")
+    ax.set_ylabel(f"kNN top-1 on the {split} (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -297,10 +329,16 @@ def run(args) -> list[dict]:
     if not seeds or min(args.train_images, args.test_images, args.epochs, args.batch, args.evals) < 1:
         raise SystemExit("--seeds needs at least one seed; --train-images, --test-images, --epochs, --batch and "
                          "--evals must be >= 1")
+    check_dataset(args.idx_dir)
     out = Path(args.out)
     started = time.perf_counter()
     train_shards = prepare_split(args, "train", args.train_images, out / "data" / f"train_{args.train_images}")
-    test_shards = prepare_split(args, "t10k", args.test_images, out / "data" / f"test_{args.test_images}")
+    if args.eval_on == "val":  # held-out training images, never seen in pre-training
+        test_shards = prepare_split(args, "train", args.test_images,
+                                    out / "data" / f"val_{args.test_images}_after_{args.train_images}",
+                                    skip=args.train_images)
+    else:
+        test_shards = prepare_split(args, "t10k", args.test_images, out / "data" / f"test_{args.test_images}")
     per_seed, config = {}, None
     for seed in seeds:
         runs = {m: out / "runs" / f"{m}_seed{seed}" for m in METHODS}
@@ -314,14 +352,16 @@ def run(args) -> list[dict]:
     rows = summarise(per_seed)
     verdicts = targets(rows)
     steps = per_seed[seeds[0]]["pirl"]["knn_curve"][-1][0]
-    title = (f"Fashion-MNIST, {args.train_images} train / {args.test_images} test images, {config['model']['arch']} "
+    split = "test split" if args.eval_on == "test" else "held-out training images"
+    title = (f"Fashion-MNIST, {args.train_images} train / {args.test_images} {split}, {config['model']['arch']} "
              f"stem={config['model']['stem']}, {steps} steps of {args.batch}, seeds {','.join(map(str, seeds))}")
     plot_path = Path(args.plot) if args.plot else out / "learn.png"
-    plot(per_seed, plot_path, title)
+    plot(per_seed, plot_path, title, split)
     print(f"\n{title}")
     for text, met in verdicts:
         print(f"  [{'met' if met else 'NOT met'}] {text}")
-    details = {"title": title, "seeds": seeds, "steps": steps, "config": config, "per_seed": per_seed,
+    details = {"title": title, "eval_on": args.eval_on, "seeds": seeds, "steps": steps, "config": config,
+               "per_seed": per_seed,
                "targets": [{"target": t, "met": m} for t, m in verdicts], "plot": str(plot_path),
                "wall_s": time.perf_counter() - started}
     atomic.write_json(out / "learn.json", details)
