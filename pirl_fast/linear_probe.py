@@ -283,7 +283,8 @@ def probe_cached(train_feats: dict[str, Tensor], train_labels: Tensor, val_feats
     ({head: {"top1", "top5"}}, mean loss per epoch)."""
     torch.manual_seed(cfg.seed)  # the heads' initialisation
     probes = build_probes(cfg.protocol, {s: train_feats[s].shape[1] for s in STAGES}, num_classes)  # C per stage
-    batches = lambda epoch: cached_batches(train_feats, train_labels, cfg.batch_size, True, cfg.seed + epoch)  # noqa: E731
+    batches = lambda epoch: cached_batches(train_feats, train_labels, cfg.batch_size, True,  # noqa: E731
+                                           cfg.seed + epoch)
     history = train_probes(probes, batches, cfg, -(-train_labels.shape[0] // cfg.batch_size), device)
     return evaluate_probes(probes, cached_batches(val_feats, val_labels, 1024, False, 0), device), history
 

@@ -47,7 +47,7 @@ class ModelConfig:
     embed_dim: int = 128  # the paper's embedding width; the memory bank rows have this width
     num_patches: int = 9  # a 3x3 jigsaw grid
     stem: str = "imagenet"  # imagenet (7x7/2 conv + max-pool) | small (3x3/1 conv, no max-pool: 28-64 px images)
-    patch_bn_stats: bool = False  # true: the patch forward also updates BN running stats (the reference); see batchnorm.py
+    patch_bn_stats: bool = False  # true: the patch forward also updates BN running stats (the reference); batchnorm.py
     embed_bn: bool = False  # true: BatchNorm1d (no affine) on f and g before the L2 normalisation (see below)
     jigsaw_head: str = "light"  # method=jigsaw only: light | reference (pirl_fast/jigsaw.py)
     head: str = "linear"  # linear (the paper's) | mlp (the reference's improved recipe, see projection_heads)

@@ -128,7 +128,8 @@ def test_random_init_is_the_runs_own_starting_point(tmp_path, sample_shards, see
 
 @pytest.mark.slow
 def test_learn_check_beats_random_init(tmp_path):
-    """scripts/learn_check.sh end to end (about 5 minutes on 2 idle CPU cores): Fashion-MNIST when installed."""
+    """scripts/learn_check.sh end to end (an estimated 5-10 minutes on 2 idle CPU cores); Fashion-MNIST
+    when installed."""
     env = {**os.environ, "LEARN_DIR": str(tmp_path / "learn_check")}
     result = subprocess.run(["bash", str(REPO / "scripts" / "learn_check.sh")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=3600)

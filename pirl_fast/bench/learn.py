@@ -66,7 +66,7 @@ PROBE_EPOCHS, PROBE_LR = 30, 0.1  # cached-feature probes on a few thousand imag
 # Goyal pooling grids are sized for 224 px maps, which 32 px images do not have.
 PROBE_PROTOCOL = "gap"
 INVARIANCE_IMAGES = 500  # test images for the invariance analysis (distances are means; 500 is plenty)
-# Sizes per device: (train images, test images, epochs, global batch, model.stem, extra overrides)
+# Sizes per device; on CUDA the runs also get GPU_OVERRIDES
 CPU_SIZE = dict(train_images=1000, test_images=1000, epochs=16, batch=50)
 GPU_SIZE = dict(train_images=60000, test_images=10000, epochs=100, batch=512)
 GPU_OVERRIDES = ["model.stem=small", "data.backend=dali", "data.workers=8", "bank.num_negatives=4096"]
@@ -80,9 +80,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/bench_learn", help="working folder: data, shards, runs, plot "
                    "(default runs/bench_learn; data and shards are reused by later runs)")
     p.add_argument("--train-images", type=int, default=size["train_images"],
-                   help=f"pre-training images (default: CPU {CPU_SIZE['train_images']}, CUDA {GPU_SIZE['train_images']})")
+                   help=f"pre-training images (default: CPU {CPU_SIZE['train_images']}, "
+                   f"CUDA {GPU_SIZE['train_images']})")
     p.add_argument("--test-images", type=int, default=size["test_images"],
-                   help=f"images evaluated on: test split, or held-out training images with --eval-on val (default: CPU {CPU_SIZE['test_images']}, CUDA {GPU_SIZE['test_images']})")
+                   help=f"images evaluated on: the test split, or held-out training images with --eval-on val "
+                   f"(default: CPU {CPU_SIZE['test_images']}, CUDA {GPU_SIZE['test_images']})")
     p.add_argument("--epochs", type=int, default=size["epochs"],
                    help=f"pre-training epochs (default: CPU {CPU_SIZE['epochs']}, CUDA {GPU_SIZE['epochs']})")
     p.add_argument("--batch", type=int, default=size["batch"],
@@ -146,7 +148,8 @@ def training_overrides(args, method: str, seed: int, shards: Path, run_dir: Path
     every = max(1, steps // args.evals)
     overrides = ["experiment=fmnist", f"data.shards={shards}", f"data.batch_size={args.batch}",
                  f"data.workers={args.workers}", f"trainer.epochs={args.epochs}", f"trainer.seed={seed}",
-                 f"data.seed={seed}", f"bank.seed={seed}", f"trainer.ckpt_every={every}", "trainer.ckpt_epoch_end=false",
+                 f"data.seed={seed}", f"bank.seed={seed}", f"trainer.ckpt_every={every}",
+                 "trainer.ckpt_epoch_end=false",
                  f"trainer.keep_checkpoints={args.evals + 2}", "resume=none", f"run_dir={run_dir}"]
     if torch.cuda.is_available():
         overrides += GPU_OVERRIDES
