@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from tqdm import tqdm
 
 from pirl_fast import invariance as inv
 from pirl_fast import finetune as ft
@@ -39,13 +40,14 @@ from pirl_fast import finetune_data as ftd
 from pirl_fast import linear_probe as lp
 from pirl_fast import svm
 from pirl_fast import vissl_import
+from pirl_fast.batchnorm import reestimate_running_stats
 from pirl_fast.checkpoint import list_checkpoints, save_atomic
 from pirl_fast.cpus import cpus_per_rank
 from pirl_fast.features import (ShardImageDataset, Pretrained, eval_transform, extract, load_pretrained, make_loader,
                                 pick_device, random_init, read_checkpoint, svm_transform, train_transform)
 from pirl_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
 from pirl_fast.manifest import ShardError
-from pirl_fast.model import ARCHS
+from pirl_fast.model import ARCHS, apply_stem
 from pirl_fast.splits import ShardPath, eval_split_beside, resolve_shards
 
 
@@ -131,18 +133,21 @@ def open_splits(args, train_view, val_view, multi_label_ok: bool = False):
         raise SystemExit(f"{' and '.join(multi)} hold multi-label samples (several classes per image, "
                          f"KEY.mlb): `eval {args.cmd}` scores one class per image. Use `python -m pirl_fast.eval "
                          "svm` (mean AP over classes) on multi-label shards")
+    reestimate_bn(args, net, ShardImageDataset(shards.dir, eval_transform(size), limit=args.limit), device)
     return device, net, size, train, val
 
 
 def result_stem(stem: str, args, net: Pretrained | None, seeded: bool = True) -> str:
     """The name (without .json) a command's result goes to: `stem`, `_random_init` for the untrained
-    network, and `_seed{S}` when --seed S differs from the command's default seed (the run's trainer.seed
-    for --random-init weights, 0 otherwise), so results of different seeds never overwrite each other.
-    seeded=False: the command's result does not depend on --seed."""
+    network, `_bn` with --reestimate-bn, and `_seed{S}` when --seed S differs from the command's default
+    seed (the run's trainer.seed for --random-init weights, 0 otherwise), so results of different
+    seeds never overwrite each other (knn_random_init_bn_seed1.json). seeded=False: the command's
+    result does not depend on --seed."""
     random_init = getattr(args, "random_init", False) and net is not None
     default = int(net.config.get("trainer", {}).get("seed", 0)) if random_init else 0
     seed = args.seed if seeded and args.seed is not None else default
-    return f"{stem}{'_random_init' if random_init else ''}{f'_seed{seed}' if seed != default else ''}"
+    bn = "_bn" if getattr(args, "reestimate_bn", False) else ""
+    return f"{stem}{'_random_init' if random_init else ''}{bn}{f'_seed{seed}' if seed != default else ''}"
 
 
 def describe(net: Pretrained) -> dict:
@@ -162,8 +167,9 @@ def cmd_export(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trunk = {k: v.contiguous() for k, v in net.model.trunk.state_dict().items()}  # NCHW-contiguous copies
     heads = {k: v.contiguous() for k, v in net.model.state_dict().items() if not k.startswith("trunk.")}
-    # Check before writing: torchvision's own constructor must take the trunk, missing only fc.
-    reference = getattr(torchvision.models, ARCHS[arch][0])(weights=None)
+    # Check before writing: torchvision's own constructor (with the run's stem) must take the trunk, missing only fc.
+    stem = net.config["model"].get("stem", "imagenet")
+    reference = apply_stem(getattr(torchvision.models, ARCHS[arch][0])(weights=None), stem)
     missing, unexpected = reference.load_state_dict(trunk, strict=False)
     if sorted(missing) != ["fc.bias", "fc.weight"] or unexpected:
         raise RuntimeError(f"export: the trunk does not match torchvision.models.{arch}: missing {missing}, "
@@ -173,9 +179,11 @@ def cmd_export(args) -> int:
     torch.save({"method": net.method, "model": dict(net.config["model"]), "state_dict": heads}, heads_path)
     print(f"wrote {trunk_path}  ({len(trunk)} tensors, torchvision.models.{arch} keys without fc)")
     print(f"wrote {heads_path}  ({net.method} heads: {sorted({k.split('.')[0] for k in heads})})")
-    print(f"load: m = torchvision.models.{arch}(); m.fc = torch.nn.Identity(); "
+    small = ("m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); m.maxpool = torch.nn.Identity(); "
+             if stem == "small" else "")
+    print(f"load: m = torchvision.models.{arch}(); {small}m.fc = torch.nn.Identity(); "
           f"m.load_state_dict(torch.load('{trunk_path}'))")
-    write_json(out, "export.json", {**describe(net), "trunk": str(trunk_path), "heads": str(heads_path)})
+    write_json(out, "export.json", {**describe(net), "stem": stem, "trunk": str(trunk_path), "heads": str(heads_path)})
     return 0
 
 
@@ -191,7 +199,8 @@ def cmd_knn(args) -> int:
           f"{result.num_classes} classes; chance {100 / result.num_classes:.2f}%)")
     out = Path(args.out) if args.out else default_out(net.path)
     write_json(out, result_stem("knn", args, net, seeded=args.random_init) + ".json",
-               {**describe(net), **result.as_dict(), "image_size": size, "train_shards": str(train.manifest.root),
+               {**describe(net), **result.as_dict(), "bn_reestimated": args.reestimate_bn, "image_size": size,
+                "train_shards": str(train.manifest.root),
                 "val_shards": str(val.manifest.root)})
     return 0
 
@@ -228,7 +237,8 @@ def cmd_linear(args) -> int:
         print(f"  {head:10s} {dims[head]:6d} dims  top-1 {100 * r['top1']:6.2f}%  top-5 {100 * r['top5']:6.2f}%")
     best = max(results, key=lambda h: results[h]["top1"])
     write_json(out, result_stem("linear", args, net) + ".json",
-               {**describe(net), "stages": results, "best": {"head": best, **results[best]},
+               {**describe(net), "bn_reestimated": args.reestimate_bn, "stages": results,
+                "best": {"head": best, **results[best]},
                 "head_in_features": dims, "protocol": cfg.as_dict(), "loss_per_epoch": history,
                 "train_loader": type(loader).__name__ if cfg.augment else "cached centre-crop features",
                 "image_size": size, "num_train": len(train), "num_val": len(val), "num_classes": len(train.classes)})
@@ -264,16 +274,27 @@ def cmd_invariance(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     inv.plot_histograms(dists, out / f"{result_stem('invariance', args, None)}.png")
     print(f"wrote {out / result_stem('invariance', args, None)}.png")
-    summary = {label: {**describe(net), **{m: inv.summarise(d) for m, d in dists[label].items()}}
-               for label, net in zip(labels, nets)}
+    summary = {}
+    for label, net in zip(labels, nets):
+        stats = {m: inv.summarise(d) for m, d in dists[label].items()}
+        summary[label] = {**describe(net), **stats, "gap": inv.gaps(stats)}
     for label, s in summary.items():
         parts = [f"{m} mean {s[m]['mean']:.4f} (median {s[m]['median']:.4f})" for m in inv.METRICS if m in s]
+        parts += [f"gap({m}) {g:+.4f}" for m, g in s["gap"].items()]
         print(f"  {label}: " + "; ".join(parts))
     write_json(out, result_stem("invariance", args, None) + ".json",
                {"checkpoints": summary, "views": views.__dict__, "num_images": len(data),
                 "seed": args.seed or 0, "shards": str(data.manifest.root),
                 "definition": "Distances" + inv.__doc__.split("Distances", 1)[1].strip()})
     return 0
+
+
+def reestimate_bn(args, net: Pretrained, train: ShardImageDataset, device) -> None:
+    """--reestimate-bn: BatchNorm running statistics recomputed on the training images (evaluation view)."""
+    if args.reestimate_bn:
+        images = (x for x, _, _ in tqdm(make_loader(train, args.batch_size, args.workers), desc="BN statistics",
+                                        unit="batch", dynamic_ncols=True))
+        net.model = reestimate_running_stats(net.model, lambda m, x: m.features(x), images, device)
 
 
 def cmd_svm(args) -> int:
@@ -405,6 +426,9 @@ def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
         p.add_argument("--random-init", action="store_true",
                        help="evaluate the same arch untrained instead (the baseline); writes *_random_init.json")
         p.add_argument("--arch", choices=sorted(ARCHS), default=None, help="arch for --random-init without CHECKPOINT")
+        p.add_argument("--reestimate-bn", action="store_true",
+                       help="recompute the BatchNorm running statistics on the training images (evaluation view) "
+                            "first, for trained and untrained networks alike; writes *_bn.json (see batchnorm.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:

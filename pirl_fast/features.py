@@ -35,7 +35,7 @@ from pirl_fast.progress import progress
 from pirl_fast.checkpoint import list_checkpoints, load_latest
 from pirl_fast.jigsaw import JigsawModel
 from pirl_fast.manifest import ShardError, load_manifest
-from pirl_fast.model import ModelConfig, PIRLModel
+from pirl_fast.model import ModelConfig, PIRLModel, memory_format_for
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics every torchvision ResNet recipe normalises with
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -283,11 +283,9 @@ def _strip_prefixes(key: str) -> str:
 
 
 def _freeze(model: nn.Module, device) -> nn.Module:
-    model.eval().to(device)
-    if torch.device(device).type == "cpu":
-        # Channels-last weights suit cuDNN; CPU convolutions with them run 5-20x slower on small
-        # inputs (ResNet-18, 8-64 px, torch 2.14), so evaluation on the CPU uses plain NCHW weights.
-        model.to(memory_format=torch.contiguous_format)
+    # Channels-last weights suit cuDNN; CPU convolutions with them run 5-20x slower on small
+    # inputs (ResNet-18, 8-64 px, torch 2.14), so evaluation on the CPU uses plain NCHW weights.
+    model.eval().to(device, memory_format=memory_format_for(device))
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -25,6 +25,14 @@ direction, sqrt(2): orthogonal):
                                                heads fairly: a Jigsaw model, whose task is to *tell the
                                                shuffles apart*, should map crop_t far from crop; a
                                                PIRL model, trained to ignore the shuffle, near it.
+    "trunk_other"  ||n(φ(crop)) - n(φ(crop'_t))||  the same with crop' the next image's crop: the
+                                               baseline of "trunk" (a representation that maps every
+                                               input close together has a small "trunk" distance too).
+
+The gap (other - own; `gaps`) is what tells invariance: near 0, the shuffled version of an image is
+no closer to it than any other image's; large, the representation keeps the image's identity
+through the shuffle. It is the comparison the learning benchmark makes (PIRL against Jigsaw, the
+paper's Sec. 5.1.1 in miniature), on "trunk" for every model and on "pirl_head" for PIRL.
 
 The Jigsaw model has no image head and its patch path ends in a permutation classifier, so it
 has no counterpart of f(v_I) - g(v_It); "trunk" is the comparison made for it. Means, standard
@@ -45,7 +53,8 @@ from pirl_fast.progress import progress
 
 from pirl_fast.features import IMAGENET_MEAN, IMAGENET_STD, RESIZE_RATIO, eval_transform
 
-METRICS = ("pirl_head", "pirl_head_other", "trunk")
+METRICS = ("pirl_head", "pirl_head_other", "trunk", "trunk_other")
+GAPS = {"pirl_head": "pirl_head_other", "trunk": "trunk_other"}  # own-image metric -> its other-image baseline
 
 
 @dataclass(frozen=True)
@@ -127,8 +136,8 @@ def unit_distance(a: Tensor, b: Tensor) -> Tensor:
 @torch.no_grad()
 def invariance_distances(model: nn.Module, method: str, loader, grid: int, device, seed: int = 0,
                          identity: bool = False) -> dict[str, Tensor]:
-    """Per-image distances {"trunk": (N,)}, plus "pirl_head" (N,) and "pirl_head_other" for PIRL. `identity=True` presents the
-    cells unshuffled (a check: every distance of "trunk" is then 0)."""
+    """Per-image distances {"trunk", "trunk_other": (N,)}, plus "pirl_head" and "pirl_head_other" for PIRL.
+    `identity=True` presents the cells unshuffled (a check: every distance of "trunk" is then 0)."""
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, list[Tensor]] = {m: [] for m in METRICS}
     for (images, patches, crops), _, _ in progress(loader, desc=f"invariance ({method})", unit="batch"):
@@ -138,7 +147,10 @@ def invariance_distances(model: nn.Module, method: str, loader, grid: int, devic
                 else non_identity_permutations(B, num_cells, generator))  # (B, 9)
         crops = crops.to(device)
         crops_t = join_cells(apply_perm(split_cells(crops, grid), perm.to(device)), grid)  # (B, 3, C, C)
-        out["trunk"].append(unit_distance(model.features(crops), model.features(crops_t)).cpu())
+        own, shuffled = model.features(crops), model.features(crops_t)  # (B, trunk_dim) each
+        out["trunk"].append(unit_distance(own, shuffled).cpu())
+        if B > 1:  # each crop against the next image's shuffled crop
+            out["trunk_other"].append(unit_distance(own, shuffled.roll(1, dims=0)).cpu())
         if method == "pirl":
             shuffled = apply_perm(patches.to(device), perm.to(device)).flatten(0, 1)  # (B*9, 3, p, p)
             f, g = model(images.to(device), shuffled)  # both already unit rows
@@ -146,6 +158,12 @@ def invariance_distances(model: nn.Module, method: str, loader, grid: int, devic
             if B > 1:  # pair each image with the next one's patches
                 out["pirl_head_other"].append(unit_distance(f, g.roll(1, dims=0)).cpu())
     return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def gaps(summary: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{metric: mean other-image distance - mean own-image distance} for the metrics `summary` has both of."""
+    return {own: summary[other]["mean"] - summary[own]["mean"] for own, other in GAPS.items()
+            if own in summary and other in summary}
 
 
 def summarise(d: Tensor) -> dict[str, float]:
@@ -169,10 +187,10 @@ def plot_histograms(results: dict[str, dict[str, Tensor]], path, bins: int = 40)
             if metric in dists:
                 d = dists[metric].numpy()
                 ax.hist(d, bins=bins, range=(0.0, 2.0), alpha=0.55, label=f"{label} (mean {d.mean():.3f})")
-            if metric == "pirl_head" and "pirl_head_other" in dists:
-                d = dists["pirl_head_other"].numpy()
+            if GAPS[metric] in dists:
+                d = dists[GAPS[metric]].numpy()
                 ax.hist(d, bins=bins, range=(0.0, 2.0), histtype="step", linewidth=1.5,
-                        label=f"{label}, other image's patches (mean {d.mean():.3f})")
+                        label=f"{label}, other image (mean {d.mean():.3f})")
         ax.set_title(titles[metric])
         ax.set_xlabel("L2 distance between unit vectors")
         ax.set_ylabel("images")

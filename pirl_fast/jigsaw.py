@@ -36,11 +36,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from pirl_fast.loss import LossTerms
-from pirl_fast.model import ARCHS, ModelConfig, trunk_features
+from pirl_fast.model import ARCHS, ModelConfig, build_trunk, trunk_features
 
 JIGSAW_HEADS = ("light", "reference")
 REFERENCE_PATCH_WIDTH = 1000  # jigsaw_8gpu_resnet.yaml: ["mlp", {"dims": [2048, 1000], ...}] per patch
@@ -58,8 +57,6 @@ class JigsawModel(nn.Module):
         if cfg.jigsaw_head not in JIGSAW_HEADS:
             raise ValueError(f"model.jigsaw_head={cfg.jigsaw_head!r} is unknown; choose one of "
                              f"{', '.join(JIGSAW_HEADS)}")
-        if cfg.arch not in ARCHS:
-            raise ValueError(f"model.arch={cfg.arch!r} is unknown; choose one of {sorted(ARCHS)}")
         if num_permutations < 2:
             raise ValueError(
                 f"method=jigsaw needs a fixed permutation set to classify: set data.num_permutations to P >= 2 "
@@ -68,9 +65,8 @@ class JigsawModel(nn.Module):
             )
         self.cfg = cfg
         self.num_permutations = num_permutations
-        builder, self.trunk_dim = ARCHS[cfg.arch]
-        self.trunk = getattr(torchvision.models, builder)(weights=None)
-        self.trunk.fc = nn.Identity()  # trunk(x) = res5 avgpool: (N, trunk_dim); torchvision's keys minus fc
+        self.trunk = build_trunk(cfg)  # trunk(x) = res5 avgpool: (N, trunk_dim); torchvision's keys minus fc
+        self.trunk_dim = ARCHS[cfg.arch][1]
         if cfg.jigsaw_head == "reference":  # Linear -> BN -> ReLU per patch, as the reference's "mlp" with use_bn
             self.patch_width = REFERENCE_PATCH_WIDTH
             self.patch_head = nn.Sequential(nn.Linear(self.trunk_dim, REFERENCE_PATCH_WIDTH),
@@ -79,7 +75,6 @@ class JigsawModel(nn.Module):
             self.patch_width = cfg.embed_dim
             self.patch_head = nn.Linear(self.trunk_dim, cfg.embed_dim)  # the ReLU is applied in forward
         self.classifier = nn.Linear(cfg.num_patches * self.patch_width, num_permutations)
-        self.to(memory_format=torch.channels_last)
 
     def features(self, x: Tensor) -> Tensor:
         """res5 after average pooling: (N, 3, H, W) -> (N, trunk_dim)."""

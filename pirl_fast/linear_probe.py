@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from pirl_fast.progress import progress
 
+from pirl_fast.model import weight_layout
+
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
 PROTOCOLS = ("goyal", "gap")
 LR_MILESTONES = (8 / 28, 16 / 28, 24 / 28)  # the yaml's milestones [8, 16, 24] of num_epochs 28, as fractions
@@ -89,7 +91,7 @@ class ProbeConfig:
 @torch.no_grad()
 def stage_maps(trunk: nn.Module, x: Tensor) -> dict[str, Tensor]:
     """Each stage's output map of a torchvision ResNet: {stage: (N, C_stage, H_stage, W_stage)}."""
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=weight_layout(trunk))  # the weights' layout: NCHW on CPU, NHWC on CUDA
     x = trunk.relu(trunk.bn1(trunk.conv1(x)))  # (N, 64, H/2, W/2): conv1 before the max-pool
     out = {"conv1": x}
     x = trunk.maxpool(x)
@@ -272,6 +274,19 @@ def cached_batches(feats: dict[str, Tensor], labels: Tensor, batch_size: int, sh
         if shuffle and idx.numel() < 2:
             continue  # BatchNorm cannot train on a batch of one
         yield {s: f[idx] for s, f in feats.items()}, labels[idx]
+
+
+def probe_cached(train_feats: dict[str, Tensor], train_labels: Tensor, val_feats: dict[str, Tensor],
+                 val_labels: Tensor, num_classes: int, cfg: ProbeConfig, device) -> tuple[dict, list[float]]:
+    """Train the heads of cfg.protocol on stored features (the `--no-augment` path, from
+    cache_stage_features with the same protocol) and evaluate them on the stored validation features:
+    ({head: {"top1", "top5"}}, mean loss per epoch)."""
+    torch.manual_seed(cfg.seed)  # the heads' initialisation
+    probes = build_probes(cfg.protocol, {s: train_feats[s].shape[1] for s in STAGES}, num_classes)  # C per stage
+    batches = lambda epoch: cached_batches(train_feats, train_labels, cfg.batch_size, True,  # noqa: E731
+                                           cfg.seed + epoch)
+    history = train_probes(probes, batches, cfg, -(-train_labels.shape[0] // cfg.batch_size), device)
+    return evaluate_probes(probes, cached_batches(val_feats, val_labels, 1024, False, 0), device), history
 
 
 def image_batches(trunk: nn.Module, loader, device, protocol: str = "goyal"):

@@ -25,7 +25,7 @@ NaN until estimated, and saved in state_dict so a resumed run keeps them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,9 @@ class LossTerms:
     total: Tensor  # lam * jigsaw + (1 - lam) * image, what backward() runs on
     jigsaw: Tensor  # L(m_I, g)
     image: Tensor  # L(m_I, f)
+    # Diagnostics, detached 0-dim tensors left on the device (pirl_fast/diagnostics.py):
+    # pos_<term> / neg_<term>, the mean positive and negative cosine score of each term.
+    scores: dict[str, Tensor] = field(default_factory=dict)
 
 
 class PIRLCriterion(nn.Module):
@@ -111,8 +114,9 @@ class PIRLCriterion(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._z_ready = None
 
-    def _term(self, q: Tensor, pos: Tensor, bank, z: Tensor):
-        """One term against K fresh negatives: a BankLoss (loss, pos_mean, neg_mean), see pirl_fast.bank_loss."""
+    def _term(self, q: Tensor, pos: Tensor, bank, z: Tensor, name: str, scores: dict[str, Tensor]) -> Tensor:
+        """One term against K fresh negatives (pirl_fast.bank_loss); its mean positive and negative scores go
+        into `scores` as pos_<name>, neg_<name> (detached, on the device: the collapse diagnostics)."""
         index_neg = bank.sample_negatives(q.shape[0])  # (B, K), a fresh draw per term
         if self.cfg.kind == "nce" and not self._z_ready:  # first batch: Z needs the scores once
             with torch.no_grad():
@@ -120,8 +124,10 @@ class PIRLCriterion(nn.Module):
             z.copy_(estimate_z(pos.detach(), neg, self.cfg.temperature, self.num_data))
         # One pass over the negatives: the loss and its query gradient together. The indices were
         # drawn by the bank, in range by construction: no range check.
-        return bank.loss(q, pos, index_neg, self.cfg.kind, self.cfg.temperature, self.num_data, z,
+        term = bank.loss(q, pos, index_neg, self.cfg.kind, self.cfg.temperature, self.num_data, z,
                          check_index=False)
+        scores[f"pos_{name}"], scores[f"neg_{name}"] = term.pos_mean, term.neg_mean
+        return term.loss
 
     def forward(self, f: Tensor, g: Tensor, index: Tensor, bank) -> LossTerms:
         """f, g (B, D) unit embeddings of the image and the patches; index (B,) the samples' bank rows."""
@@ -129,8 +135,9 @@ class PIRLCriterion(nn.Module):
             self._z_ready = bool(torch.isfinite(self.z_jigsaw) & torch.isfinite(self.z_image))
         m = bank.rows(index)  # (B, D) float32, detached: the positives m_I
         f, g = f.float(), g.float()
-        jigsaw = self._term(g, (m * g).sum(1), bank, self.z_jigsaw).loss  # first draw
-        image = self._term(f, (m * f).sum(1), bank, self.z_image).loss  # second draw
+        scores: dict[str, Tensor] = {}
+        jigsaw = self._term(g, (m * g).sum(1), bank, self.z_jigsaw, "jigsaw", scores)  # first draw
+        image = self._term(f, (m * f).sum(1), bank, self.z_image, "image", scores)  # second draw
         self._z_ready = True
         lam = self.cfg.lam
-        return LossTerms(total=lam * jigsaw + (1.0 - lam) * image, jigsaw=jigsaw, image=image)
+        return LossTerms(total=lam * jigsaw + (1.0 - lam) * image, jigsaw=jigsaw, image=image, scores=scores)

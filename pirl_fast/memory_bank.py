@@ -14,6 +14,13 @@
     update(index, f)    -> gathers (index, f) from all ranks, then per distinct index i:
                            m_i <- normalize(mu * m_i + (1 - mu) * mean of the f given for i)
 
+First update of a row (`first_update`): "blend" (the reference's) applies the formula above to the
+random initial row too, so a sample's positive keeps mu of its random start after one epoch,
+mu^2 after two, ...; "replace" sets m_i <- normalize(mean of the f given for i) the first time
+row i is written, so from the second epoch on every positive is a real embedding of its image.
+A `seen` buffer (one bool per row, in checkpoints) records which rows were written; the
+replacement zeroes those rows' old value inside the update, without a host read.
+
 Duplicates: an index given more than once in the gathered batch (the same sample on two
 ranks, or a padded last batch) is updated once, with the mean of its embeddings, summed in
 gathered order (rank, then batch position). Nothing depends on which of several writes lands
@@ -38,6 +45,7 @@ from pirl_fast.bank_kernels import KERNELS, bank_scores, bank_update, check_inde
 from pirl_fast.bank_loss import BankLoss, bank_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FIRST_UPDATES = ("blend", "replace")
 _MASK64 = (1 << 64) - 1
 
 
@@ -48,6 +56,7 @@ class BankConfig:
     dtype: str = "float32"  # storage: float32 | bfloat16 (halves bank memory and gather traffic)
     kernel: str = "auto"  # auto | triton | torch | naive (see pirl_fast.bank_kernels)
     seed: int = 0  # initial rows and the negative stream
+    first_update: str = "blend"  # blend (reference: mu * random row + ...) | replace (the first f replaces the random row)
 
 
 def _mix(*values: int) -> int:
@@ -69,6 +78,11 @@ class MemoryBank(nn.Module):
             raise ValueError(f"bank.kernel={cfg.kernel!r} is unknown; choose one of {KERNELS}")
         if not 0.0 <= cfg.momentum <= 1.0:
             raise ValueError(f"bank.momentum={cfg.momentum} must lie in [0, 1] (the paper uses 0.5)")
+        if cfg.first_update not in FIRST_UPDATES:
+            raise ValueError(f"bank.first_update={cfg.first_update!r} is unknown; choose one of {FIRST_UPDATES}")
+        if cfg.first_update == "replace" and cfg.momentum >= 1.0:
+            raise ValueError("bank.first_update=replace needs bank.momentum < 1 (with momentum 1 the bank never "
+                             "takes the embeddings in)")
         if cfg.num_negatives < 1:
             raise ValueError(f"bank.num_negatives={cfg.num_negatives} must be >= 1 (the paper uses 32000)")
         if num_samples < 1 or dim < 1:
@@ -79,6 +93,7 @@ class MemoryBank(nn.Module):
         gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: identical rows on every rank
         init = F.normalize(torch.randn(num_samples, dim, generator=gen), dim=1)  # (N, D)
         self.register_buffer("bank", init.to(DTYPES[cfg.dtype]))
+        self.register_buffer("seen", torch.zeros(num_samples, dtype=torch.bool))  # rows written at least once
         self._draws = 0  # negative draws so far (extra state)
         self._gen: torch.Generator | None = None
 
@@ -107,6 +122,8 @@ class MemoryBank(nn.Module):
         if key in state_dict and tuple(state_dict[key].shape) != tuple(self.bank.shape):
             raise ValueError(f"checkpoint bank has shape {tuple(state_dict[key].shape)} but this bank is "
                              f"{tuple(self.bank.shape)}: the dataset size (num_samples) must match the checkpoint's")
+        if prefix + "seen" not in state_dict and key in state_dict:  # a checkpoint from before `seen` existed:
+            state_dict[prefix + "seen"] = torch.ones_like(self.seen)  # count its rows as written (never zeroed)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ reads
@@ -142,8 +159,13 @@ class MemoryBank(nn.Module):
                              f"{tuple(index.shape)} and {tuple(embedding.shape)}")
         index = dist.all_gather_cat(index.to(self.bank.device))  # (W*B,) in rank order
         embedding = dist.all_gather_cat(embedding.detach().float().to(self.bank.device))  # (W*B, D)
+        if self.cfg.first_update == "replace":  # rows never written lose their random start: 0 * old row
+            keep = self.seen.index_select(0, index).unsqueeze(1)  # (W*B, 1)
+            self.bank.index_copy_(0, index, self.bank.index_select(0, index) * keep)  # duplicates write equal rows
         bank_update(self.bank, index, embedding, self.cfg.momentum, self.cfg.kernel)
+        self.seen.index_fill_(0, index, True)
 
     def extra_repr(self) -> str:
         return (f"num_samples={self.num_samples}, dim={self.dim}, dtype={self.cfg.dtype}, "
-                f"momentum={self.cfg.momentum}, num_negatives={self.cfg.num_negatives}, kernel={self.cfg.kernel}")
+                f"momentum={self.cfg.momentum}, num_negatives={self.cfg.num_negatives}, kernel={self.cfg.kernel}, "
+                f"first_update={self.cfg.first_update}")

@@ -23,7 +23,9 @@ metrics.jsonl fields: step (optimiser steps done), epoch (fractional), loss / lo
 loss_image (mean over the interval's steps, averaged over ranks), lr (of the last step),
 samples_per_s (global samples over the interval's wall time), data_wait_share (time blocked on
 the loader / wall time), step_time_s, gpu_mem_gb (peak allocated in the interval; 0 on CPU),
-corrupt_skipped (corrupt samples replaced since this process started, over all ranks; data.on_corrupt=skip).
+corrupt_skipped (corrupt samples replaced since this process started, over all ranks; data.on_corrupt=skip),
+and the collapse diagnostics of pirl_fast/diagnostics.py (PIRL: cos_f_g, pos_/neg_jigsaw,
+pos_/neg_image, bank_cos; Jigsaw: acc_jigsaw).
 A resumed run appends: steps logged after the last checkpoint of a crashed run appear twice
 (the later line is the one the resumed run computed).
 """

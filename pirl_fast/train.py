@@ -41,12 +41,13 @@ from pirl_fast import checkpoint, dist, host_read, run_dirs
 from pirl_fast.checkpoint import CheckpointError, resume_into, run_state
 from pirl_fast.config import Config, ConfigError, to_dataclass, to_yaml, validate
 from pirl_fast.data import BackendUnavailable, build_loader, resolve_backend
+from pirl_fast.diagnostics import IntervalMeans, bank_cosine, cosine_f_g
 from pirl_fast.jigsaw import JigsawLoss, JigsawModel
 from pirl_fast.loss import PIRLCriterion
 from pirl_fast.manifest import ShardError
 from pirl_fast.memory_bank import MemoryBank
 from pirl_fast.metrics import MetricsLogger, StepClock, format_summary, gpu_memory_gb
-from pirl_fast.model import PIRLModel
+from pirl_fast.model import PIRLModel, memory_format_for
 from pirl_fast.optim import build_optimizer, set_lr
 from pirl_fast.run_dirs import RunChoice
 from pirl_fast.schedule import LRSchedule, lr_at, scaled_lr
@@ -87,6 +88,7 @@ class Run:
     corrupt_skipped: int = 0  # corrupt samples replaced so far, over all ranks (data.on_corrupt=skip)
     last_checkpoint: Path | None = None
     interval_losses: list = field(default_factory=list)
+    diagnostics: IntervalMeans = field(default_factory=IntervalMeans)  # on-device sums, read at log intervals
 
 
 # ---------------------------------------------------------------------------------------------- the step
@@ -106,6 +108,9 @@ def train_step(run: Run, batch) -> list[float]:
             terms = run.criterion.terms(logits, batch.perm_id)  # total = jigsaw = cross-entropy, image = 0
         else:
             terms = run.criterion(f, g, batch.index, run.bank)  # fp32, against the bank's old rows
+        # Collapse diagnostics stay on the device until the next log interval (no sync here).
+        run.diagnostics.add({**terms.scores, "cos_f_g": cosine_f_g(f, g)} if run.cfg.method == "pirl" else
+                            {"acc_jigsaw": (logits.detach().argmax(1) == batch.perm_id).float().mean()})
         # One small all-reduce: the loss for the log is the mean over ranks, and a NaN or a stop
         # request on any rank reaches all of them, so every rank stops at the same step. The host's
         # numbers are filled in on the device (no host-to-device copy, no wait for the forward).
@@ -181,12 +186,13 @@ def log_interval(run: Run) -> None:
     losses = np.mean(np.array(run.interval_losses), axis=0)  # mean over the interval's steps
     run.interval_losses.clear()
     timing = run.clock.take_interval()
+    diagnostics = run.diagnostics.take({"bank_cos": bank_cosine(run.bank.bank)} if run.cfg.method == "pirl" else {})
     run.logger.log({
         "step": run.step, "epoch": run.epoch + run.batches_in_epoch / len(run.loader),
         "loss": float(losses[0]), "loss_jigsaw": float(losses[1]), "loss_image": float(losses[2]),
         "lr": lr_at(run.step - 1, run.schedule), "samples_per_s": timing["samples_per_s"],
         "data_wait_share": timing["data_wait_share"], "step_time_s": timing["step_time_s"],
-        "gpu_mem_gb": gpu_memory_gb(run.device), "corrupt_skipped": run.corrupt_skipped,
+        "gpu_mem_gb": gpu_memory_gb(run.device), "corrupt_skipped": run.corrupt_skipped, **diagnostics,
     })
 
 
@@ -230,7 +236,8 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, resume_path: Path | N
     # Same seed on every rank: identical initial weights. method=jigsaw keeps the (unused) bank so that
     # checkpoints and resume stay one format.
     jigsaw = cfg.method == "jigsaw"
-    module = (JigsawModel(cfg.model, cfg.data.num_permutations) if jigsaw else PIRLModel(cfg.model)).to(device)
+    module = (JigsawModel(cfg.model, cfg.data.num_permutations) if jigsaw else PIRLModel(cfg.model))
+    module.to(device, memory_format=memory_format_for(device))  # channels-last on CUDA only (see model.py)
     if 0 < bank_rows < loader.num_samples:
         raise ValueError(f"bank_rows={bank_rows} is below the {loader.num_samples} samples the loader indexes")
     rows = bank_rows or loader.num_samples

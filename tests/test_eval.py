@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 import webdataset as wds
 from omegaconf import OmegaConf
@@ -19,6 +20,7 @@ from pirl_fast import eval as ev
 from pirl_fast import finetune_data as ftd
 from pirl_fast import invariance as inv
 from pirl_fast import linear_probe as lp
+from pirl_fast.batchnorm import reestimate_running_stats
 from pirl_fast.features import ShardImageDataset, eval_transform, load_pretrained, make_loader
 from pirl_fast.jigsaw import JigsawModel
 from pirl_fast.manifest import load_manifest
@@ -88,16 +90,33 @@ def test_export_round_trip_gives_identical_features(tmp_path, sample_shards, cap
     model = load_pretrained(ckpt).model
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        # Same weights and the same memory layout (the model runs channels-last): bit for bit equal.
-        plain = plain.eval().to(memory_format=torch.channels_last)
+        # Same weights and the same memory layout (evaluation on the CPU runs plain NCHW): bit for bit equal.
+        plain = plain.eval()
+        torch.testing.assert_close(plain(x), model.features(x), rtol=0, atol=0)
+        plain = plain.to(memory_format=torch.channels_last)  # any layout: equal to rounding
         torch.testing.assert_close(plain(x.contiguous(memory_format=torch.channels_last)), model.features(x),
-                                   rtol=0, atol=0)
-        torch.testing.assert_close(plain(x), model.features(x), rtol=1e-4, atol=1e-5)  # any layout: to rounding
+                                   rtol=1e-4, atol=1e-5)
     heads = torch.load(tmp_path / "export" / "heads.pth", weights_only=True)
     assert heads["method"] == "pirl"
     assert set(heads["state_dict"]) == {f"{h}.{p}" for h in ("image_head", "patch_head", "jigsaw_head")
                                         for p in ("weight", "bias")}
     torch.testing.assert_close(heads["state_dict"]["jigsaw_head.weight"], model.jigsaw_head.weight)
+
+
+def test_export_small_stem(tmp_path, sample_shards, capsys, monkeypatch):
+    """A stem=small trunk exports to torchvision with conv1/maxpool swapped as the printed recipe says."""
+    monkeypatch.setitem(MODEL, "stem", "small")
+    ckpt = save_checkpoint(tmp_path / "run", "pirl", sample_shards)
+    assert ev.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    assert "m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); m.maxpool = torch.nn.Identity()" in \
+        capsys.readouterr().out
+    plain = torchvision.models.resnet18()
+    plain.conv1, plain.maxpool, plain.fc = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity(), \
+        torch.nn.Identity()
+    plain.load_state_dict(torch.load(tmp_path / "export" / "trunk_resnet18.pth", weights_only=True), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), load_pretrained(ckpt).model.features(x), rtol=0, atol=0)
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_like_the_trainer(tmp_path, sample_shards, capsys):
@@ -174,6 +193,26 @@ def test_results_of_other_seeds_get_their_own_names(command, seed, random_init, 
     args = argparse.Namespace(seed=seed, random_init=random_init)
     net = None if command == "invariance" else argparse.Namespace(config={"trainer": {"seed": trainer_seed}})
     assert ev.result_stem(command, args, net, seeded=not (command == "knn" and not random_init)) == name
+
+
+def test_knn_and_linear_with_reestimated_bn(pirl_run, val_shards, monkeypatch):
+    """--reestimate-bn re-estimates the BN statistics on the training images (all of them, in the
+    evaluation view) before extracting features, and says so in its own JSON."""
+    seen = []
+
+    def spy(model, forward, images, device):
+        batches = list(images)
+        seen.append(sum(len(x) for x in batches))
+        return reestimate_running_stats(model, forward, batches, device)
+
+    monkeypatch.setattr(ev, "reestimate_running_stats", spy)
+    common = ["--val-shards", str(val_shards), "--workers", "0", "--reestimate-bn"]
+    assert ev.main(["knn", str(pirl_run), *common]) == 0
+    assert ev.main(["knn", str(pirl_run), *common, "--random-init"]) == 0
+    assert ev.main(["linear", str(pirl_run), *common, "--no-augment", "--epochs", "2"]) == 0
+    assert seen == [48, 48, 48]  # the 48 sample training images, once per command
+    for name in ("knn_bn.json", "knn_random_init_bn.json", "linear_bn.json"):
+        assert json.loads((pirl_run / name).read_text())["bn_reestimated"] is True
 
 
 def test_stage_features_match_forward_hooks():
@@ -276,8 +315,12 @@ def test_invariance_known_answers(sample_shards):
     views = inv.ViewConfig(48, 63, 3, 16)
     loader = make_loader(ShardImageDataset(sample_shards, inv.InvarianceViews(views), limit=12), 5, 0)
     invariant = inv.invariance_distances(PooledColour(False), "jigsaw", loader, 3, "cpu")
-    assert set(invariant) == {"trunk"} and invariant["trunk"].shape == (12,)
+    assert set(invariant) == {"trunk", "trunk_other"} and invariant["trunk"].shape == (12,)
     assert invariant["trunk"].max() < 1e-5
+    assert invariant["trunk_other"].mean() > 1e-3  # other images have other mean colours
+    summary = {m: inv.summarise(d) for m, d in invariant.items()}
+    assert inv.gaps(summary) == {"trunk": pytest.approx(invariant["trunk_other"].mean().item()
+                                                        - invariant["trunk"].mean().item())}
     sensitive = inv.invariance_distances(PooledColour(True), "jigsaw", loader, 3, "cpu")
     assert sensitive["trunk"].mean() > 1e-3
     same = inv.invariance_distances(PooledColour(True), "jigsaw", loader, 3, "cpu", identity=True)
@@ -300,6 +343,13 @@ def test_pirl_head_distance_matches_direct_computation(pirl_run, sample_shards):
         assert got["pirl_head"][i].item() == pytest.approx((fs[i] - gs[i]).norm().item(), abs=1e-5)
         # "other": image i against the previous image's shuffled patches (the batch rolled by one)
         assert got["pirl_head_other"][i].item() == pytest.approx((fs[i] - gs[i - 1]).norm().item(), abs=1e-5)
+    with torch.no_grad():  # "trunk_other": crop i against the previous image's shuffled crop
+        crops = torch.stack([dataset[i][0][2] for i in range(4)])
+        shuffled = inv.join_cells(inv.apply_perm(inv.split_cells(crops, 3), perms), 3)
+        own, other = net.model.features(crops), net.model.features(shuffled)
+    for i in range(4):
+        expected = (F.normalize(own[i], dim=0) - F.normalize(other[i - 1], dim=0)).norm().item()
+        assert got["trunk_other"][i].item() == pytest.approx(expected, abs=1e-5)
     assert ((got["pirl_head"] >= 0) & (got["pirl_head"] <= 2)).all()
 
 
@@ -329,6 +379,22 @@ def test_clear_errors(tmp_path, val_shards, capsys):
         ev.main(["export", str(bad)])
     with pytest.raises(SystemExit, match="--arch"):
         ev.main(["knn", "--random-init", "--val-shards", str(val_shards)])
+
+
+def test_reestimated_bn_statistics_are_the_batch_averages():
+    from pirl_fast.batchnorm import reestimate_running_stats
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    batches = [torch.randn(5, 3, 8, 8) * (i + 1) + i for i in range(3)]
+    copy = reestimate_running_stats(net, lambda m, x: m(x), batches, "cpu")
+    with torch.no_grad():
+        outs = [net[0](x) for x in batches]
+    mean = torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0)
+    var = torch.stack([o.transpose(0, 1).flatten(1).var(dim=1, unbiased=True) for o in outs]).mean(0)
+    torch.testing.assert_close(copy[1].running_mean, mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(copy[1].running_var, var, rtol=1e-5, atol=1e-5)
+    assert not copy.training and torch.equal(net[1].running_mean, torch.zeros(4))  # the original is untouched
 
 
 @pytest.mark.parametrize("argv", [[], ["export"], ["knn"], ["linear"], ["svm"], ["finetune"], ["invariance"],

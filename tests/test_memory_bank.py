@@ -89,6 +89,35 @@ def test_update_rule(kernel, triton_device):
     assert torch.equal(bank.bank[untouched], before[untouched])
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("mu", [0.5, 0.8])
+def test_first_update_replace(kernel, mu):
+    """first_update=replace: a row's first write is normalize(mean f), later writes blend as usual."""
+    bank = MemoryBank(20, 6, BankConfig(momentum=mu, kernel=kernel, first_update="replace"))
+    before = bank.bank.clone()
+    f = F.normalize(torch.randn(3, 6), dim=1)
+    bank.update(torch.tensor([3, 8, 3]), f)
+    for i, fi in ((8, f[1]), (3, (f[0] + f[2]) / 2)):
+        assert torch.allclose(bank.bank[i].double(), fi.double() / fi.double().norm(), atol=2e-6)
+    assert bank.seen.tolist() == [i in (3, 8) for i in range(20)]
+    untouched = [i for i in range(20) if i not in (3, 8)]
+    assert torch.equal(bank.bank[untouched], before[untouched])
+    after_first = bank.bank.clone()
+    g = F.normalize(torch.randn(2, 6), dim=1)
+    bank.update(torch.tensor([8, 5]), g)  # 8 seen: blends; 5 new: replaced
+    v = mu * after_first[8].double() + (1 - mu) * g[0].double()
+    assert torch.allclose(bank.bank[8].double(), v / v.norm(), atol=2e-6)
+    assert torch.allclose(bank.bank[5], g[1], atol=2e-6)
+    state = bank.state_dict()
+    assert state["seen"].sum() == 3
+    restored = MemoryBank(20, 6, BankConfig(momentum=mu, kernel=kernel, first_update="replace"))
+    restored.load_state_dict(state)
+    assert torch.equal(restored.seen, bank.seen) and torch.equal(restored.bank, bank.bank)
+    del state["seen"]  # a checkpoint written before `seen` existed: its rows count as written
+    restored.load_state_dict(state)
+    assert bool(restored.seen.all())
+
+
 def test_validation_names_choices():
     with pytest.raises(ValueError, match="bfloat16.*float32"):
         MemoryBank(5, 4, BankConfig(dtype="float16"))
@@ -98,6 +127,10 @@ def test_validation_names_choices():
         MemoryBank(5, 4, BankConfig(momentum=1.5))
     with pytest.raises(ValueError, match=">= 1"):
         MemoryBank(5, 4, BankConfig(num_negatives=0))
+    with pytest.raises(ValueError, match="blend.*replace"):
+        MemoryBank(5, 4, BankConfig(first_update="overwrite"))
+    with pytest.raises(ValueError, match="momentum < 1"):
+        MemoryBank(5, 4, BankConfig(first_update="replace", momentum=1.0))
     with pytest.raises(ValueError, match=r"embedding \(B, 4\)"):
         MemoryBank(5, 4, BankConfig()).update(torch.tensor([1]), torch.randn(1, 3))
 

@@ -1,11 +1,12 @@
-"""PIRLModel: shapes, normalisation, channels-last, torchvision keys, and the jigsaw head's use of patch order."""
+"""PIRLModel: shapes, normalisation, memory layout, stems, torchvision keys, and the jigsaw head's use of patch order."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 
-from pirl_fast.model import ModelConfig, PIRLModel
+from pirl_fast.linear_probe import STAGES, stage_features
+from pirl_fast.model import ModelConfig, PIRLModel, memory_format_for, weight_layout
 
 B, P = 2, 9
 
@@ -59,9 +60,23 @@ def test_jigsaw_depends_on_patch_order(model):
     assert (g[0] - g2[0]).abs().max() > 1e-3, "the jigsaw head must depend on the order the patches arrive in"
 
 
-def test_channels_last_and_torchvision_keys(model):
+def test_memory_layout_follows_the_weights(model):
+    """Built plain (NCHW); channels-last only where the caller moves it (the trainer: on CUDA), and
+    `features` hands the convolutions its input in the weights' layout either way."""
+    assert memory_format_for("cpu") == torch.contiguous_format and memory_format_for("cuda") == torch.channels_last
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert convs and all(c.weight.is_contiguous() for c in convs) and weight_layout(model.trunk) == torch.contiguous_format
+    images, _ = inputs(2)
+    with torch.no_grad():
+        plain = model.features(images.contiguous(memory_format=torch.channels_last))  # an NHWC batch, as loaders give
+        nhwc = PIRLModel(ModelConfig(arch="resnet18")).eval()
+        nhwc.load_state_dict(model.state_dict())
+        nhwc.to(memory_format=torch.channels_last)
+        assert weight_layout(nhwc.trunk) == torch.channels_last
+        torch.testing.assert_close(nhwc.features(images), plain, rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_keys(model):
     reference = torchvision.models.resnet18(weights=None).state_dict()
     assert set(model.trunk.state_dict()) == {k for k in reference if not k.startswith("fc.")}
     assert model.image_head.in_features == 512 and model.jigsaw_head.in_features == 9 * 128
@@ -89,6 +104,74 @@ def test_validation():
     model = PIRLModel(ModelConfig(arch="resnet18"))
     with pytest.raises(ValueError, match="9 patches per image"):
         model(torch.randn(2, 3, 32, 32), torch.randn(9, 3, 16, 16))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_small_stem_keeps_resolution_and_keys(arch):
+    """stem=small: conv1 3x3 stride 1, no max-pool, so a 32 px image reaches res5 at 4 px (imagenet: 1 px)."""
+    torch.manual_seed(0)
+    small = PIRLModel(ModelConfig(arch=arch, stem="small")).eval()
+    big = PIRLModel(ModelConfig(arch=arch)).eval()
+    assert small.trunk.conv1.weight.shape == (64, 3, 3, 3) and small.trunk.conv1.stride == (1, 1)
+    assert isinstance(small.trunk.maxpool, torch.nn.Identity)
+    assert set(small.trunk.state_dict()) == set(big.trunk.state_dict())  # torchvision's keys either way
+    sizes = {}
+    for name, m in (("small", small), ("imagenet", big)):
+        hooks = [getattr(m.trunk, layer).register_forward_hook(
+            lambda mod, i, o, layer=layer, name=name: sizes.__setitem__((name, layer), o.shape[-1]))
+            for layer in ("layer1", "layer4")]
+        with torch.no_grad():
+            m.features(torch.randn(2, 3, 32, 32))
+        for h in hooks:
+            h.remove()
+    assert sizes == {("small", "layer1"): 32, ("small", "layer4"): 4, ("imagenet", "layer1"): 8,
+                     ("imagenet", "layer4"): 1}
+    feats = stage_features(small.trunk, torch.randn(2, 3, 32, 32))  # the probes' stages work with either stem
+    assert set(feats) == set(STAGES) and feats["res5"].shape == (2, small.trunk_dim)
+    with pytest.raises(ValueError, match="imagenet.*small"):
+        PIRLModel(ModelConfig(arch=arch, stem="cifar"))
+
+
+@pytest.mark.parametrize("patch_bn_stats", [False, True])
+def test_patch_forward_and_bn_running_stats(patch_bn_stats):
+    """Default: only the image forward moves the BN running statistics (batchnorm.py); the patch
+    forward still normalises with its own batch statistics, so f and g are what they always were."""
+    torch.manual_seed(0)
+    model = PIRLModel(ModelConfig(arch="resnet18", embed_dim=16, patch_bn_stats=patch_bn_stats)).train()
+    reference = PIRLModel(ModelConfig(arch="resnet18", embed_dim=16, patch_bn_stats=True)).train()
+    reference.load_state_dict(model.state_dict())
+    images, patches = inputs(3)
+    f, g = model(images, patches)
+    images_only = PIRLModel(ModelConfig(arch="resnet18", embed_dim=16)).train()
+    images_only.load_state_dict(reference.state_dict())
+    images_only.embed_image(images)  # the running statistics an image-only forward leaves
+    f_ref, g_ref = reference(images, patches)
+    torch.testing.assert_close(f, f_ref, rtol=0, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+    bn = model.trunk.layer4[1].bn2
+    expected = (reference if patch_bn_stats else images_only).trunk.layer4[1].bn2
+    torch.testing.assert_close(bn.running_mean, expected.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_var, expected.running_var, rtol=0, atol=0)
+    assert not torch.equal(images_only.trunk.layer4[1].bn2.running_var, reference.trunk.layer4[1].bn2.running_var)
+    assert bn.momentum == 0.1  # restored after the patch forward
+
+
+def test_embed_bn_centres_the_embeddings():
+    """model.embed_bn: in training the pre-normalisation f and g have zero batch mean per dimension
+    (BatchNorm1d without affine parameters); off, a linear head leaves a large shared component."""
+    torch.manual_seed(0)
+    images, patches = inputs(4)
+    for embed_bn in (False, True):
+        model = PIRLModel(ModelConfig(arch="resnet18", embed_dim=16, embed_bn=embed_bn)).train()
+        raw = {}
+        model.image_bn.register_forward_hook(lambda m, i, o: raw.__setitem__("f", o))
+        model.jigsaw_bn.register_forward_hook(lambda m, i, o: raw.__setitem__("g", o))
+        f, g = model(images, patches)
+        assert torch.allclose(f.norm(dim=1), torch.ones(B), atol=1e-5)
+        for out in raw.values():
+            centred = out.mean(0).abs().max() < 1e-5
+            assert centred == embed_bn
+    assert set(dict(model.named_buffers())) >= {"image_bn.running_mean", "jigsaw_bn.running_var"}
 
 
 def test_mlp_heads_are_the_references():

@@ -1,0 +1,383 @@
+"""Does PIRL learn from real images? PIRL against the Jigsaw baseline and the untrained network.
+
+    python -m pirl_fast.bench learn [--json learn.json]       # CPU: ~30 min on 2 idle cores (*)
+    python -m pirl_fast.bench learn --eval-on val --seeds 0   # for choosing a recipe: never the test split
+
+The data is Fashion-MNIST (Xiao et al. 2017: 28 px greyscale photographs of clothing, 10 classes),
+which nothing else in pirl_fast needs. Install it with `sudo apt-get install dataset-fashion-mnist`
+(Debian/Ubuntu: the IDX files land in /usr/share/datasets/fashion-mnist), or put the four
+*-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist in a folder and pass
+--idx-dir. Steps, everything under --out (the data steps are skipped when their output is there):
+
+  1. data      IDX -> ImageFolder of JPEGs (pirl_fast.idx_folder): a class-balanced subset of
+               --train-images from the training split (pre-training, and the kNN / probe
+               training set) and --test-images from the test split (every reported accuracy).
+               With --eval-on val the accuracies are measured instead on --test-images held-out
+               images of the *training* split, disjoint from the pre-training ones: choose recipes
+               there, and report the test split once
+  2. shard     both through `python -m pirl_fast.shard`, the product's path
+  3. train     per seed, `experiment=fmnist` (pirl_fast/conf/experiment/fmnist.yaml, where the
+               choices are explained): PIRL, then Jigsaw (method=jigsaw, P=100 permutations) with
+               the same trunk, initial weights, steps, batch, data, augmentation and LR schedule;
+               a checkpoint every steps / --evals steps
+  4. evaluate  per seed, on the test split: weighted kNN top-1 (k=200, tau=0.07, train split as
+               the memory) of every checkpoint of both runs and of the untrained network (the
+               very weights both runs started from); linear probes on all five stages (stored
+               centre-crop features, the `eval linear --no-augment` protocol) of the final
+               networks and the untrained one; the invariance analysis (pirl_fast.invariance:
+               own-image vs other-image distance, the gap) of all three
+  5. report    one table (mean over seeds and the spread, max - min), one plot (kNN top-1 over
+               training, the untrained network as a line), the targets met or not, JSON
+
+(*) An estimate: 4 runs x 320 steps at about 1 s per step (ResNet-18, 50 images of 32 px and 450
+patches of 8 px per step, timed alone on 2 shared cores) plus the evaluations; not yet timed on an
+idle machine. On a machine shared with other jobs it takes hours: shrink it with --seeds 0
+--train-images 500 --epochs 8 and say so beside any figure.
+
+Every network is evaluated with the same views, layer (res5 average-pooled; the probes also at
+conv1..res4) and protocol. On CUDA the defaults grow (the whole dataset, the small stem, more
+epochs): see --help for both sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pirl_fast import atomic
+
+STAGES = ("conv1", "res2", "res3", "res4", "res5")
+METHODS = ("pirl", "jigsaw")
+LABELS = {"pirl": "PIRL", "jigsaw": "Jigsaw", "untrained": "untrained"}
+JIGSAW_PERMUTATIONS = 100  # Noroozi & Favaro's smaller set (their best, 1000, is 1 class per image here)
+KNN_MARGIN = 5.0  # target: PIRL kNN top-1 at least this many points above the untrained network
+PROBE_EPOCHS, PROBE_LR = 30, 0.1  # cached-feature probes on a few thousand images; lr per 256 images
+# gap: one global-pooled probe per stage (linear_probe.py: "the right probe for very small images"); the
+# Goyal pooling grids are sized for 224 px maps, which 32 px images do not have.
+PROBE_PROTOCOL = "gap"
+INVARIANCE_IMAGES = 500  # test images for the invariance analysis (distances are means; 500 is plenty)
+# Sizes per device; on CUDA the runs also get GPU_OVERRIDES
+CPU_SIZE = dict(train_images=1000, test_images=1000, epochs=16, batch=50)
+GPU_SIZE = dict(train_images=60000, test_images=10000, epochs=100, batch=512)
+GPU_OVERRIDES = ["model.stem=small", "data.backend=dali", "data.workers=8", "bank.num_negatives=4096"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pirl_fast.idx_folder import DEFAULT_ROOT
+
+    size = GPU_SIZE if torch.cuda.is_available() else CPU_SIZE
+    p.add_argument("--idx-dir", default=DEFAULT_ROOT, help=f"Fashion-MNIST IDX files (default {DEFAULT_ROOT})")
+    p.add_argument("--out", default="runs/bench_learn", help="working folder: data, shards, runs, plot "
+                   "(default runs/bench_learn; data and shards are reused by later runs)")
+    p.add_argument("--train-images", type=int, default=size["train_images"],
+                   help=f"pre-training images (default: CPU {CPU_SIZE['train_images']}, "
+                   f"CUDA {GPU_SIZE['train_images']})")
+    p.add_argument("--test-images", type=int, default=size["test_images"],
+                   help=f"images evaluated on: the test split, or held-out training images with --eval-on val "
+                   f"(default: CPU {CPU_SIZE['test_images']}, CUDA {GPU_SIZE['test_images']})")
+    p.add_argument("--epochs", type=int, default=size["epochs"],
+                   help=f"pre-training epochs (default: CPU {CPU_SIZE['epochs']}, CUDA {GPU_SIZE['epochs']})")
+    p.add_argument("--batch", type=int, default=size["batch"],
+                   help=f"global batch (default: CPU {CPU_SIZE['batch']}, CUDA {GPU_SIZE['batch']})")
+    p.add_argument("--eval-on", choices=("test", "val"), default="test",
+                   help="test: the Fashion-MNIST test split (what is reported); val: held-out training images, "
+                   "disjoint from the pre-training ones (for choosing settings; default test)")
+    p.add_argument("--seeds", default="0,1", help="training seeds, comma-separated (default 0,1)")
+    p.add_argument("--evals", type=int, default=4, help="kNN points over training per run (default 4)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data workers / sharder processes (default: the cores, at most 8)")
+    p.add_argument("--plot", metavar="PATH.png", help="the kNN-over-training plot (default OUT/learn.png)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for both trainings (repeatable), e.g. --override loss=nce")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def prepare_split(args, split: str, count: int, folder: Path, skip: int = 0) -> Path:
+    """Fashion-MNIST `split` -> folder/images (ImageFolder) -> folder/shards, unless already there.
+
+    A class-balanced subset of `count` images, seeded; `skip` > 0 leaves out the first `skip` of the
+    same balanced order (the pre-training images), so the two subsets of one split never overlap."""
+    from pirl_fast.idx_folder import balanced_subset, load_split, write_folder
+    from pirl_fast.manifest import load_manifest
+
+    shards = folder / "shards"
+    if (shards / "manifest.json").is_file() and load_manifest(shards).num_samples == count:
+        print(f"reusing {shards} ({count} images)")
+        return shards
+    shutil.rmtree(folder, ignore_errors=True)
+    images, labels = load_split(args.idx_dir, split)
+    if skip + count > labels.shape[0]:
+        raise SystemExit(f"{count} images from the {split} split (after the {skip} pre-training ones): it has only "
+                         f"{labels.shape[0]}; lower --train-images / --test-images")
+    before = balanced_subset(labels, skip, seed=0) if skip else np.zeros(0, dtype=np.int64)
+    keep = np.setdiff1d(balanced_subset(labels, skip + count, seed=0), before)  # (count,), class-balanced
+    write_folder(images[keep], labels[keep], keep, folder / "images", split)
+    command = [sys.executable, "-m", "pirl_fast.shard", str(folder / "images"), str(shards),
+               "--samples-per-shard", "250", "--workers", str(args.workers), "--seed", "0"]
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    return shards
+
+
+def check_dataset(idx_dir: str) -> None:
+    """Exit 2, saying how to install Fashion-MNIST, unless both splits' IDX files are in idx_dir."""
+    from pirl_fast.idx_folder import IdxError, find_split
+
+    try:
+        for split in ("train", "t10k"):
+            find_split(idx_dir, split)
+    except IdxError as e:
+        print(f"bench learn needs Fashion-MNIST: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ---------------------------------------------------------------------------------------------- training
+def training_overrides(args, method: str, seed: int, shards: Path, run_dir: Path) -> list[str]:
+    steps_per_epoch = math.ceil(args.train_images / args.batch)
+    steps = args.epochs * steps_per_epoch
+    every = max(1, steps // args.evals)
+    overrides = ["experiment=fmnist", f"data.shards={shards}", f"data.batch_size={args.batch}",
+                 f"data.workers={args.workers}", f"trainer.epochs={args.epochs}", f"trainer.seed={seed}",
+                 f"data.seed={seed}", f"bank.seed={seed}", f"trainer.ckpt_every={every}",
+                 "trainer.ckpt_epoch_end=false",
+                 f"trainer.keep_checkpoints={args.evals + 2}", "resume=none", f"run_dir={run_dir}"]
+    if torch.cuda.is_available():
+        overrides += GPU_OVERRIDES
+    if method == "jigsaw":
+        overrides += ["method=jigsaw", f"data.num_permutations={JIGSAW_PERMUTATIONS}"]
+    return overrides + list(args.override)
+
+
+def pretrain(args, method: str, seed: int, shards: Path, run_dir: Path) -> dict:
+    from hydra import compose, initialize_config_module
+
+    from pirl_fast.signals import STOP_SIGNALS, exit_status
+    from pirl_fast.train import train
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = training_overrides(args, method, seed, shards, run_dir)
+    print(f"\n-- pre-train {LABELS[method]}, seed {seed}: python -m pirl_fast.train " + " ".join(overrides), flush=True)
+    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    summary = train(cfg)
+    stopped_by = {s.name: s for s in STOP_SIGNALS}.get(summary["stopped_by"])
+    if stopped_by is not None:  # the trainer saved a checkpoint and returned: stop the whole benchmark
+        print(f"bench learn: stopped by {stopped_by.name} during {run_dir}; nothing is reported", file=sys.stderr)
+        raise SystemExit(exit_status(stopped_by))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+class Evaluator:
+    """The train and test images in the evaluation view, and the three measurements of a network."""
+
+    def __init__(self, train_shards: Path, test_shards: Path, image_size: int, views):
+        from pirl_fast.features import ShardImageDataset, eval_transform, make_loader
+        from pirl_fast.invariance import InvarianceViews
+
+        self.train = make_loader(ShardImageDataset(train_shards, eval_transform(image_size)), 250, 0)
+        self.test = make_loader(ShardImageDataset(test_shards, eval_transform(image_size)), 250, 0)
+        self.num_classes = len(self.train.dataset.classes)
+        self.invariance = make_loader(ShardImageDataset(test_shards, InvarianceViews(views), INVARIANCE_IMAGES), 100, 0)
+        self.grid = views.grid
+
+    def stage_features(self, trunk):
+        from pirl_fast import linear_probe as lp
+
+        return (lp.cache_stage_features(trunk, self.train, "cpu", "features: train", PROBE_PROTOCOL),
+                lp.cache_stage_features(trunk, self.test, "cpu", "features: test", PROBE_PROTOCOL))
+
+    def knn(self, trunk) -> float:
+        """kNN top-1 (%) on res5 average-pooled (what `eval knn` uses), train split -> test split."""
+        from pirl_fast.knn import knn_evaluate
+
+        (train, train_y), (test, test_y) = self.stage_features(trunk)
+        return 100 * knn_evaluate(train["res5"], train_y, test["res5"], test_y, self.num_classes).top1
+
+    def full(self, model, method: str) -> dict:
+        """kNN, the five linear probes and the invariance distances of a final network, with its BN running
+        statistics as they are and re-estimated on the training images (`bn_`: see pirl_fast/batchnorm.py)."""
+        from pirl_fast.batchnorm import reestimate_running_stats
+
+        out = self.measure(model, method)
+        images = (x for x, _, _ in self.train)
+        rebn = reestimate_running_stats(model, lambda m, x: m.features(x), images, "cpu")
+        out.update({f"bn_{k}": v for k, v in self.measure(rebn, method).items()})
+        return out
+
+    def measure(self, model, method: str) -> dict:
+        from pirl_fast import invariance as inv
+        from pirl_fast import linear_probe as lp
+        from pirl_fast.knn import knn_evaluate
+
+        (train, train_y), (test, test_y) = self.stage_features(model.trunk)
+        knn = 100 * knn_evaluate(train["res5"], train_y, test["res5"], test_y, self.num_classes).top1
+        probe_cfg = lp.ProbeConfig(protocol=PROBE_PROTOCOL, epochs=PROBE_EPOCHS, lr=PROBE_LR, augment=False)
+        probes, _ = lp.probe_cached(train, train_y, test, test_y, self.num_classes, probe_cfg, "cpu")
+        distances = inv.invariance_distances(model, method, self.invariance, self.grid, "cpu")
+        stats = {m: inv.summarise(d) for m, d in distances.items()}
+        return {"knn_top1": knn, "linear_top1": {s: 100 * probes[s]["top1"] for s in STAGES},
+                "invariance": {m: stats[m]["mean"] for m in stats}, "invariance_gap": inv.gaps(stats)}
+
+
+def evaluate_seed(evaluator: Evaluator, runs: dict[str, Path], seed: int) -> dict[str, dict]:
+    """{network: results} for the PIRL run, the Jigsaw run and the untrained network of one seed."""
+    from pirl_fast.checkpoint import list_checkpoints
+    from pirl_fast.features import load_pretrained, random_init, read_checkpoint
+
+    out = {}
+    _, _, config = read_checkpoint(runs["pirl"])
+    untrained = random_init(config["model"]["arch"], seed, "cpu", config["model"])  # both runs' initial weights
+    print(f"\n-- evaluate the untrained network, seed {seed}", flush=True)
+    out["untrained"] = evaluator.full(untrained.model, "random-init")
+    for method, run_dir in runs.items():
+        checkpoints = sorted(list_checkpoints(run_dir), key=lambda p: p.stem)  # oldest first
+        print(f"\n-- evaluate {LABELS[method]}, seed {seed}: {len(checkpoints)} checkpoints", flush=True)
+        curve = [[0, out["untrained"]["knn_top1"]]]
+        for path in checkpoints[:-1]:
+            net = load_pretrained(path)
+            curve.append([int(path.stem.split("_")[1]), evaluator.knn(net.model.trunk)])
+        final = load_pretrained(checkpoints[-1])
+        out[method] = evaluator.full(final.model, method)
+        curve.append([int(checkpoints[-1].stem.split("_")[1]), out[method]["knn_top1"]])
+        out[method]["knn_curve"] = curve
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def spread(values: list[float]) -> tuple[float, float]:
+    return sum(values) / len(values), max(values) - min(values)
+
+
+def summarise(per_seed: dict[int, dict[str, dict]]) -> list[dict]:
+    """One row per network: means over seeds and spreads (max - min); `bn_` columns: BN statistics re-estimated."""
+    rows = []
+    for network in ("pirl", "jigsaw", "untrained"):
+        results = [per_seed[s][network] for s in per_seed]
+        row = {"network": LABELS[network], "seeds": len(results)}
+        for bn in ("", "bn_"):
+            knn, knn_spread = spread([r[f"{bn}knn_top1"] for r in results])
+            res5, res5_spread = spread([r[f"{bn}linear_top1"]["res5"] for r in results])
+            gap, gap_spread = spread([r[f"{bn}invariance_gap"]["trunk"] for r in results])
+            head = [r[f"{bn}invariance_gap"].get("pirl_head") for r in results]
+            row.update({f"{bn}knn_top1": knn, f"{bn}knn_spread": knn_spread,
+                        f"{bn}linear_res5_top1": res5, f"{bn}linear_res5_spread": res5_spread,
+                        f"{bn}trunk_inv_gap": gap, f"{bn}trunk_inv_gap_spread": gap_spread,
+                        f"{bn}head_inv_gap": sum(head) / len(head) if None not in head else float("nan")})
+        row["knn_per_seed"] = " ".join(f"{r['knn_top1']:.2f}" for r in results)
+        best = max(STAGES, key=lambda s: sum(r["linear_top1"][s] for r in results))
+        row["linear_best_stage"] = f"{best} {sum(r['linear_top1'][best] for r in results) / len(results):.2f}"
+        rows.append(row)
+    return rows
+
+
+def targets(rows: list[dict]) -> list[tuple[str, bool]]:
+    """The issue's targets, each checked with the BN statistics as trained and re-estimated (met only if both)."""
+    by = {r["network"]: r for r in rows}
+    pirl, jigsaw, untrained = by["PIRL"], by["Jigsaw"], by["untrained"]
+    checks = [  # (what, column, the other network, the test, format)
+        (f"PIRL kNN top-1 >= untrained + {KNN_MARGIN:g} points", "knn_top1", untrained,
+         lambda a, b: a >= b + KNN_MARGIN, ".2f"),
+        ("PIRL kNN top-1 > Jigsaw (same steps and data)", "knn_top1", jigsaw, lambda a, b: a > b, ".2f"),
+        ("PIRL linear probe (res5) > untrained", "linear_res5_top1", untrained, lambda a, b: a > b, ".2f"),
+        ("PIRL trunk invariance gap > Jigsaw's", "trunk_inv_gap", jigsaw, lambda a, b: a > b, "+.4f"),
+    ]
+    out = []
+    for text, key, other, test, fmt in checks:
+        met = all(test(pirl[bn + key], other[bn + key]) for bn in ("", "bn_"))
+        out.append((f"{text}: {pirl[key]:{fmt}} vs {other[key]:{fmt}} (BN re-estimated: {pirl['bn_' + key]:{fmt}} vs "
+                    f"{other['bn_' + key]:{fmt}})", met))
+    return out
+
+
+def plot(per_seed: dict[int, dict[str, dict]], path: Path, title: str, split: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"pirl": "tab:blue", "jigsaw": "tab:orange"}
+    for method, colour in colours.items():
+        for i, seed in enumerate(per_seed):
+            steps, top1 = zip(*per_seed[seed][method]["knn_curve"])
+            ax.plot(steps, top1, "o-", color=colour, alpha=0.8, linewidth=1.5,
+                    label=f"{LABELS[method]}" if i == 0 else None)
+    for key, style, label in (("knn_top1", "--", "untrained"), ("bn_knn_top1", ":", "untrained, BN re-estimated")):
+        untrained = [per_seed[s]["untrained"][key] for s in per_seed]
+        mean = sum(untrained) / len(untrained)
+        ax.axhline(mean, color="grey", linestyle=style, label=f"{label} (mean {mean:.2f}%)")
+        if len(untrained) > 1:
+            ax.axhspan(min(untrained), max(untrained), color="grey", alpha=0.12)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"kNN top-1 on the {split} (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> list[dict]:
+    from pirl_fast.invariance import ViewConfig
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds or min(args.train_images, args.test_images, args.epochs, args.batch, args.evals) < 1:
+        raise SystemExit("--seeds needs at least one seed; --train-images, --test-images, --epochs, --batch and "
+                         "--evals must be >= 1")
+    check_dataset(args.idx_dir)
+    out = Path(args.out)
+    started = time.perf_counter()
+    train_shards = prepare_split(args, "train", args.train_images, out / "data" / f"train_{args.train_images}")
+    if args.eval_on == "val":  # held-out training images, never seen in pre-training
+        test_shards = prepare_split(args, "train", args.test_images,
+                                    out / "data" / f"val_{args.test_images}_after_{args.train_images}",
+                                    skip=args.train_images)
+    else:
+        test_shards = prepare_split(args, "t10k", args.test_images, out / "data" / f"test_{args.test_images}")
+    per_seed, config = {}, None
+    for seed in seeds:
+        runs = {m: out / "runs" / f"{m}_seed{seed}" for m in METHODS}
+        for method in METHODS:
+            pretrain(args, method, seed, train_shards, runs[method])
+        if config is None:
+            config = read_config(runs["pirl"])
+        views = ViewConfig.from_run_config(config)
+        evaluator = Evaluator(train_shards, test_shards, views.image_size, views)
+        per_seed[seed] = evaluate_seed(evaluator, runs, seed)
+    rows = summarise(per_seed)
+    verdicts = targets(rows)
+    steps = per_seed[seeds[0]]["pirl"]["knn_curve"][-1][0]
+    split = "test split" if args.eval_on == "test" else "held-out training images"
+    title = (f"Fashion-MNIST, {args.train_images} train / {args.test_images} {split}, {config['model']['arch']} "
+             f"stem={config['model']['stem']}, {steps} steps of {args.batch}, seeds {','.join(map(str, seeds))}")
+    plot_path = Path(args.plot) if args.plot else out / "learn.png"
+    plot(per_seed, plot_path, title, split)
+    print(f"\n{title}")
+    for text, met in verdicts:
+        print(f"  [{'met' if met else 'NOT met'}] {text}")
+    details = {"title": title, "eval_on": args.eval_on, "seeds": seeds, "steps": steps, "config": config,
+               "per_seed": per_seed,
+               "targets": [{"target": t, "met": m} for t, m in verdicts], "plot": str(plot_path),
+               "wall_s": time.perf_counter() - started}
+    atomic.write_json(out / "learn.json", details)
+    print(f"wrote {plot_path} and {out / 'learn.json'} (per seed: kNN curves, all probe stages, distances)")
+    return rows
+
+
+def read_config(run_dir: Path) -> dict:
+    from pirl_fast.features import read_checkpoint
+
+    return read_checkpoint(run_dir)[2]

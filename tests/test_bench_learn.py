@@ -1,0 +1,114 @@
+"""`python -m pirl_fast.bench learn` end to end on a tiny generated IDX dataset (the plumbing, not
+the learning: that is tests/test_learns.py and the benchmark itself), and its report helpers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pirl_fast.bench import learn
+from pirl_fast.bench.__main__ import build_parser, main
+from test_idx_folder import write_idx
+
+
+def write_dataset(root, n_train=40, n_test=20, classes=10, seed=0):
+    """IDX files in Fashion-MNIST's names: 28 px images whose stripe angle depends on the class."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:28, 0:28]
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % classes
+        angle = labels[:, None, None] * np.pi / classes
+        phase = rng.uniform(0, 6.28, (n, 1, 1))
+        images = 127.5 + 100 * np.sin((x * np.cos(angle) + y * np.sin(angle)) / 2 + phase)
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    return root
+
+
+def test_learn_bench_end_to_end(tmp_path, capsys):
+    idx = write_dataset(tmp_path / "idx")
+    out = tmp_path / "bench"
+    argv = ["learn", "--idx-dir", str(idx), "--out", str(out), "--train-images", "40", "--test-images", "20",
+            "--epochs", "1", "--batch", "20", "--seeds", "0", "--evals", "2", "--workers", "1",
+            "--json", str(tmp_path / "learn.json"), "--override", "bank.num_negatives=32"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "PIRL kNN top-1 >= untrained + 5 points" in printed and "Jigsaw" in printed
+    results = json.loads((tmp_path / "learn.json").read_text())["results"]["learn"]
+    assert [r["network"] for r in results] == ["PIRL", "Jigsaw", "untrained"]
+    for row in results:
+        assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_res5_top1"] <= 100
+        assert row["seeds"] == 1 and row["knn_spread"] == 0
+    details = json.loads((out / "learn.json").read_text())
+    curve = details["per_seed"]["0"]["pirl"]["knn_curve"]
+    assert [step for step, _ in curve] == [0, 1, 2]  # the untrained point, then every 2 steps / 2 evals
+    assert curve[0][1] == details["per_seed"]["0"]["untrained"]["knn_top1"]
+    assert len(details["targets"]) == 4 and (out / "learn.png").stat().st_size > 0
+    gaps = details["per_seed"]["0"]["pirl"]["invariance_gap"]
+    assert set(gaps) == {"pirl_head", "trunk"}
+    assert set(details["per_seed"]["0"]["jigsaw"]["invariance_gap"]) == {"trunk"}
+    assert details["config"]["model"]["arch"] == "resnet18"
+    # a second run reuses the data and shards
+    args = build_parser().parse_args(argv)
+    assert learn.prepare_split(args, "train", 40, out / "data" / "train_40") == out / "data" / "train_40" / "shards"
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_summary_targets_and_spread():
+    def result(knn, res5, gap, head=None, bn_knn=None):
+        r = {"knn_top1": knn, "linear_top1": {s: res5 - 1 for s in learn.STAGES}, "invariance_gap": {"trunk": gap}}
+        r["linear_top1"]["res5"] = res5
+        if head is not None:
+            r["invariance_gap"]["pirl_head"] = head
+        bn = {f"bn_{k}": v for k, v in r.items()}  # BN re-estimated: the same unless told
+        bn["bn_knn_top1"] = knn if bn_knn is None else bn_knn
+        return {**r, **bn}
+
+    per_seed = {0: {"pirl": result(80, 82, 0.3, 0.5), "jigsaw": result(70, 75, 0.1), "untrained": result(72, 70, 0.05)},
+                1: {"pirl": result(78, 80, 0.2, 0.4), "jigsaw": result(71, 74, 0.1), "untrained": result(73, 71, 0.04)}}
+    rows = learn.summarise(per_seed)
+    pirl = rows[0]
+    assert pirl["knn_top1"] == 79 and pirl["knn_spread"] == 2 and pirl["knn_per_seed"] == "80.00 78.00"
+    assert pirl["trunk_inv_gap"] == pytest.approx(0.25) and pirl["head_inv_gap"] == pytest.approx(0.45)
+    assert pirl["linear_best_stage"] == "res5 81.00"
+    assert np.isnan(rows[1]["head_inv_gap"])
+    met = [m for _, m in learn.targets(rows)]
+    assert met == [True, True, True, True]  # 79 >= 72.5 + 5, 79 > 70.5, 81 > 70.5, 0.25 > 0.1
+    per_seed[1]["pirl"]["knn_top1"] = 74  # mean 77: 4.5 points above untrained, still above Jigsaw
+    assert [m for _, m in learn.targets(learn.summarise(per_seed))] == [False, True, True, True]
+    per_seed[1]["pirl"]["knn_top1"] = 78
+    per_seed[0]["untrained"]["bn_knn_top1"] = 76  # the untrained network gains from re-estimated statistics
+    text, met = learn.targets(learn.summarise(per_seed))[0]
+    assert not met and "BN re-estimated: 79.00 vs 74.50" in text
+
+
+def test_help_says_how_to_get_the_data(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["learn", "--help"])
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().out
+
+
+def test_missing_dataset_exits_2_saying_how_to_install(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["learn", "--idx-dir", str(tmp_path), "--out", str(tmp_path / "bench")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs Fashion-MNIST" in err and "apt-get install dataset-fashion-mnist" in err and str(tmp_path) in err
+    assert not (tmp_path / "bench").exists()  # nothing started
+
+
+def test_validation_split_is_held_out_from_pretraining(tmp_path):
+    """--eval-on val: class-balanced training-split images that pre-training never sees."""
+    idx = write_dataset(tmp_path / "idx", n_train=60)
+    args = build_parser().parse_args(["learn", "--idx-dir", str(idx), "--workers", "1"])
+    train = learn.prepare_split(args, "train", 30, tmp_path / "train")
+    val = learn.prepare_split(args, "train", 20, tmp_path / "val", skip=30)
+    names = {d: sorted(p.name for p in (d.parent / "images").rglob("*.jpg")) for d in (train, val)}
+    assert len(names[train]) == 30 and len(names[val]) == 20 and not set(names[train]) & set(names[val])
+    per_class = [len(list(c.iterdir())) for c in sorted((val.parent / "images").iterdir())]
+    assert per_class == [2] * 10  # balanced: 20 images over 10 classes
+    with pytest.raises(SystemExit, match="only 60"):
+        learn.prepare_split(args, "train", 40, tmp_path / "too_many", skip=30)
