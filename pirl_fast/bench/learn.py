@@ -1,6 +1,6 @@
 """Does PIRL learn from real images? PIRL against the Jigsaw baseline and the untrained network.
 
-    python -m pirl_fast.bench learn [--json learn.json]       # CPU: ~30 min on 2 idle cores (*)
+    python -m pirl_fast.bench learn [--json learn.json]       # CPU: 13 min on 2 idle cores (*)
     python -m pirl_fast.bench learn --eval-on val --seeds 0   # for choosing a recipe: never the test split
 
 The data is Fashion-MNIST (Xiao et al. 2017: 28 px greyscale photographs of clothing, 10 classes),
@@ -29,10 +29,9 @@ which nothing else in pirl_fast needs. Install it with `sudo apt-get install dat
   5. report    one table (mean over seeds and the spread, max - min), one plot (kNN top-1 over
                training, the untrained network as a line), the targets met or not, JSON
 
-(*) An estimate: 4 runs x 320 steps at about 1 s per step (ResNet-18, 50 images of 32 px and 450
-patches of 8 px per step, timed alone on 2 shared cores) plus the evaluations; not yet timed on an
-idle machine. On a machine shared with other jobs it takes hours: shrink it with --seeds 0
---train-images 500 --epochs 8 and say so beside any figure.
+(*) Measured 2026-11-30 on 2 idle AMD EPYC cores: 13 min 13 s for the 4 runs of 320 steps (80-100
+samples/s) and every evaluation (BENCHMARKS.md). On a machine shared with other jobs it takes far
+longer: shrink it with --seeds 0 --train-images 500 --epochs 8 and say so beside any figure.
 
 Every network is evaluated with the same views, layer (res5 average-pooled; the probes also at
 conv1..res4) and protocol. On CUDA the defaults grow (the whole dataset, the small stem, more
