@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from tqdm import tqdm
 
 from pirl_fast import invariance as inv
 from pirl_fast import finetune as ft
@@ -48,6 +47,7 @@ from pirl_fast.features import (ShardImageDataset, Pretrained, eval_transform, e
 from pirl_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
 from pirl_fast.manifest import ShardError
 from pirl_fast.model import ARCHS, apply_stem
+from pirl_fast.progress import progress
 from pirl_fast.splits import ShardPath, eval_split_beside, resolve_shards
 
 
@@ -292,8 +292,8 @@ def cmd_invariance(args) -> int:
 def reestimate_bn(args, net: Pretrained, train: ShardImageDataset, device) -> None:
     """--reestimate-bn: BatchNorm running statistics recomputed on the training images (evaluation view)."""
     if args.reestimate_bn:
-        images = (x for x, _, _ in tqdm(make_loader(train, args.batch_size, args.workers), desc="BN statistics",
-                                        unit="batch", dynamic_ncols=True))
+        images = (x for x, _, _ in progress(make_loader(train, args.batch_size, args.workers), desc="BN statistics",
+                                            unit="batch"))
         net.model = reestimate_running_stats(net.model, lambda m, x: m.features(x), images, device)
 
 
