@@ -23,15 +23,16 @@ mkdir -p "$out"
 if [ -f "$fmnist/train-images-idx3-ubyte.gz" ] || [ -f "$fmnist/train-images-idx3-ubyte" ]; then
   echo "== dataset: Fashion-MNIST (real photographs, 28 px) from $fmnist"
   echo "== 1/6 a sample dataset root: images/train 1000 and images/val 500 test images (class-balanced)"
-  "$py" -m pirl_fast.idx_folder "$fmnist" "$out/images/train" --split train --limit 1000 --overwrite
-  "$py" -m pirl_fast.idx_folder "$fmnist" "$out/images/val" --split t10k --limit 500 --overwrite
+  data_dir="$out/fmnist"  # beside, not over, the generated sample the README's first hour uses
+  "$py" -m pirl_fast.idx_folder "$fmnist" "$data_dir/images/train" --split train --limit 1000 --overwrite
+  "$py" -m pirl_fast.idx_folder "$fmnist" "$data_dir/images/val" --split t10k --limit 500 --overwrite
   dataset="Fashion-MNIST"
   recipe=(experiment=fmnist data.backend=auto)  # the main path (DALI) here; the benchmark recipe uses torch
   epochs=$(( (steps * 32 + 999) / 1000 ))
 else
   echo "== dataset: generated sample images (Fashion-MNIST is not installed in $fmnist)"
   echo "== 1/6 a sample dataset root (generated, no download): images/train 8 x 40, images/val 8 x 20"
-  rm -rf "$out/images"  # a previous Fashion-MNIST demo's folders would mix in
+  data_dir="$out"  # demo/images and demo/shards: the README's first hour starts from these
   "$py" -m pirl_fast.sample_data "$out/images/train" --classes 8 --per-class 40 --seed 0
   "$py" -m pirl_fast.sample_data "$out/images/val" --classes 8 --per-class 20 --seed 1
   # experiment=smoke uses loss=infonce: on 320 samples the reference NCE's noise ratio K/N = 256/320
@@ -42,14 +43,14 @@ else
 fi
 
 echo "== 2/6 shard it: images/{train,val} -> shards/{train,val}"
-"$py" -m pirl_fast.shard "$out/images" "$out/shards" --samples-per-shard 64 --workers 2 --seed 0 --overwrite
+"$py" -m pirl_fast.shard "$data_dir/images" "$data_dir/shards" --samples-per-shard 64 --workers 2 --seed 0 --overwrite
 
 echo "== 3/6 verify the shards (both splits)"
-"$py" -m pirl_fast.shard --verify "$out/shards"
+"$py" -m pirl_fast.shard --verify "$data_dir/shards"
 
 echo "== 4/6 PIRL pre-training: ${recipe[0]} (ResNet-18), $steps steps of 32"
 rm -rf "$out/run"
-"$py" -m pirl_fast.train "${recipe[@]}" data.shards="$out/shards" data.batch_size=32 \
+"$py" -m pirl_fast.train "${recipe[@]}" data.shards="$data_dir/shards" data.batch_size=32 \
   trainer.epochs="$epochs" trainer.max_steps="$steps" trainer.log_every=10 trainer.ckpt_every=0 \
   hydra.run.dir="$out/run"
 
