@@ -33,6 +33,7 @@ else
   echo "== dataset: generated sample images (Fashion-MNIST is not installed in $fmnist)"
   echo "== 1/6 a sample dataset root (generated, no download): images/train 8 x 40, images/val 8 x 20"
   data_dir="$out"  # demo/images and demo/shards: the README's first hour starts from these
+  rm -rf "$out/images"  # regenerated identically below; an older demo may have put other images here
   "$py" -m pirl_fast.sample_data "$out/images/train" --classes 8 --per-class 40 --seed 0
   "$py" -m pirl_fast.sample_data "$out/images/val" --classes 8 --per-class 20 --seed 1
   # experiment=smoke uses loss=infonce: on 320 samples the reference NCE's noise ratio K/N = 256/320
