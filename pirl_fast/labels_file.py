@@ -139,17 +139,47 @@ def _read_devkit(path: Path, lines: list[tuple[int, str]]) -> LabelTable:
     return LabelTable(path, "devkit", table)
 
 
+class FileNames:
+    """The files a labels file can name ("/"-separated paths relative to the folder or tree), each
+    written as it is or without its extension (`ILSVRC2012_val_00000001` for `...001.JPEG`)."""
+
+    def __init__(self, files: list[str]):
+        self.names = set(files)
+        self.stems: dict[str, list[str]] = {}  # name without extension -> the files it could mean
+        for name in files:
+            stem, dot, _ = name.rpartition(".")
+            if dot and "/" not in name[len(stem):]:  # an extension is a dot in the last path component
+                self.stems.setdefault(stem, []).append(name)
+
+    def knows(self, name: str) -> bool:
+        return name in self.names or name in self.stems
+
+    def find(self, name: str, table_path: Path, line: int) -> str | None:
+        """The file `name` means, or None when it names none. Raises LabelsError when it could mean
+        several (x.jpg and x.png written as x)."""
+        if name in self.names:
+            return name
+        found = self.stems.get(name, [])
+        if len(found) > 1:
+            raise LabelsError(f"labels file {table_path} line {line}: {name} could be any of {sorted(found)}; "
+                              "write the name with its extension")
+        return found[0] if found else None
+
+
+def unknown_classes_error(table_path: Path, unknown: dict[str, int], class_list: str, fix: str) -> LabelsError:
+    """The error for labels naming classes outside the class list (`unknown`: class -> images)."""
+    names = ", ".join(f"{c} ({k} image{'s' * (k > 1)})" for c, k in sorted(unknown.items())[:EXAMPLES])
+    return LabelsError(f"labels file {table_path} names {len(unknown)} class(es) that are not in the class list "
+                       f"({class_list}): {names}. Class ids must mean the same in every split: {fix}")
+
+
 def match_labels(table: LabelTable, files: list[str], classes: list[str] | None) -> Matched:
     """Pair `table` with the file names of a folder; `classes` (None: any name) is the class list
     every label must be in. Raises LabelsError for unknown classes, conflicting or ambiguous rows."""
-    by_name = set(files)
-    by_stem: dict[str, list[str]] = {}
-    for name in files:
-        if "." in name:
-            by_stem.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    names = FileNames(files)
     rows = table.rows
     header = None
-    if table.may_have_header and rows and rows[0][1] not in by_name and rows[0][1] not in by_stem:
+    if table.may_have_header and rows and not names.knows(rows[0][1]):
         header, rows = [rows[0][1], rows[0][2]], rows[1:]
     labels: dict[str, str] = {}
     line_of: dict[str, int] = {}
@@ -157,14 +187,8 @@ def match_labels(table: LabelTable, files: list[str], classes: list[str] | None)
     unknown: dict[str, int] = {}
     known = set(classes) if classes is not None else None
     for n, name, cls in rows:
-        if name in by_name:
-            file = name
-        elif len(by_stem.get(name, ())) == 1:
-            file = by_stem[name][0]
-        elif name in by_stem:
-            raise LabelsError(f"labels file {table.path} line {n}: {name} could be any of {sorted(by_stem[name])}; "
-                              "write the name with its extension")
-        else:
+        file = names.find(name, table.path, n)
+        if file is None:
             without_image.append(name)
             continue
         if known is not None and cls not in known:
@@ -174,10 +198,8 @@ def match_labels(table: LabelTable, files: list[str], classes: list[str] | None)
                               f"{line_of[file]}) and {cls} (line {n}); one class per image is supported")
         labels[file], line_of[file] = cls, n
     if unknown:
-        names = ", ".join(f"{c} ({k} image{'s' * (k > 1)})" for c, k in sorted(unknown.items())[:EXAMPLES])
-        raise LabelsError(f"labels file {table.path} names {len(unknown)} class(es) that are not in the class list "
-                          f"({len(classes)} classes, train's): {names}. Class ids must mean the same in every split: "
-                          "fix the labels, or add the class to train")
+        raise unknown_classes_error(table.path, unknown, f"{len(classes)} classes, train's",
+                                    "fix the labels, or add the class to train")
     unlabelled = sorted(f for f in files if f not in labels and is_image_name(f))
     return Matched(labels, unlabelled, without_image, header)
 

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pirl_fast.labels_file import EXAMPLES, LabelsError, is_image_name
+from pirl_fast.labels_file import EXAMPLES, FileNames, LabelsError, is_image_name, unknown_classes_error
 
 PRESENT, ABSENT, DIFFICULT = 1, 0, -1  # KEY.mlb values
 _SEPARATORS = re.compile(r"[;\s]+")
@@ -129,16 +129,11 @@ def match_multi_labels(table: MultiLabelTable, files: list[str], classes: list[s
     """Pair the table with the tree's files (relpaths); every class must be in `classes` (None: the
     sorted class names the table uses, header row left out). Raises LabelsError for unknown classes
     and for an image listed twice with different classes."""
-    by_name = set(files)
-    by_stem: dict[str, list[str]] = {}
-    for name in files:
-        stem, dot, _ = name.rpartition(".")
-        if dot and "/" not in name[len(stem):]:
-            by_stem.setdefault(stem, []).append(name)
+    names = FileNames(files)
     rows = table.rows
     header = None
     first = rows[0] if rows else None
-    if table.may_have_header and first and first.name not in by_name and first.name not in by_stem:
+    if table.may_have_header and first and not names.knows(first.name):
         header, rows = [first.name, " ".join(first.present), " ".join(first.difficult)], rows[1:]
     if classes is None:
         classes = sorted({c for row in rows for c in row.present + row.difficult})
@@ -148,14 +143,8 @@ def match_multi_labels(table: MultiLabelTable, files: list[str], classes: list[s
     line_of: dict[str, int] = {}
     without_image = []
     for row in rows:
-        if row.name in by_name:
-            file = row.name
-        elif len(by_stem.get(row.name, ())) == 1:
-            file = by_stem[row.name][0]
-        elif row.name in by_stem:
-            raise LabelsError(f"labels file {table.path} line {row.line}: {row.name} could be any of "
-                              f"{sorted(by_stem[row.name])}; write the name with its extension")
-        else:
+        file = names.find(row.name, table.path, row.line)
+        if file is None:
             without_image.append(row.name)
             continue
         target = bytearray(len(classes))  # ABSENT everywhere
@@ -173,9 +162,7 @@ def match_multi_labels(table: MultiLabelTable, files: list[str], classes: list[s
                               f"{line_of[file]} and line {row.line}): merge them into one entry")
         targets[file], line_of[file] = bytes(target), row.line
     if unknown:
-        names = ", ".join(f"{c} ({k} image{'s' * (k > 1)})" for c, k in sorted(unknown.items())[:EXAMPLES])
-        raise LabelsError(f"labels file {table.path} names {len(unknown)} class(es) that are not in the class list "
-                          f"({len(classes)} classes): {names}. Class ids must mean the same in every split: fix the "
-                          "labels, or shard the split that has them first and pass its shards to --classes")
+        raise unknown_classes_error(table.path, unknown, f"{len(classes)} classes", "fix the labels, or shard the "
+                                    "split that has them first and pass its shards to --classes")
     unlabelled = sorted(f for f in files if f not in targets and is_image_name(f))
     return MultiMatched(list(classes), targets, unlabelled, without_image, header)

@@ -156,6 +156,14 @@ def scan_imagefolder(src: Path, folder: Path, prefix: str = "", classes: list[st
     return Split(name, list(classes), inputs, skipped, own_classes=found)
 
 
+def _unlabelled(where: Path, table_path: Path, unlabelled: list[str], missing: str, fix: str) -> SourceError:
+    """The refusal for image files a labels file does not label (sharding a subset by accident
+    changes every number), naming a few of them."""
+    n = len(unlabelled)
+    return SourceError(f"{where}: {n} image file(s) have no {missing} in {table_path}: "
+                       f"{', '.join(unlabelled[:5])}{' ...' if n > 5 else ''}. {fix}")
+
+
 def scan_flat(src: Path, folder: Path, table: LabelTable, prefix: str = "", classes: list[str] | None = None,
               name: str | None = None) -> Split:
     """The flat folder `folder`, labelled by `table`: each image's relpath is prefix + <class>/<file>,
@@ -168,10 +176,8 @@ def scan_flat(src: Path, folder: Path, table: LabelTable, prefix: str = "", clas
     except LabelsError as e:
         raise SourceError(str(e)) from e
     if matched.unlabelled:
-        n = len(matched.unlabelled)
-        raise SourceError(f"{folder}: {n} image file(s) have no label in {table.path}: "
-                          f"{', '.join(matched.unlabelled[:5])}{' ...' if n > 5 else ''}. Give the right labels "
-                          "file, add their labels, or move the images out")
+        raise _unlabelled(folder, table.path, matched.unlabelled, "label",
+                          "Give the right labels file, add their labels, or move the images out")
     if not matched.labels:
         raise SourceError(f"{folder}: no file matches a name in {table.path} (e.g. "
                           f"{table.rows[-1][1]!r}): is it this folder's labels file?")
@@ -207,10 +213,8 @@ def scan_multi(src: Path, table: MultiLabelTable, classes: list[str] | None = No
         raise SourceError(str(e)) from e
     classes = matched.classes
     if matched.unlabelled:
-        n = len(matched.unlabelled)
-        raise SourceError(f"{src}: {n} image file(s) have no entry in {table.path}: "
-                          f"{', '.join(matched.unlabelled[:5])}{' ...' if n > 5 else ''}. Give the right labels "
-                          "file, add them (an image with no class is written as path,[] or path,), or move them out")
+        raise _unlabelled(src, table.path, matched.unlabelled, "entry", "Give the right labels file, add them (an "
+                          "image with no class is written as path,[] or path,), or move them out")
     if not matched.targets:
         example = table.rows[-1].name if table.rows else "nothing"
         raise SourceError(f"{src}: no file matches a path in {table.path} (e.g. {example!r}); paths are relative "

@@ -238,6 +238,19 @@ def test_flat_val_problems_are_reported(images, tmp_path, capsys):
     labels.write_text("".join(f"{n},{c}\n" for n, c in rows + [(rows[0][0], CLASSES[2])]))
     assert main([str(root), str(tmp_path / "b"), "--labels", str(labels), *ARGS]) == 2
     assert "twice" in capsys.readouterr().err
+    # A class train does not have: refused, naming it and its image count.
+    labels.write_text("".join(f"{n},{c}\n" for n, c in rows[1:]) + f"{rows[0][0]},c99_extra\n")
+    assert main([str(root), str(tmp_path / "b"), "--labels", str(labels), *ARGS]) == 2
+    assert ("names 1 class(es) that are not in the class list (3 classes, train's): c99_extra (1 image)"
+            in capsys.readouterr().err)
+    # A name without extension that could mean two files: refused, asking for the extension.
+    stem = rows[0][0].rsplit(".", 1)[0]
+    shutil.copy2(root / "val" / rows[0][0], root / "val" / f"{stem}.png")
+    labels.write_text("".join(f"{n},{c}\n" for n, c in rows[1:]) + f"{stem},{rows[0][1]}\n")
+    assert main([str(root), str(tmp_path / "b"), "--labels", str(labels), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert f"{stem} could be any of {sorted([f'{stem}.png', rows[0][0]])}; write the name with its extension" in err
+    (root / "val" / f"{stem}.png").unlink()
     # No labels at all: refused, saying what to pass.
     assert main([str(root), str(tmp_path / "b"), *ARGS]) == 2
     assert "--labels val=FILE" in capsys.readouterr().err
