@@ -133,7 +133,7 @@ def open_splits(args, train_view, val_view, multi_label_ok: bool = False):
         raise SystemExit(f"{' and '.join(multi)} hold multi-label samples (several classes per image, "
                          f"KEY.mlb): `eval {args.cmd}` scores one class per image. Use `python -m pirl_fast.eval "
                          "svm` (mean AP over classes) on multi-label shards")
-    reestimate_bn(args, net, ShardImageDataset(shards.dir, eval_transform(size), limit=args.limit), device)
+    reestimate_bn(args, net, train.with_transform(eval_transform(size)), device)
     return device, net, size, train, val
 
 

@@ -16,6 +16,7 @@ is present, 0 = absent, -1 = present but "difficult" (VOC), read into `ShardImag
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import tarfile
@@ -148,6 +149,12 @@ class ShardImageDataset(Dataset):
         with Image.open(io.BytesIO(f.read(e.size))) as img:
             image = img.convert("RGB")
         return self.transform(image), e.label, e.index
+
+    def with_transform(self, transform: Callable[[Image.Image], object]) -> "ShardImageDataset":
+        """The same samples under another view, without scanning the shards again."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
 
     @property
     def labels(self) -> Tensor:
