@@ -22,10 +22,6 @@ class DistInfo:
     local_rank: int
     world_size: int
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def info() -> DistInfo:
     """Rank, local rank and world size, from the process group if one is up, else torchrun's env."""
@@ -74,13 +70,6 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().clone()
     torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
     return out / torch_dist.get_world_size()
-
-
-def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Rank `src`'s value of `tensor`, in place, on every rank."""
-    if is_distributed():
-        torch_dist.broadcast(tensor, src=src)
-    return tensor
 
 
 def barrier() -> None:
