@@ -14,7 +14,9 @@ Per run it reads:
     config      config.yaml (the resolved config the trainer writes), else .hydra/config.yaml;
                 the table shows the keys whose values differ between the runs (the swept ones),
                 plus .hydra/overrides.yaml when Hydra wrote one
-    knn         knn.json -> knn_top1, knn_top5; knn_random_init.json -> knn_random_top1
+    knn         knn.json -> knn_top1, knn_top5; knn_random_init.json -> knn_random_top1; with BatchNorm
+                statistics re-estimated (`eval knn --reestimate-bn`): knn_bn.json -> knn_bn_top1,
+                knn_random_init_bn.json -> knn_random_bn_top1
     linear      linear.json -> linear_<stage>_top1 for conv1, res2..res5 (+ res5avg, res5avg_fc);
                 linear_random_init.json -> linear_random_top1 (the untrained network's best head)
     invariance  invariance.json -> invariance_<pirl_head|trunk>_mean (this run's checkpoint)
@@ -48,7 +50,7 @@ IGNORED_KEYS = ("run_dir", "name", "resume", "trainer.max_steps")  # differ betw
 ACCURACY_PREFIXES = ("knn_", "linear_")
 LAYERS = ("conv1", "res2", "res3", "res4", "res5")  # linear_probe.STAGES (not imported: it pulls in torch)
 # The table's first columns, in this order (the rest follow alphabetically): trained beside untrained.
-COLUMNS = ("steps", "knn_top1", "knn_top5", "knn_random_top1",
+COLUMNS = ("steps", "knn_top1", "knn_top5", "knn_random_top1", "knn_bn_top1", "knn_random_bn_top1",
            *(f"linear_{s}_top1" for s in (*LAYERS, "res5avg", "res5avg_fc")), "linear_random_top1")
 
 
@@ -120,6 +122,10 @@ def read_metrics(run: Path) -> tuple[dict[str, float], dict[str, tuple[float, in
     if knn:
         m["knn_top1"], m["knn_top5"] = knn["top1"], knn["top5"]
     mean_over_seeds(m, spread, "knn_random_top1", [r["top1"] for r in seed_results(run, "knn_random_init")])
+    knn_bn = _json(run / "knn_bn.json")
+    if knn_bn:
+        m["knn_bn_top1"] = knn_bn["top1"]
+    mean_over_seeds(m, spread, "knn_random_bn_top1", [r["top1"] for r in seed_results(run, "knn_random_init_bn")])
     linear = seed_results(run, "linear")
     for stage in (linear[0]["stages"] if linear else {}):
         mean_over_seeds(m, spread, f"linear_{stage}_top1", [r["stages"][stage]["top1"] for r in linear
@@ -293,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="folder for report.md, report.png and layerwise.png (default: "
                         "beside the runs: inside a single run or sweep folder, else report_<runs>/ in their common "
                         "folder, or ./reports/ when that is the current folder)")
+    parser.add_argument("--min-knn-gain", type=float, default=None, metavar="POINTS",
+                        help="exit 1 (FAIL) unless every run's kNN top-1 beats the same network untrained "
+                             "(`eval knn --random-init`) by POINTS, with BatchNorm statistics as they are and, "
+                             "when measured, re-estimated (scripts/learn_check.sh uses it)")
     parser.add_argument("--x", default=None, metavar="KEY", help="config key for the plot's x axis, e.g. loss.lam "
                                                                  "(default: the first key that varies)")
     args = parser.parse_args(argv)
@@ -315,7 +325,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out / 'report.md'}\nwrote {out / 'report.png'}")
     if plot_layerwise(runs, out / "layerwise.png"):
         print(f"wrote {out / 'layerwise.png'}")
-    return 0
+    gains = [knn_gains(run, m) for run, m in zip(runs, metrics)]
+    if args.min_knn_gain is None:
+        return 0
+    if all(g and min(g) >= args.min_knn_gain for g in gains):
+        print(f"PASS: every trained network beats its own initialisation by >= {args.min_knn_gain:g} kNN points")
+        return 0
+    print(f"FAIL: needs >= +{args.min_knn_gain:g} kNN points over the untrained network (`eval knn --random-init`) "
+          f"in every row above. Try more steps and read the loss and the collapse diagnostics in metrics.jsonl")
+    return 1
+
+
+def knn_gains(run: Path, m: dict[str, float]) -> list[float]:
+    """Prints the run's throughput and its trained-vs-untrained kNN rows; returns the gains in points."""
+    summary = _json(run / "summary.json")
+    if summary and "samples_per_s" in summary:
+        graph = {"cpu": " (its CPU graph)"}.get(summary["device"], " (GPU graph)") if summary["backend"] == "dali" else ""
+        print(f"{run}: {summary['step']} steps on data.backend={summary['backend']}{graph} at "
+              f"{summary['samples_per_s']:.1f} samples/s (data wait {summary['data_wait_share']:.0%})")
+    gains = []
+    for label, key in (("BN statistics as trained", "knn"), ("BN statistics re-estimated", "knn_bn")):
+        trained, untrained = m.get(f"{key}_top1"), m.get(key.replace("knn", "knn_random") + "_top1")
+        if trained is not None and untrained is not None:
+            gains.append((trained - untrained) * 100)
+            print(f"{run}: kNN top-1, {label}: trained {trained:.2%}, untrained {untrained:.2%} "
+                  f"({gains[-1]:+.1f} points)")
+    return gains
 
 
 def default_out(args: list[str], runs: list[Path]) -> Path:

@@ -62,16 +62,5 @@ echo "== 5/6 kNN top-1 (k=200) on shards/val: trained, then the same network at 
 echo "== 6/6 export the trunk for torchvision"
 "$py" -m pirl_fast.eval export "$out/run"
 
-"$py" - "$out/run" "$dataset" <<'PY'
-import json, sys
-from pathlib import Path
-run, dataset = Path(sys.argv[1]), sys.argv[2]
-summary = json.loads((run / "summary.json").read_text())
-trained = json.loads((run / "knn.json").read_text())["top1"] * 100
-untrained = json.loads((run / "knn_random_init.json").read_text())["top1"] * 100
-backend = summary["backend"] + (" (its CPU graph)" if summary["backend"] == "dali" and summary["device"] == "cpu"
-                                else " (GPU graph)" if summary["backend"] == "dali" else "")
-print(f"\nreport ({dataset}): {summary['step']} steps on data.backend={backend} at {summary['samples_per_s']:.1f} "
-      f"samples/s (data wait {summary['data_wait_share']:.0%}); kNN top-1 trained {trained:.1f}% vs untrained "
-      f"{untrained:.1f}% ({trained - untrained:+.1f} points). Run directory: {run}")
-PY
+echo "== report ($dataset)"
+"$py" -m pirl_fast.report "$out/run"

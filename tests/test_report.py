@@ -133,3 +133,25 @@ def test_steps_come_from_the_newest_checkpoint_without_a_summary(tmp_path, monke
     assert report.main(["a", "b"]) == 0
     rows = parse_table((tmp_path / "reports" / "report_a+b" / "report.md").read_text())
     assert [r["steps"] for r in rows] == ["40", ""]
+
+
+@pytest.mark.parametrize("margin, status", [(5, 0), (7.5, 1)])
+def test_min_knn_gain_passes_only_when_every_row_clears_the_margin(tmp_path, capsys, margin, status):
+    """Trained vs untrained: +37.5 points with BN statistics as they are, +6.25 re-estimated; the
+    smaller gain decides (scripts/learn_check.sh's verdict)."""
+    run = fake_run(tmp_path / "run", lam=0.5, knn_top1=0.5, res5=0.6, loss=3.0, extra={
+        "knn_random_init.json": {"top1": 0.125}, "knn_bn.json": {"top1": 0.5625},
+        "knn_random_init_bn.json": {"top1": 0.5}})
+    assert report.main([str(run), "--min-knn-gain", str(margin)]) == status
+    out = capsys.readouterr().out
+    assert "trained 50.00%, untrained 12.50% (+37.5 points)" in out
+    assert "trained 56.25%, untrained 50.00% (+6.2 points)" in out
+    assert ("PASS" if status == 0 else "FAIL") in out
+    rows = parse_table((run / "report.md").read_text())
+    assert rows[0]["knn_bn_top1"] == "56.25" and rows[0]["knn_random_bn_top1"] == "50"
+
+
+def test_min_knn_gain_fails_without_an_untrained_measurement(tmp_path, capsys):
+    run = fake_run(tmp_path / "run", lam=0.5, knn_top1=0.5, res5=0.6, loss=3.0)
+    assert report.main([str(run), "--min-knn-gain", "1"]) == 1
+    assert "FAIL" in capsys.readouterr().out
