@@ -77,7 +77,7 @@ THE GRAPH (S = image_size, C = patch_crop_size, G = grid, c = C // G, P = patch_
       index, label: int64 scalars read from KEY.idx / KEY.lbl, shape (1,); in the GPU graph copied
                   to the GPU inside the pipeline, so every output is handed to torch on the device
 The GPU graph's decoder takes the data.* decoder settings (hw_decoder_load, the nvJPEG memory
-paddings, the hardware decoder's preallocation hints); conf/data/imagenet.yaml says what to try.
+paddings, the hardware decoder's preallocation hints); pirl_fast/data.py's DataConfig says what to try.
 The mirror comes first for the patches and last for the view: it commutes with every other step
 (each is pointwise, per channel over the whole crop, or a mirror-symmetric filter).
 With `gate` (pirl_fast.corrupt.DaliGate), the encoded bytes pass it on the host before the decoder:

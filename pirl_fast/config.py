@@ -3,13 +3,17 @@
 `pirl_fast/conf/config.yaml` starts its defaults list with `pirl_schema` (the `Config` below), so
 the composed tree is typed: a misspelt key (`optim.lrr=0.1`) or a wrong type (`optim.lr=fast`)
 fails at composition, before anything is built. The component schemas live beside their code
-(`DataConfig` in data.py, `ModelConfig` in model.py, ...); this file only composes them and adds
-the trainer's own `TrainerConfig` (and `OptimConfig`, from optim.py).
+(`DataConfig` in data.py, `ModelConfig` in model.py, `LossConfig` in loss.py, `BankConfig` in
+memory_bank.py, `OptimConfig` in optim.py); this file composes them and adds the trainer's own
+`TrainerConfig`. Each default exists once, as a dataclass field with its tuning advice beside it:
+the yaml files under conf/ hold only what differs (the other group options, the experiments). A new
+option is a field with its default, its use site, and its key in checkpoint.HARMLESS_CHANGES when a
+resumed run may change it; no yaml.
 
     python -m pirl_fast.train experiment=smoke data.shards=demo/shards trainer.max_steps=20
 
 Top-level keys:
-    method    "pirl" (a later issue adds "jigsaw"; the trainer refuses anything else)
+    method    "pirl" | "jigsaw" (the Jigsaw baseline, pirl_fast/jigsaw.py; experiment=jigsaw_in1k_r50)
     name      names the default run directory runs/${name} (hydra.run.dir overrides it)
     run_dir   filled in by main() from hydra.run.dir; set it only when calling train() yourself
     num_samples  0 (default): the bank gets one row per sample of the shard manifest; N > 0: the
@@ -50,13 +54,16 @@ class ConfigError(ValueError):
 class TrainerConfig:
     epochs: int = 800  # the cosine LR spans epochs * batches-per-epoch steps
     max_steps: int = 0  # stop after this many optimiser steps in all (counting resumed ones); 0 = epochs
-    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is there, else cpu
-    precision: str = "auto"  # auto: bf16 autocast + channels-last on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the DDP model (minutes of compile, then ~10-20% faster)
+    device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cuda | cpu
+    precision: str = "auto"  # auto (bf16 autocast + channels-last on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile the DDP model: a few minutes of compile, then faster steps (long runs)
     seed: int = 0  # torch / numpy / python RNGs (model init is the same on every rank)
-    deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable, slower
-    log_every: int = 50  # steps between metrics.jsonl lines / TensorBoard points
-    ckpt_every: int = 1000  # steps between checkpoints (0: only at epoch ends, the end and signals)
+    # torch.use_deterministic_algorithms: repeatable bit for bit on one device type, slower (README: resume)
+    deterministic: bool = False
+    log_every: int = 50  # steps between metrics.jsonl lines / TensorBoard points; a line costs nothing measurable
+    # steps between checkpoints (0: only at epoch ends, the end and signals); ResNet-50 + the ImageNet
+    # bank is ~0.9 GB per checkpoint
+    ckpt_every: int = 1000
     ckpt_epoch_end: bool = True  # also checkpoint at the end of every epoch
     keep_checkpoints: int = 3  # newest checkpoints kept; older ones are deleted after each save
     progress: bool = True  # tqdm bar on rank 0

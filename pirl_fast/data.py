@@ -51,51 +51,81 @@ OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # data.out
 
 @dataclass
 class DataConfig:
-    """Hydra structured config of the data group (plain int/float/str/bool/list fields only)."""
+    """Hydra structured config of the data group (plain int/float/str/bool/list fields only).
 
-    shards: str = "???"  # shard directory, or a dataset root's (its train split is read); ignored by synthetic
-    backend: str = "auto"  # auto (dali where NVIDIA DALI imports, else torch, with a notice) | dali | torch | synthetic
-    batch_size: int = 256  # GLOBAL batch over all ranks; per rank = batch_size // world_size
+    The defaults are the paper's ImageNet recipe (conf/data/imagenet.yaml selects them by name).
+    """
+
+    # The shard folder (`python -m pirl_fast.shard SRC DIR`, holds manifest.json), or a dataset root's
+    # (its train split is read); required unless backend=synthetic
+    shards: str = "???"
+    # auto: dali where NVIDIA DALI imports (GPU decode+crop; its CPU graph without CUDA), else torch with a
+    # notice | dali (an error without DALI) | torch (PIL workers) | synthetic (compute only)
+    backend: str = "auto"
+    batch_size: int = 256  # GLOBAL batch over all ranks; per rank = batch_size // world_size (must divide evenly)
     # DALI CPU threads / DataLoader workers, per rank. auto: this process's CPU cores divided by the ranks
-    # torchrun started on this node (cpus.cpus_per_rank); a number overrides it (0: torch loads in-process)
+    # torchrun started on this node (cpus.cpus_per_rank); a number overrides it (0: torch loads in-process;
+    # the torch backend needs ~8-12 per GPU)
     workers: Union[int, str] = "auto"
-    image_size: int = 224
+    image_size: int = 224  # the image view: a random resized crop to 224x224
     image_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random_resized_crop area
-    patch_crop_size: int = 255  # the patch view's crop, cut into grid x grid cells (must divide)
+    patch_crop_size: int = 255  # the patch view: a random resized crop cut into grid x grid cells (must divide)
     patch_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     grid: int = 3  # 3x3 cells of patch_crop_size // grid (85) px
-    patch_size: int = 64  # one patch per cell, at a random offset inside it
-    # The augmentation contract (dali_pipelines/pirl.py's docstring): per crop, in this order,
-    # colour jitter -> photometric -> greyscale -> blur -> mirror, every draw per crop.
-    brightness: float = 0.4  # jitter factors ~ U[1-x, 1+x) (the paper's 0.4, 0.4, 0.4)
+    patch_size: int = 64  # one 64x64 patch per cell at its own random offset (must be <= the 85 px cell)
+    # The augmentation contract (dali_pipelines/pirl.py's docstring, with the ranges and the backends'
+    # differences): per crop (the view and each patch), in this order, colour jitter -> photometric ->
+    # greyscale -> blur -> mirror, every draw per crop. Values: vissl
+    # configs/config/pretrain/pirl/pirl_jigsaw_4node_resnet50.yaml unless said otherwise.
+    brightness: float = 0.4  # 1. ColorJitter(0.4, 0.4, 0.4, hue 0.2): factors ~ U[1-x, 1+x)
     contrast: float = 0.4
     saturation: float = 0.4
     hue: float = 0.2  # h ~ U[-hue, hue) of the colour circle (torchvision units; DALI gets 360*h degrees)
-    jitter_p: float = 1.0  # the jitter's probability (1: always, as the paper; the improved recipe 0.8)
-    photometric_p: float = 0.66  # posterize+sharpness+solarize+autocontrast together (the reference's p)
-    posterize_bits: list[int] = field(default_factory=lambda: [4, 8])  # bits kept ~ U{4..8}
-    sharpness: list[float] = field(default_factory=lambda: [0.1, 1.9])  # factor ~ U[0.1, 1.9)
-    solarize_threshold: list[int] = field(default_factory=lambda: [0, 256])  # t ~ U{0..256}; 256 = never
-    gray_p: float = 0.2
-    blur_p: float = 0.0  # Gaussian blur (the improved recipe's 0.5); off in the paper's recipe
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # sigma ~ U[0.1, 2.0) px
-    flip_p: float = 0.5
-    color_aug: bool = True  # off -> none of jitter, photometric, greyscale, blur (geometry tests)
-    num_permutations: int = 0  # 0: any of 9! orders; P > 0: a fixed max-Hamming set of P
-    shuffle_buffer: int = 4096  # DALI initial_fill / shuffle buffer, samples
+    jitter_p: float = 1.0  # always: ColorJitter is not wrapped in a RandomApply there (the improved recipe: 0.8)
+    # 2. ImgPilRandomPhotometric: posterize+sharpness+solarize+autocontrast together; no p given there, so its
+    # from_config default 0.66 (vissl/data/ssl_transforms/img_pil_random_photometric.py). The three ranges:
+    # vissl/data/ssl_transforms/pil_photometric_transforms_lib.py
+    photometric_p: float = 0.66
+    posterize_bits: list[int] = field(default_factory=lambda: [4, 8])  # RandomPosterizeTransform: bits kept ~ U{4..8}
+    sharpness: list[float] = field(default_factory=lambda: [0.1, 1.9])  # RandomSharpnessTransform: ~ U[0.1, 1.9)
+    # RandomSolarizeTransform: ImageOps.solarize threshold t ~ U{0..256}, both ends included; 256 = never
+    solarize_threshold: list[int] = field(default_factory=lambda: [0, 256])
+    gray_p: float = 0.2  # 3. RandomGrayscale(p=0.2)
+    blur_p: float = 0.0  # 4. Gaussian blur: none in the paper's recipe (the improved recipe's ImgPilGaussianBlur: 0.5)
+    # its radius_min, radius_max: sigma ~ U[0.1, 2.0) px (PIL's GaussianBlur radius is the sigma)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    flip_p: float = 0.5  # 5. RandomHorizontalFlip (torchvision's default p)
+    color_aug: bool = True  # false: none of steps 1-4 (geometry checks)
+    num_permutations: int = 0  # 0: any of 9! orders per sample; P > 0: a fixed max-Hamming set of P orders
+    shuffle_buffer: int = 4096  # DALI / webdataset shuffle buffer, samples (the shards are shuffled when written)
     synthetic_samples: int = 10000  # dataset size the synthetic backend pretends to have
     seed: int = 0
     prefetch: int = 2  # batches prepared ahead: DALI prefetch_queue_depth / DataLoader prefetch_factor
-    verify_sha256: bool = False  # hash every shard at start-up (minutes for ImageNet; sizes are always checked)
+    verify_sha256: bool = False  # hash every shard at start-up: minutes for ImageNet (sizes and index files always)
     on_corrupt: str = "error"  # a sample failing its decode or checksum: error (stop, naming it) | skip (count it)
-    output_dtype: str = "float32"  # the views' dtype, every backend: float32 | float16 (half the bytes into the model)
-    # DALI's GPU JPEG decoder (device="mixed"; ignored by the CPU graph and the other backends). DALI's
-    # defaults; what to try on which GPU is in conf/data/imagenet.yaml, `bench loader` measures it.
-    hw_decoder_load: float = 0.65  # share of the JPEGs sent to the hardware decoder (A100, H100, H200)
-    device_memory_padding: int = 16777216  # bytes of nvJPEG device buffer per thread (16 MiB)
-    host_memory_padding: int = 8388608  # bytes of nvJPEG pinned host buffer per thread, twice (8 MiB)
-    preallocate_width_hint: int = 0  # px: the hardware decoder preallocates for images this wide (0: no hint)
-    preallocate_height_hint: int = 0  # px: and this high
+    # The views' dtype on every backend: float32 | float16. float16 halves the bytes from DALI into the model
+    # (on CUDA the model runs bf16 autocast anyway; the normalised pixels, steps of 1/(255*0.229) ~ 0.017, fit
+    # float16's 11-bit mantissa). Worth trying on any GPU (bench step --data output_dtype=float16); on the CPU
+    # the fp32 model casts the views back, so only the loader's memory shrinks.
+    output_dtype: str = "float32"
+    # DALI's GPU JPEG decoder (backend=dali on CUDA, device="mixed"; the CPU graph and the other backends
+    # ignore these). Defaults are DALI's own; the ImageNet sizes quoted come from DALI's ResNet-50 example
+    # (docs/examples/use_cases/pytorch/resnet50/main.py). Measure, don't guess: `python -m pirl_fast.bench
+    # loader` sweeps hw_decoder_load on a GPU (--hw-decoder-loads 0 0.5 0.65 0.8 0.9 1).
+    # Share of the JPEGs for the hardware decoder. A100, H100, H200 have one (H100/H200: 7 NVJPG engines,
+    # A100: 5 cores): try 0.5-0.9; the best value depends on how many CPU threads (workers) decode the rest.
+    # GPUs without one (V100, T4, most RTX) ignore it.
+    hw_decoder_load: float = 0.65
+    # Bytes of nvJPEG device buffer per thread (16 MiB). ImageNet's largest JPEG needs 211025920 to never
+    # reallocate: try it on any GPU with memory to spare (H100/H200: yes), per DALI thread.
+    device_memory_padding: int = 16777216
+    # Bytes of nvJPEG pinned host buffer per thread, twice (8 MiB). ImageNet: 140544512; with 16 threads
+    # that is ~4.5 GB of pinned host memory.
+    host_memory_padding: int = 8388608
+    # px: the hardware decoder (A100/H100/H200 only) preallocates for images this wide and this high
+    # (0: no hint). ImageNet's largest image is 5980 x 6430.
+    preallocate_width_hint: int = 0
+    preallocate_height_hint: int = 0
 
 
 @dataclass

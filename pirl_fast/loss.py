@@ -76,9 +76,11 @@ def info_nce_loss(pos: Tensor, neg: Tensor, temperature: float) -> Tensor:
 
 @dataclass
 class LossConfig:
-    kind: str = "nce"  # nce (the paper's, as the reference computes it) | infonce (the reference's MLP-head recipe)
-    temperature: float = 0.07  # tau, the paper's
-    lam: float = 0.5  # weight of the jigsaw term; the paper found 0.5 best (and sensitive)
+    # nce (the paper's, as the reference computes it: conf/loss/nce.yaml) | infonce (the reference's MLP-head
+    # recipe, and the better choice on tiny datasets: conf/loss/infonce.yaml, README "Loss on tiny data")
+    kind: str = "nce"
+    temperature: float = 0.07  # tau, the paper's (NPID's too); smaller sharpens the softmax over negatives
+    lam: float = 0.5  # lam*L(m, g) + (1-lam)*L(m, f); the paper found 0.5 best and the result sensitive to it
 
 
 @dataclass

@@ -51,12 +51,18 @@ _MASK64 = (1 << 64) - 1
 
 @dataclass
 class BankConfig:
-    momentum: float = 0.5  # mu: weight of the old row (the paper's 0.5)
-    num_negatives: int = 32000  # K per sample and per loss term (the paper's 32,000)
-    dtype: str = "float32"  # storage: float32 | bfloat16 (halves bank memory and gather traffic)
-    kernel: str = "auto"  # auto | triton | torch | naive (see pirl_fast.bank_kernels)
-    seed: int = 0  # initial rows and the negative stream
-    first_update: str = "blend"  # blend (reference: mu * random row + ...) | replace (the first f replaces the random row)
+    momentum: float = 0.5  # mu, the weight of the old row: m <- normalize(mu*m + (1-mu)*f); the paper's 0.5
+    num_negatives: int = 32000  # K per sample and per loss term, drawn uniformly with replacement (the paper's 32,000)
+    # storage: float32 | bfloat16 (halves bank memory and gather traffic, ImageNet: 655 MB -> 328 MB, at some
+    # precision cost)
+    dtype: str = "float32"
+    # auto (the fused Triton kernel on CUDA, the PyTorch reference on CPU) | triton | torch | naive (bank_kernels)
+    kernel: str = "auto"
+    seed: int = 0  # initial rows and the negative stream (offset by rank, saved in checkpoints)
+    # blend (the reference): a row's first update keeps mu of its random start, mu^2 after two epochs, ...;
+    # replace: the first embedding replaces it, so every positive is a real embedding from the second epoch
+    # on (what short runs on small data need; BENCHMARKS.md)
+    first_update: str = "blend"
 
 
 def _mix(*values: int) -> int:

@@ -43,14 +43,16 @@ HEADS = ("linear", "mlp")
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # resnet50 (the paper's) | resnet18 (tests, quick runs)
-    embed_dim: int = 128  # the paper's embedding width; the memory bank rows have this width
+    # resnet50 (the paper's: res5 after avgpool is 2048-d) | resnet18 (512-d, ~4x fewer FLOPs: tests, quick runs)
+    arch: str = "resnet50"
+    embed_dim: int = 128  # the paper's embedding width, of both heads; the memory bank rows have this width
     num_patches: int = 9  # a 3x3 jigsaw grid
     stem: str = "imagenet"  # imagenet (7x7/2 conv + max-pool) | small (3x3/1 conv, no max-pool: 28-64 px images)
     patch_bn_stats: bool = False  # true: the patch forward also updates BN running stats (the reference); batchnorm.py
     embed_bn: bool = False  # true: BatchNorm1d (no affine) on f and g before the L2 normalisation (see below)
     jigsaw_head: str = "light"  # method=jigsaw only: light | reference (pirl_fast/jigsaw.py)
-    head: str = "linear"  # linear (the paper's) | mlp (the reference's improved recipe, see projection_heads)
+    # linear (the paper's) | mlp (the reference's improved recipe, experiment=pirl_mlp_in1k_r50; projection_heads)
+    head: str = "linear"
 
 
 def apply_stem(resnet: nn.Module, stem: str) -> nn.Module:

@@ -22,11 +22,11 @@ SCHEDULES = ("cosine", "multistep")
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # only SGD for now (the paper's); LARS would go here for batch >> 4096
-    lr: float = 0.12  # LR per `reference_batch` samples; scaled linearly to the global batch
+    lr: float = 0.12  # LR per `reference_batch` samples: peak = lr * data.batch_size / reference_batch
     reference_batch: int = 1024  # the paper's global batch (32 GPUs x 32)
     final_lr_ratio: float = 0.001  # cosine ends at lr * ratio (paper: 0.12 -> 0.00012)
-    warmup_epochs: float = 0.0  # linear warm-up before the cosine (paper: none)
-    momentum: float = 0.9
+    warmup_epochs: float = 0.0  # linear warm-up before the cosine (paper: none); try 5 for a batch well past 1024
+    momentum: float = 0.9  # the paper's
     nesterov: bool = False
     schedule: str = "cosine"  # cosine | multistep (x0.1 at each of `milestones`, in epochs; see schedule.py)
     milestones: list[float] = field(default_factory=list)  # epochs, for schedule=multistep

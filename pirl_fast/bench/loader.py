@@ -6,7 +6,7 @@ the same number of CPU threads (DALI threads = DataLoader workers) and are timed
 round after round, each after a warm-up that drains what was prefetched while the other ran; the
 figure is the median over rounds. With CUDA present the dali backend is also timed on the GPU,
 once per --hw-decoder-loads value (data.hw_decoder_load: the share of JPEGs for the hardware
-decoder of A100/H100/H200; conf/data/imagenet.yaml): the sweep that picks it for a machine. On a
+decoder of A100/H100/H200; DataConfig in data.py): the sweep that picks it for a machine. On a
 CPU-only machine there is nothing to sweep (the CPU graph decodes with libjpeg-turbo): it says so.
 
 Without --shards, ~1000 synthetic images of ImageNet-like size (400-500 px sides, baseline JPEG)
