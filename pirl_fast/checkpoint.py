@@ -1,6 +1,9 @@
 """Checkpoints that survive a crash at any instant, and load without running code from the file.
 
-Layout: run_dir/checkpoints/step_000001234.pt, one file per save, the newest `keep` kept.
+Layout: run_dir/checkpoints/step_000001234.pt, one file per save, the newest `keep` kept. A
+checkpoint is a dict of named values (state dicts, numbers, strings, tensors, lists): the caller
+decides what goes in and what loading it means (the trainer: pirl_fast/train.py `save_checkpoint`,
+`resume`); this module writes, finds, checks and reads the files.
 
 A save writes a temporary file in the same folder, fsyncs it, renames it over the final name
 (atomic on POSIX) and fsyncs the folder, so a reader sees either the previous set of files or the
@@ -9,31 +12,11 @@ checkpoint's size (the bytes of its tensors' storages, plus a margin): a full di
 "no space left on device: need about N MB in DIR, have M" (NoSpaceError), not torch's "unexpected
 pos". Temp files of killed saves are removed at the next start (`remove_stale_temps`).
 Loading uses `torch.load(weights_only=True)`: only tensors, numbers, strings, lists, tuples and
-dicts are accepted, so the resolved config is stored as YAML
-text and RNG states as tensors and lists (see `rng_state`).
+dicts are accepted, so configs are stored as YAML text and RNG states as tensors and lists (see
+`rng_state`).
 
 `load_latest` walks the checkpoints newest first and returns the first one that loads and has
 every required key; a corrupt or truncated newest file is skipped with a warning naming it.
-
-When: every trainer.ckpt_every steps, at every epoch end (trainer.ckpt_epoch_end), at the end of
-the run, and at the step boundary after SIGTERM / SIGINT. Never after a non-finite loss.
-
-Contents (`run_state`): model, optimizer (momentum buffers), criterion (the frozen NCE
-normalisers Z), bank (rows + its negative-draw counter), step (= the LR schedule's position),
-epoch and batches_in_epoch (the loader's position), rng (every rank's torch / CUDA / numpy /
-Python states and the loader's generators), config_yaml (the resolved config), world_size,
-num_samples.
-
-Resume (`resume_into`) is bit-for-bit the run that was not interrupted when (a) the world size
-is the same, (b) the backend's batches depend only on its seed, the epoch and the restored RNGs:
-`synthetic` always; `torch` always (the loader's `set_epoch` makes the shard order, split and
-shuffle a function of (seed, epoch), augmentation runs on the restored global torch RNG with
-data.workers=0, and each worker reseeds from (seed, epoch, rank, worker) at every epoch start
-with workers > 0; data.workers must be the same as before); and (c) kernels are deterministic
-(always on CPU; on CUDA, trainer.deterministic=true). With `dali` the resumed run skips the same
-number of batches of the epoch (a fresh shuffle and fresh augmentations, since DALI keeps RNG
-state we cannot save): the LR schedule, epoch boundaries, bank, Z, negatives and weights
-continue exactly; the data order does not.
 """
 
 from __future__ import annotations
@@ -44,7 +27,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -54,17 +37,6 @@ from pirl_fast.atomic import MB, NoSpaceError, atomic_write, is_no_space, remove
 CKPT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d+)\.pt$")
-# What train.py puts in every checkpoint (a checkpoint missing one of these is treated as corrupt).
-REQUIRED_KEYS = ("format_version", "step", "epoch", "batches_in_epoch", "model", "optimizer", "criterion",
-                 "bank", "rng", "config_yaml", "world_size", "num_samples")
-
-
-# Keys that may differ on resume without changing what is computed (not warned about).
-HARMLESS_CHANGES = {"resume", "run_dir", "trainer.max_steps", "trainer.progress", "trainer.log_every",
-                    "trainer.ckpt_every", "trainer.ckpt_epoch_end", "trainer.keep_checkpoints", "trainer.compile",
-                    "trainer.sync_timing", "trainer.timing_warmup_steps", "data.workers", "data.prefetch",
-                    "data.hw_decoder_load", "data.device_memory_padding", "data.host_memory_padding",
-                    "data.preallocate_width_hint", "data.preallocate_height_hint"}
 
 
 class CheckpointError(RuntimeError):
@@ -133,7 +105,9 @@ def remove_stale_temps(run_dir: str | os.PathLike) -> list[tuple[Path, int]]:
 
 
 def save(run_dir: str | os.PathLike, state: dict[str, Any], keep: int) -> Path:
-    """Write state as the checkpoint for state["step"], then delete all but the newest `keep`."""
+    """Write `state` (named values, with "step") as the checkpoint for state["step"], stamped with
+    FORMAT_VERSION, then delete all but the newest `keep`."""
+    state = {"format_version": FORMAT_VERSION, **state}
     path = checkpoint_path(run_dir, int(state["step"]))
     existing = list_checkpoints(run_dir)
     hint = (f" (the {len(existing)} checkpoints kept there use {sum(p.stat().st_size for p in existing) / MB:,.0f} MB; "
@@ -144,12 +118,13 @@ def save(run_dir: str | os.PathLike, state: dict[str, Any], keep: int) -> Path:
     return path
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Load one checkpoint on the CPU with weights_only=True and check it has every required key."""
+def load(path: str | os.PathLike, required: Iterable[str] = ()) -> dict[str, Any]:
+    """Load one checkpoint on the CPU with weights_only=True; CheckpointError unless it has this code's
+    format and every `required` key."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a pirl_fast checkpoint dict")
-    missing = [k for k in REQUIRED_KEYS if k not in state]
+    missing = [k for k in ("format_version", *required) if k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a complete pirl_fast checkpoint: missing {', '.join(missing)}")
     if state["format_version"] != FORMAT_VERSION:
@@ -164,8 +139,8 @@ def load_latest(run_dir: str | os.PathLike, loader: Callable[[Path], dict[str, A
 
     A newest file that fails to load (truncated, corrupt, incomplete) is skipped with a warning
     and the previous one is tried. If files exist but none loads, raises CheckpointError: silently
-    starting from scratch would throw away a run. The trainer resumes with it (`load`: everything
-    needed to continue) and eval reads with it (its own loader: the weights and config suffice).
+    starting from scratch would throw away a run. The trainer resumes with it (its loader requires
+    everything needed to continue) and eval reads with it (its loader: the weights and config suffice).
     """
     candidates = list_checkpoints(run_dir)
     failures = []
@@ -217,103 +192,3 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] 
             raise CheckpointError(f"the checkpoint has no state for the {name!r} generator "
                                   f"(it has {sorted(state['generators'])})")
         g.set_state(state["generators"][name])
-
-
-# ---------------------------------------------------------------------------------------------- the run's state
-def run_state(run, rngs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything needed to continue `run` (a pirl_fast.train.Run) exactly where it is.
-
-    rngs: every rank's `rng_state()`, in rank order (each rank has its own streams).
-    """
-    from pirl_fast.config import to_yaml
-
-    return {
-        "format_version": FORMAT_VERSION,
-        "step": run.step,  # optimiser steps done: also the LR schedule's position (a pure function of it)
-        "epoch": run.epoch,  # epochs done
-        "batches_in_epoch": run.batches_in_epoch,  # batches of epoch `epoch` consumed (skipped on resume)
-        "model": run.module.state_dict(),
-        "optimizer": run.optimizer.state_dict(),  # momentum buffers
-        "criterion": run.criterion.state_dict(),  # the frozen NCE normalisers Z
-        "bank": run.bank.state_dict(),  # rows + the negative stream's position
-        "rng": rngs,
-        "config_yaml": to_yaml(run.cfg),  # text, not an object: weights_only loading stays possible
-        "world_size": run.world_size,
-        "num_samples": run.loader.num_samples,
-    }
-
-
-def resume_into(run, path: Path | None, generators: dict[str, torch.Generator]) -> None:
-    """Load checkpoint `path` into `run` (model, optimiser, Z, bank, position, RNGs); no-op for None.
-
-    Loader position: the loader is set to the checkpoint's epoch (when it has `set_epoch`) and the
-    batches already consumed in that epoch are drawn and dropped (with DALI this decodes them:
-    at worst one epoch of loading, no compute), then every RNG is restored, since the skipping
-    consumed random numbers. Exactness conditions: see the module docstring.
-    """
-    if path is None:
-        return
-    state = load(path)
-    if state["num_samples"] != run.loader.num_samples:
-        from pirl_fast.config import ConfigError
-
-        raise ConfigError(f"checkpoint {path} was trained on {state['num_samples']} samples, but data.shards="
-                          f"{run.cfg.data.shards} holds {run.loader.num_samples}: the memory bank has one row per "
-                          "sample. Resume with the same shards, or start a new run (another hydra.run.dir)")
-    _warn_config_changes(path, state["config_yaml"], run.cfg)
-    try:
-        run.module.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit model.arch={run.cfg.model.arch}, "
-                              f"model.embed_dim={run.cfg.model.embed_dim}: resume with the checkpoint's model config "
-                              f"(see config_yaml inside it). {e}") from e
-    run.optimizer.load_state_dict(state["optimizer"])
-    for group in run.optimizer.param_groups:  # the config, not the checkpoint, decides these
-        group["momentum"] = run.cfg.optim.momentum
-        group["weight_decay"] = run.cfg.optim.weight_decay if group.get("group") == "decay" else 0.0
-    run.criterion.load_state_dict(state["criterion"])
-    run.bank.load_state_dict(state["bank"])
-    run.step, run.epoch, run.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
-    can_set_epoch = hasattr(run.loader, "set_epoch")
-    if can_set_epoch:
-        run.loader.set_epoch(run.epoch)
-    data = run.cfg.data
-    exact = data.backend == "synthetic" or (data.backend == "torch" and (run.epoch == 0 or can_set_epoch))
-    if not exact and run.rank == 0:
-        warnings.warn(f"data.backend={data.backend} (data.workers={data.workers}) cannot restore its exact data "
-                      f"stream: epoch {run.epoch} continues after the {run.batches_in_epoch} batches it had consumed, "
-                      "but with a fresh sample order and fresh augmentations (everything else resumes exactly; "
-                      "see pirl_fast/checkpoint.py)", RuntimeWarning, stacklevel=2)
-    if run.batches_in_epoch:
-        run.batches = iter(run.loader)
-        for _ in range(run.batches_in_epoch):  # read and drop: the checkpointed run had consumed these
-            next(run.batches)
-    if len(state["rng"]) == run.world_size:
-        set_rng_state(state["rng"][run.rank], generators)
-    elif run.rank == 0:
-        warnings.warn(f"checkpoint {path} was written by {len(state['rng'])} ranks, this run has {run.world_size}: "
-                      "RNG streams start fresh (training continues correctly, but not bit for bit)",
-                      RuntimeWarning, stacklevel=2)
-    run.last_checkpoint = Path(path)
-
-
-def _warn_config_changes(path: Path, saved_yaml: str, cfg) -> None:
-    """Warn (rank 0) about keys whose value differs from the checkpoint's config: legitimate for
-    e.g. trainer.epochs or max_steps, a mistake for most others."""
-    from omegaconf import OmegaConf
-
-    from pirl_fast.config import to_yaml
-
-    def flat(node, prefix=""):
-        out = {}
-        for key, value in node.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
-
-    before = flat(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
-    now = flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
-    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k) and k not in HARMLESS_CHANGES]
-    if changed and int(os.environ.get("RANK", 0)) == 0:
-        warnings.warn(f"resuming {path} with a different config:\n  " + "\n  ".join(changed), RuntimeWarning,
-                      stacklevel=3)

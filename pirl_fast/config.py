@@ -19,7 +19,7 @@ Top-level keys:
     num_samples  0 (default): the bank gets one row per sample of the shard manifest; N > 0: the
               run refuses to start unless the shards hold exactly N samples
     resume    "auto": continue the run directory's run from its newest valid checkpoint, when it is the
-              same run (same data, same settings less checkpoint.HARMLESS_CHANGES; run_dirs.py)
+              same run (same data, same settings less run_dirs.HARMLESS_CHANGES)
               "none": start from scratch (the next free runs/NAME-K; refused in a named directory
               that already holds checkpoints)
               a path: continue from that checkpoint file

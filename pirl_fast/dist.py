@@ -45,6 +45,16 @@ def init(backend: str | None = None) -> DistInfo:
     return info()
 
 
+def pick_device(name: str, local_rank: int = 0, setting: str = "--device", error: type = ValueError) -> torch.device:
+    """auto: this rank's GPU (cuda:LOCAL_RANK) when CUDA is there, else the CPU; cuda: that GPU, refused
+    without CUDA (`error`, naming `setting`); cpu; cuda:N."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise error(f"{setting}={name} but CUDA is not available here; use {setting}=auto or cpu")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank) if name in ("auto", "cuda") else torch.device(name)
+
+
 def shutdown() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()

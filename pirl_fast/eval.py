@@ -42,8 +42,9 @@ from pirl_fast import vissl_import
 from pirl_fast.batchnorm import reestimate_running_stats
 from pirl_fast.checkpoint import list_checkpoints, save_atomic
 from pirl_fast.cpus import cpus_per_rank
+from pirl_fast.dist import pick_device
 from pirl_fast.features import (ShardImageDataset, Pretrained, eval_transform, extract, load_pretrained, make_loader,
-                                pick_device, random_init, read_checkpoint, svm_transform, train_transform)
+                                random_init, read_checkpoint, svm_transform, train_transform)
 from pirl_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
 from pirl_fast.manifest import ShardError
 from pirl_fast.model import ARCHS, apply_stem

@@ -217,7 +217,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict, dict]:
     `path` may be a checkpoint file or a run directory: then its newest checkpoint that loads, chosen
     as the trainer chooses where to resume (checkpoint.load_latest: a corrupt newest file is skipped
     with a warning naming it). The trainer stores the resolved config as YAML text under
-    "config_yaml" (pirl_fast/checkpoint.py).
+    "config_yaml" (pirl_fast/train.py `save_checkpoint`).
     """
     path = Path(path)
     run_dir = next((d for d in (path, path.parent) if list_checkpoints(d)), None) if path.is_dir() else None
@@ -310,10 +310,3 @@ def extract(fn: Callable[[Tensor], Tensor], loader: DataLoader, device, desc: st
         raise ShardError(f"{desc}: the loader yielded no samples (empty shard directory?)")
     return torch.cat(feats), torch.cat(labels).long(), torch.cat(index).long()
 
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return torch.device(name)

@@ -12,7 +12,7 @@ representation *covariant* with it, because it must tell the shuffles apart.
 
 Target: `Batch.perm_id`, the position of the sample's permutation in the fixed max-Hamming set of
 P = data.num_permutations permutations (`pirl_fast.permutations.max_hamming_permutations`; the
-loader draws from that set when P > 0).
+loader draws from that set when P > 0). The trainer's step runs it through `JigsawObjective`.
 
 Two heads (`model.jigsaw_head`):
 
@@ -25,11 +25,6 @@ Two heads (`model.jigsaw_head`):
     light      (default) per patch Linear trunk_dim -> model.embed_dim, ReLU; concat; Linear -> P.
                The smallest head that can solve the task, for CPU-sized runs and ResNet-18:
                PIRL's patch-path width plus a 9D x P classifier.
-
-The trainer's step for method=jigsaw:
-
-    logits = model(batch.patches)                  # (B, P)
-    terms = criterion.terms(logits, batch.perm_id) # criterion = JigsawLoss(); terms.total is the loss
 """
 
 from __future__ import annotations
@@ -121,6 +116,28 @@ class JigsawLoss(nn.Module):
         the step's logging and finite check stay as they are for PIRL."""
         ce = self(logits, perm_id)
         return LossTerms(total=ce, jigsaw=ce, image=torch.zeros_like(ce))
+
+
+class JigsawObjective:
+    """method=jigsaw in the trainer's step (as PIRLObjective, pirl_fast/loss.py): the model maps the
+    patches to logits (B, P), the loss classifies the permutation; no bank."""
+
+    def __init__(self, criterion: JigsawLoss):
+        self.criterion = criterion
+
+    def inputs(self, batch) -> tuple[Tensor]:
+        return (batch.patches,)
+
+    def __call__(self, logits: Tensor, batch) -> LossTerms:
+        terms = self.criterion.terms(logits, batch.perm_id)  # total = jigsaw = cross-entropy, image = 0
+        terms.scores["acc_jigsaw"] = (logits.detach().argmax(1) == batch.perm_id).float().mean()
+        return terms
+
+    def update(self, logits: Tensor, batch) -> None:
+        pass  # the bank is kept (one checkpoint format) but unused
+
+    def interval_diagnostics(self) -> dict[str, Tensor]:
+        return {}
 
 
 @torch.no_grad()

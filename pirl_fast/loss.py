@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pirl_fast import dist
+from pirl_fast.diagnostics import bank_cosine, cosine_f_g
 
 KINDS = ("nce", "infonce")
 
@@ -88,8 +89,9 @@ class LossTerms:
     total: Tensor  # lam * jigsaw + (1 - lam) * image, what backward() runs on
     jigsaw: Tensor  # L(m_I, g)
     image: Tensor  # L(m_I, f)
-    # Diagnostics, detached 0-dim tensors left on the device (pirl_fast/diagnostics.py):
-    # pos_<term> / neg_<term>, the mean positive and negative cosine score of each term.
+    # Diagnostics, detached 0-dim tensors left on the device (pirl_fast/diagnostics.py): PIRL's
+    # pos_<term> / neg_<term> (mean positive and negative cosine score of each term) and cos_f_g;
+    # Jigsaw's acc_jigsaw.
     scores: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -143,3 +145,26 @@ class PIRLCriterion(nn.Module):
         self._z_ready = True
         lam = self.cfg.lam
         return LossTerms(total=lam * jigsaw + (1.0 - lam) * image, jigsaw=jigsaw, image=image, scores=scores)
+
+
+class PIRLObjective:
+    """method=pirl in the trainer's step (as JigsawObjective, pirl_fast/jigsaw.py): the model maps (images,
+    patches) to f, g (B, D), scored against the bank's old rows; after the optimiser step the rows become f."""
+
+    def __init__(self, criterion: PIRLCriterion, bank):
+        self.criterion, self.bank = criterion, bank
+
+    def inputs(self, batch) -> tuple[Tensor, Tensor]:
+        return batch.images, batch.patches
+
+    def __call__(self, outputs: tuple[Tensor, Tensor], batch) -> LossTerms:
+        f, g = outputs  # (B, D), (B, D) float32, unit rows
+        terms = self.criterion(f, g, batch.index, self.bank)  # fp32, against the bank's old rows
+        terms.scores["cos_f_g"] = cosine_f_g(f, g)
+        return terms
+
+    def update(self, outputs: tuple[Tensor, Tensor], batch) -> None:
+        self.bank.update(batch.index, outputs[0].detach())  # after the loss: the positives were the old rows
+
+    def interval_diagnostics(self) -> dict[str, Tensor]:
+        return {"bank_cos": bank_cosine(self.bank.bank)}

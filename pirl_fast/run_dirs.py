@@ -4,7 +4,7 @@ A run is identified by its data and the settings that change what it computes:
   - data: the shard manifest's content (sample count, classes, every shard's samples, bytes and
     SHA-256), so a moved or re-linked copy of the same shards is the same data and shards re-made
     at the same path from other images are not; with data.backend=synthetic, its sample count;
-  - settings: the resolved config less checkpoint.HARMLESS_CHANGES (max_steps, logging, checkpoint
+  - settings: the resolved config less HARMLESS_CHANGES (max_steps, logging, checkpoint
     cadence, workers, ...) and the keys that only name or place the run (IGNORED).
 Rank 0 records the identity in RUN_DIR/run.json when a run first uses the directory, before any
 checkpoint exists; `resume=auto` continues a directory's run only when the identities match.
@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,17 @@ from pirl_fast.atomic import atomic_write
 from pirl_fast.config import Config, ConfigError, to_yaml
 
 IDENTITY_NAME = "run.json"
+# What the trainer puts in every checkpoint (train.py `save_checkpoint`); one missing any of these is
+# treated as corrupt, so that load_latest falls back past it.
+TRAINING_KEYS = ("step", "epoch", "batches_in_epoch", "model", "optimizer", "criterion", "bank", "rng", "config_yaml",
+                 "world_size", "num_samples")
+load_training = partial(checkpoint.load, required=TRAINING_KEYS)  # path -> the checkpoint's dict, or CheckpointError
+# Keys that may differ between runs and on resume without changing what is computed (not warned about).
+HARMLESS_CHANGES = {"resume", "run_dir", "trainer.max_steps", "trainer.progress", "trainer.log_every",
+                    "trainer.ckpt_every", "trainer.ckpt_epoch_end", "trainer.keep_checkpoints", "trainer.compile",
+                    "trainer.sync_timing", "trainer.timing_warmup_steps", "data.workers", "data.prefetch",
+                    "data.hw_decoder_load", "data.device_memory_padding", "data.host_memory_padding",
+                    "data.preallocate_width_hint", "data.preallocate_height_hint"}
 # Keys that name or place a run rather than change what it computes (beside HARMLESS_CHANGES).
 # data.shards stays in the settings, for messages and for directories without a fingerprint; where both
 # sides have one, the fingerprint decides (`differences`).
@@ -76,7 +88,14 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def settings_of(config_yaml: str) -> dict[str, Any]:
     """The keys of a resolved config (YAML text) that make a run what it is, flattened."""
     flat = flatten(OmegaConf.to_container(OmegaConf.create(config_yaml)))
-    return {k: v for k, v in flat.items() if k not in checkpoint.HARMLESS_CHANGES and k not in IGNORED}
+    return {k: v for k, v in flat.items() if k not in HARMLESS_CHANGES and k not in IGNORED}
+
+
+def config_changes(saved_yaml: str, new_yaml: str) -> list[str]:
+    """`key: old -> new` for every setting (`settings_of`) that differs between two resolved configs."""
+    before, now = settings_of(saved_yaml), settings_of(new_yaml)
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
+            if before.get(k) != now.get(k)]
 
 
 def data_identity(cfg: Config) -> dict[str, Any]:
@@ -110,7 +129,7 @@ def read_identity(run_dir: Path) -> dict[str, Any] | None:
             raise ConfigError(f"{recorded} cannot be read ({e}): it records which run {run_dir} holds; restore it, "
                               "or delete it if the directory holds nothing worth keeping") from e
     if checkpoint.list_checkpoints(run_dir):  # a run from before run.json: its newest checkpoint's config
-        latest = checkpoint.load_latest(run_dir)
+        latest = checkpoint.load_latest(run_dir, load_training)
         return {"data": None, "settings": settings_of(latest[1]["config_yaml"]),
                 "num_samples": latest[1]["num_samples"]}
     if (run_dir / "config.yaml").is_file():
@@ -182,7 +201,8 @@ def resume_from(cfg: Config, run_dir: Path) -> Path | None:
         if not Path(cfg.resume).is_file():
             raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
         return Path(cfg.resume)
-    latest = checkpoint.load_latest(run_dir) if cfg.resume == "auto" else None  # warns past a corrupt newest file
+    # resume=auto: the newest good one (load_latest warns past a corrupt newest file)
+    latest = checkpoint.load_latest(run_dir, load_training) if cfg.resume == "auto" else None
     return latest[0] if latest else None
 
 

@@ -15,15 +15,28 @@ Run directory: runs/${name}, or runs/${name}-2, -3, ... when runs/${name} holds 
 otherwise; rank 0 decides it and broadcasts it, so every rank reads checkpoints from the same place
 (multi-node: a shared filesystem). Only rank 0 writes there: run.json, checkpoints/, metrics.jsonl,
 tb/, config.yaml, summary.json.
+
+Checkpoints (`save_checkpoint`): every trainer.ckpt_every steps, at epoch ends (trainer.ckpt_epoch_end),
+at the end, and at the step boundary after SIGTERM / SIGINT; never after a non-finite loss.
+Resume (`resume`) is bit-for-bit the run that was not interrupted when (a) the world size is the
+same, (b) the backend's batches depend only on its seed, the epoch and the restored RNGs:
+`synthetic` always; `torch` always (the loader's `set_epoch` makes the shard order, split and
+shuffle a function of (seed, epoch), augmentation runs on the restored global torch RNG with
+data.workers=0, and each worker reseeds from (seed, epoch, rank, worker) at every epoch start
+with workers > 0; data.workers must be the same as before); and (c) kernels are deterministic
+(always on CPU; on CUDA, trainer.deterministic=true). With `dali` the resumed run skips the same
+number of batches of the epoch (a fresh shuffle and fresh augmentations, since DALI keeps RNG
+state we cannot save): the LR schedule, epoch boundaries, bank, Z, negatives and weights
+continue exactly; the data order does not.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import sys
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,12 +51,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pirl_fast import checkpoint, dist, host_read, run_dirs
-from pirl_fast.checkpoint import CheckpointError, resume_into, run_state
+from pirl_fast.atomic import atomic_write, write_json
+from pirl_fast.checkpoint import CheckpointError
 from pirl_fast.config import Config, ConfigError, to_dataclass, to_yaml, validate
 from pirl_fast.data import BackendUnavailable, build_loader, resolve_backend
-from pirl_fast.diagnostics import IntervalMeans, bank_cosine, cosine_f_g
-from pirl_fast.jigsaw import JigsawLoss, JigsawModel
-from pirl_fast.loss import PIRLCriterion
+from pirl_fast.diagnostics import IntervalMeans
+from pirl_fast.jigsaw import JigsawLoss, JigsawModel, JigsawObjective
+from pirl_fast.loss import PIRLCriterion, PIRLObjective
 from pirl_fast.manifest import ShardError
 from pirl_fast.memory_bank import MemoryBank
 from pirl_fast.metrics import MetricsLogger, StepClock, format_summary, gpu_memory_gb
@@ -71,8 +85,9 @@ class Run:
     loader: Any  # a pirl_fast.data.PIRLLoader
     module: PIRLModel  # the bare model: state_dict, parameter groups
     model: nn.Module  # what the step calls: `module`, wrapped in DDP and/or torch.compile
-    criterion: PIRLCriterion
+    criterion: PIRLCriterion | JigsawLoss
     bank: MemoryBank
+    objective: PIRLObjective | JigsawObjective  # the method: model inputs, loss terms, bank update
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     stop_at: int  # the loop ends once `step` reaches this (epochs * batches per epoch, or max_steps)
@@ -100,17 +115,9 @@ def train_step(run: Run, batch) -> list[float]:
     with run.clock.phase("compute"):
         with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32,
                             enabled=run.autocast_dtype is not None):
-            if run.cfg.method == "jigsaw":  # the baseline: classify which of P permutations shuffled the patches
-                logits = run.model(batch.patches)  # (B, P) float32
-            else:
-                f, g = run.model(batch.images, batch.patches)  # (B, D), (B, D) float32, unit rows
-        if run.cfg.method == "jigsaw":
-            terms = run.criterion.terms(logits, batch.perm_id)  # total = jigsaw = cross-entropy, image = 0
-        else:
-            terms = run.criterion(f, g, batch.index, run.bank)  # fp32, against the bank's old rows
-        # Collapse diagnostics stay on the device until the next log interval (no sync here).
-        run.diagnostics.add({**terms.scores, "cos_f_g": cosine_f_g(f, g)} if run.cfg.method == "pirl" else
-                            {"acc_jigsaw": (logits.detach().argmax(1) == batch.perm_id).float().mean()})
+            outputs = run.model(*run.objective.inputs(batch))  # pirl: f, g (B, D) unit rows; jigsaw: logits (B, P)
+        terms = run.objective(outputs, batch)  # fp32: total, jigsaw, image, and the diagnostics in scores
+        run.diagnostics.add(terms.scores)  # collapse diagnostics stay on the device until the next log interval
         # One small all-reduce: the loss for the log is the mean over ranks, and a NaN or a stop
         # request on any rank reaches all of them, so every rank stops at the same step. The host's
         # numbers are filled in on the device (no host-to-device copy, no wait for the forward).
@@ -129,9 +136,8 @@ def train_step(run: Run, batch) -> list[float]:
                 f"{run.batches_in_epoch + 1}): total={values[0]}, jigsaw={values[1]}, image={values[2]}", lr))
         run.optimizer.step()
     values[3] = round(values[3] * run.world_size)  # mean over ranks -> the step's total count
-    if run.cfg.method == "pirl":
-        with run.clock.phase("bank"):
-            run.bank.update(batch.index, f.detach())  # after the loss: the positives were the old rows
+    with run.clock.phase("bank"):
+        run.objective.update(outputs, batch)  # pirl: the batch's bank rows become f
     return values
 
 
@@ -186,7 +192,7 @@ def log_interval(run: Run) -> None:
     losses = np.mean(np.array(run.interval_losses), axis=0)  # mean over the interval's steps
     run.interval_losses.clear()
     timing = run.clock.take_interval()
-    diagnostics = run.diagnostics.take({"bank_cos": bank_cosine(run.bank.bank)} if run.cfg.method == "pirl" else {})
+    diagnostics = run.diagnostics.take(run.objective.interval_diagnostics())
     run.logger.log({
         "step": run.step, "epoch": run.epoch + run.batches_in_epoch / len(run.loader),
         "loss": float(losses[0]), "loss_jigsaw": float(losses[1]), "loss_image": float(losses[2]),
@@ -205,9 +211,70 @@ def save_checkpoint(run: Run) -> None:
     if not host_read.read(finite):
         raise NonFiniteLossError(non_finite_message(run, f"the weights are not finite after step {run.step}",
                                                     lr_at(run.step - 1, run.schedule)))
-    state = run_state(run, dist.gather_objects(checkpoint.rng_state(loader_generators(run.loader))))
-    if run.rank == 0:
-        run.last_checkpoint = checkpoint.save(run.run_dir, state, run.cfg.trainer.keep_checkpoints)
+    rngs = dist.gather_objects(checkpoint.rng_state(loader_generators(run.loader)))  # every rank's, in rank order
+    if run.rank == 0:  # run_dirs.TRAINING_KEYS names these keys
+        run.last_checkpoint = checkpoint.save(run.run_dir, {
+            "step": run.step, "epoch": run.epoch, "batches_in_epoch": run.batches_in_epoch,  # see Run
+            "model": run.module.state_dict(), "optimizer": run.optimizer.state_dict(),  # momentum buffers
+            "criterion": run.criterion.state_dict(),  # the frozen NCE normalisers Z
+            "bank": run.bank.state_dict(),  # rows + the negative stream's position
+            "rng": rngs,  # torch / CUDA / numpy / Python states and the loader's generators
+            "config_yaml": to_yaml(run.cfg),  # text, not an object: weights_only loading stays possible
+            "world_size": run.world_size, "num_samples": run.loader.num_samples,
+        }, run.cfg.trainer.keep_checkpoints)
+
+
+def resume(run: Run, path: Path) -> None:
+    """Load checkpoint `path` into `run`: model, optimiser, Z, bank, position, RNGs.
+
+    Loader position: the loader is set to the checkpoint's epoch (when it has `set_epoch`) and the
+    batches already consumed in that epoch are drawn and dropped (with DALI this decodes them:
+    at worst one epoch of loading, no compute), then every RNG is restored, since the skipping
+    consumed random numbers. Exactness conditions: see the module docstring.
+    """
+    state = run_dirs.load_training(path)
+    if state["num_samples"] != run.loader.num_samples:
+        raise ConfigError(f"checkpoint {path} was trained on {state['num_samples']} samples, but data.shards="
+                          f"{run.cfg.data.shards} holds {run.loader.num_samples}: the memory bank has one row per "
+                          "sample. Resume with the same shards, or start a new run (another hydra.run.dir)")
+    changed = run_dirs.config_changes(state["config_yaml"], to_yaml(run.cfg))  # legitimate for e.g. trainer.epochs
+    if changed and run.rank == 0:
+        warnings.warn(f"resuming {path} with a different config:\n  " + "\n  ".join(changed), RuntimeWarning,
+                      stacklevel=2)
+    try:
+        run.module.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit model.arch={run.cfg.model.arch}, "
+                              f"model.embed_dim={run.cfg.model.embed_dim}: resume with the checkpoint's model config "
+                              f"(see config_yaml inside it). {e}") from e
+    run.optimizer.load_state_dict(state["optimizer"])
+    for group in run.optimizer.param_groups:  # the config, not the checkpoint, decides these
+        group["momentum"] = run.cfg.optim.momentum
+        group["weight_decay"] = run.cfg.optim.weight_decay if group.get("group") == "decay" else 0.0
+    run.criterion.load_state_dict(state["criterion"])
+    run.bank.load_state_dict(state["bank"])
+    run.step, run.epoch, run.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+    can_set_epoch = hasattr(run.loader, "set_epoch")
+    if can_set_epoch:
+        run.loader.set_epoch(run.epoch)
+    data = run.cfg.data
+    exact = data.backend == "synthetic" or (data.backend == "torch" and (run.epoch == 0 or can_set_epoch))
+    if not exact and run.rank == 0:
+        warnings.warn(f"data.backend={data.backend} (data.workers={data.workers}) cannot restore its exact data "
+                      f"stream: epoch {run.epoch} continues after the {run.batches_in_epoch} batches it had consumed, "
+                      "but with a fresh sample order and fresh augmentations (everything else resumes exactly; "
+                      "see pirl_fast/train.py)", RuntimeWarning, stacklevel=2)
+    if run.batches_in_epoch:
+        run.batches = iter(run.loader)
+        for _ in range(run.batches_in_epoch):  # read and drop: the checkpointed run had consumed these
+            next(run.batches)
+    if len(state["rng"]) == run.world_size:
+        checkpoint.set_rng_state(state["rng"][run.rank], loader_generators(run.loader))
+    elif run.rank == 0:
+        warnings.warn(f"checkpoint {path} was written by {len(state['rng'])} ranks, this run has {run.world_size}: "
+                      "RNG streams start fresh (training continues correctly, but not bit for bit)",
+                      RuntimeWarning, stacklevel=2)
+    run.last_checkpoint = Path(path)
 
 
 def loader_generators(loader) -> dict[str, torch.Generator]:
@@ -222,7 +289,7 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, resume_path: Path | N
           bank_rows: int = 0) -> Run:
     """Build everything (data first: missing shards fail before a model is allocated) and resume from
     `resume_path` (None: a fresh start). bank_rows: see run_training."""
-    device = pick_device(cfg, info)
+    device = dist.pick_device(cfg.trainer.device, info.local_rank, "trainer.device", ConfigError)
     seed_everything(cfg.trainer.seed, info.rank, cfg.trainer.deterministic, device)
     loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size, device=device)
     if cfg.num_samples and cfg.num_samples != loader.num_samples:
@@ -243,6 +310,7 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, resume_path: Path | N
     rows = bank_rows or loader.num_samples
     bank = MemoryBank(rows, cfg.model.embed_dim, cfg.bank).to(device)
     criterion = (JigsawLoss() if jigsaw else PIRLCriterion(cfg.loss, rows)).to(device)
+    objective = JigsawObjective(criterion) if jigsaw else PIRLObjective(criterion, bank)
     torch.manual_seed(cfg.trainer.seed + 1_000_003 * (info.rank + 1))  # from here on, each rank its own stream
     steps_per_epoch = len(loader)
     total = cfg.trainer.epochs * steps_per_epoch
@@ -257,11 +325,12 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, resume_path: Path | N
     precision = cfg.trainer.precision if cfg.trainer.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
     run = Run(cfg=cfg, rank=info.rank, world_size=info.world_size, device=device, run_dir=run_dir, loader=loader,
-              module=module, model=module, criterion=criterion, bank=bank, optimizer=optimizer, schedule=schedule,
-              stop_at=min(total, cfg.trainer.max_steps or total), global_batch=cfg.data.batch_size,
+              module=module, model=module, criterion=criterion, bank=bank, objective=objective, optimizer=optimizer,
+              schedule=schedule, stop_at=min(total, cfg.trainer.max_steps or total), global_batch=cfg.data.batch_size,
               autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
               stop=StopRequest(info.rank, info.world_size))
-    resume_into(run, resume_path, loader_generators(loader))
+    if resume_path is not None:
+        resume(run, resume_path)
     if dist.is_distributed():
         # broadcast_buffers: rank 0's BN running statistics are pushed to all ranks every forward
         run.model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -269,15 +338,6 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, resume_path: Path | N
     if cfg.trainer.compile:
         run.model = torch.compile(run.model)
     return run
-
-
-def pick_device(cfg: Config, info: dist.DistInfo) -> torch.device:
-    wanted = cfg.trainer.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but CUDA is not available here; use trainer.device=auto or cpu")
-    if wanted == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", info.local_rank)
 
 
 def seed_everything(seed: int, rank: int, deterministic: bool, device: torch.device) -> None:
@@ -343,7 +403,8 @@ def run_training(cfg: DictConfig | Config, default_dir: bool = False,
     run = setup(config, run_dir, info, choice.checkpoint, bank_rows)
     if run.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
+        with atomic_write(run_dir / "config.yaml", "w") as f:
+            f.write(to_yaml(config))
     run.logger = MetricsLogger(run_dir, enabled=run.rank == 0, progress=config.trainer.progress,
                                total_steps=run.stop_at, initial_step=run.step)
     run.clock = StepClock(run.device, config.trainer.sync_timing, config.trainer.timing_warmup_steps)
@@ -377,7 +438,7 @@ def run_training(cfg: DictConfig | Config, default_dir: bool = False,
         run.loader.close()
     summary = make_summary(run, stopped_by)
     if run.rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(run_dir / "summary.json", summary, indent=2)
         print(format_summary(summary), flush=True)
     dist.barrier()  # rank 0's last checkpoint is on disk before any rank reports success
     return run, summary

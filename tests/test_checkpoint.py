@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pirl_fast import atomic, checkpoint
+from pirl_fast import atomic, checkpoint, run_dirs
 from pirl_fast.atomic import NoSpaceError
 from pirl_fast.checkpoint import CheckpointError
 
@@ -81,7 +81,7 @@ def test_incomplete_dict_is_rejected(tmp_path):
     del state["bank"]
     torch.save(state, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="missing bank"):
-        checkpoint.load(tmp_path / "x.pt")
+        checkpoint.load(tmp_path / "x.pt", run_dirs.TRAINING_KEYS)
 
 
 class NotAllowed:

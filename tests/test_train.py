@@ -19,7 +19,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from pirl_fast import bank_kernels, checkpoint
+from pirl_fast import bank_kernels, checkpoint, dist
 from pirl_fast.config import ConfigError
 from pirl_fast.loss import PIRLCriterion
 from pirl_fast.manifest import ShardError
@@ -83,7 +83,7 @@ def trained_state(run) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("backend", ["synthetic", "torch", "torch-2-workers"])
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, backend, request):
-    """4 steps straight == 3 steps, stop, resume, 1 step. The exact cases (pirl_fast/checkpoint.py):
+    """4 steps straight == 3 steps, stop, resume, 1 step. The exact cases (pirl_fast/train.py):
     synthetic: 8 samples / batch 4 = 2 steps per epoch, so the checkpoint at step 3 sits mid-way
     through epoch 1 and resuming must skip a batch and restore the RNG streams, not restart them.
     torch on the 48 sample shards, mid-way through epoch 0: with data.workers=0 augmentations are
@@ -222,6 +222,30 @@ def test_bank_size_disagreeing_with_the_manifest_fails_before_training(tmp_path,
     with pytest.raises(ConfigError, match=r"num_samples=50 but the shards .* hold 48 samples"):
         train(config(tmp_path, f"data.shards={sample_shards}", "data.backend=torch", "num_samples=50"))
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resuming_another_runs_checkpoint_warns_about_the_settings_that_differ(tmp_path):
+    """resume=PATH with other settings: the changed ones are named (a wrong lr would be silent otherwise);
+    the harmless ones (max_steps, log_every) and the run's name and place are not."""
+    train(config(tmp_path / "a", "data.backend=synthetic", "trainer.max_steps=1"))
+    with pytest.warns(RuntimeWarning, match="different config") as record:
+        train(config(tmp_path / "b", "data.backend=synthetic", "trainer.max_steps=2", "trainer.log_every=2",
+                     "optim.lr=0.5", f"resume={checkpoint.checkpoint_path(tmp_path / 'a', 1)}"))
+    (message,) = [str(w.message) for w in record if "different config" in str(w.message)]
+    (changed,) = message.splitlines()[1:]
+    assert changed.startswith("  optim.lr: ") and changed.endswith(" -> 0.5"), message
+
+
+def test_pick_device_names_the_setting_when_cuda_is_missing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dist.pick_device("auto", 3) == dist.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="trainer.device=cuda but CUDA is not available"):
+        dist.pick_device("cuda", 0, "trainer.device", ConfigError)
+    with pytest.raises(ValueError, match="--device=cuda:1 but CUDA"):
+        dist.pick_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dist.pick_device("auto", 3) == dist.pick_device("cuda", 3) == torch.device("cuda", 3)  # this rank's GPU
+    assert dist.pick_device("cuda:1", 3) == torch.device("cuda", 1)
 
 
 def test_resume_none_refuses_to_overwrite_a_run(tmp_path):
