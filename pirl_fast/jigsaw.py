@@ -34,21 +34,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pirl_fast.loss import LossTerms
-from pirl_fast.model import ARCHS, ModelConfig, build_trunk, trunk_features
+from pirl_fast.model import ModelConfig, TrunkModel
 
 JIGSAW_HEADS = ("light", "reference")
 REFERENCE_PATCH_WIDTH = 1000  # jigsaw_8gpu_resnet.yaml: ["mlp", {"dims": [2048, 1000], ...}] per patch
 
 
-class JigsawModel(nn.Module):
-    """ResNet trunk + per-patch head + permutation classifier; forward(patches) -> logits (B, P).
-
-    `.trunk` and `.features(x)` match PIRLModel, so export, kNN, linear and invariance evaluation
-    treat both models alike.
-    """
+class JigsawModel(TrunkModel):
+    """ResNet trunk + per-patch head + permutation classifier; forward(patches) -> logits (B, P)."""
 
     def __init__(self, cfg: ModelConfig, num_permutations: int):
-        super().__init__()
         if cfg.jigsaw_head not in JIGSAW_HEADS:
             raise ValueError(f"model.jigsaw_head={cfg.jigsaw_head!r} is unknown; choose one of "
                              f"{', '.join(JIGSAW_HEADS)}")
@@ -58,10 +53,8 @@ class JigsawModel(nn.Module):
                 f"(the paper's Jigsaw uses P = 1000; got {num_permutations}; 0 means 'any of 9!', which has no "
                 "class ids)"
             )
-        self.cfg = cfg
+        super().__init__(cfg)
         self.num_permutations = num_permutations
-        self.trunk = build_trunk(cfg)  # trunk(x) = res5 avgpool: (N, trunk_dim); torchvision's keys minus fc
-        self.trunk_dim = ARCHS[cfg.arch][1]
         if cfg.jigsaw_head == "reference":  # Linear -> BN -> ReLU per patch, as the reference's "mlp" with use_bn
             self.patch_width = REFERENCE_PATCH_WIDTH
             self.patch_head = nn.Sequential(nn.Linear(self.trunk_dim, REFERENCE_PATCH_WIDTH),
@@ -70,10 +63,6 @@ class JigsawModel(nn.Module):
             self.patch_width = cfg.embed_dim
             self.patch_head = nn.Linear(self.trunk_dim, cfg.embed_dim)  # the ReLU is applied in forward
         self.classifier = nn.Linear(cfg.num_patches * self.patch_width, num_permutations)
-
-    def features(self, x: Tensor) -> Tensor:
-        """res5 after average pooling: (N, 3, H, W) -> (N, trunk_dim)."""
-        return trunk_features(self.trunk, x)
 
     def forward(self, patches: Tensor) -> Tensor:
         """patches (B*P, 3, h, w), sample b's patches contiguous in presented order -> logits (B, num_perms)."""

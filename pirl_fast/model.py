@@ -107,28 +107,35 @@ def projection_heads(head: str, trunk_dim: int, embed_dim: int) -> tuple[nn.Modu
     raise ValueError(f"model.head={head!r} is unknown; choose one of {HEADS}")
 
 
-def trunk_features(trunk: nn.Module, x: Tensor) -> Tensor:
-    """A torchvision ResNet trunk (fc = Identity) on x (N, 3, H, W) -> (N, trunk_dim), in the layout of
-    the trunk's weights (weight_layout: channels-last on CUDA, plain on the CPU)."""
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
-    weight = trunk.conv1.weight
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        x = x.to(weight.dtype)  # float16 views (data.output_dtype) into an fp32 model; autocast casts itself
-    return trunk(x.contiguous(memory_format=weight_layout(trunk)))  # no copy if already so
-
-
-class PIRLModel(nn.Module):
-    """ResNet trunk + image head f and jigsaw head g; forward(images, patches) -> (f, g)."""
+class TrunkModel(nn.Module):
+    """A ResNet trunk (torchvision's keys minus fc) and `features`: what export, kNN, linear and
+    invariance evaluation read, from PIRLModel and JigsawModel alike."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.embed_dim < 1 or cfg.num_patches < 1:
-            raise ValueError(f"model.embed_dim ({cfg.embed_dim}) and model.num_patches ({cfg.num_patches}) "
-                             "must be positive integers")
         self.cfg = cfg
         self.trunk = build_trunk(cfg)  # trunk(x): res5 avgpool, flattened: (N, trunk_dim)
         self.trunk_dim = ARCHS[cfg.arch][1]
+
+    def features(self, x: Tensor) -> Tensor:
+        """res5 after average pooling: (N, 3, H, W) -> (N, trunk_dim), in the layout of the trunk's
+        weights (weight_layout: channels-last on CUDA, plain on the CPU)."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
+        weight = self.trunk.conv1.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight.dtype)  # float16 views (data.output_dtype) into an fp32 model; autocast casts itself
+        return self.trunk(x.contiguous(memory_format=weight_layout(self.trunk)))  # no copy if already so
+
+
+class PIRLModel(TrunkModel):
+    """ResNet trunk + image head f and jigsaw head g; forward(images, patches) -> (f, g)."""
+
+    def __init__(self, cfg: ModelConfig):
+        if cfg.embed_dim < 1 or cfg.num_patches < 1:
+            raise ValueError(f"model.embed_dim ({cfg.embed_dim}) and model.num_patches ({cfg.num_patches}) "
+                             "must be positive integers")
+        super().__init__(cfg)
         self.image_head, self.patch_head = projection_heads(cfg.head, self.trunk_dim, cfg.embed_dim)
         self.jigsaw_head = nn.Linear(cfg.num_patches * cfg.embed_dim, cfg.embed_dim)  # linear in both recipes
         # embed_bn: centre and scale each embedding dimension over the batch before normalising. A linear
@@ -138,10 +145,6 @@ class PIRLModel(nn.Module):
         # keeps the rows spread (bank_cos ~0.01); see BENCHMARKS.md. Off: the reference's heads.
         self.image_bn = nn.BatchNorm1d(cfg.embed_dim, affine=False) if cfg.embed_bn else nn.Identity()
         self.jigsaw_bn = nn.BatchNorm1d(cfg.embed_dim, affine=False) if cfg.embed_bn else nn.Identity()
-
-    def features(self, x: Tensor) -> Tensor:
-        """res5 after average pooling: (N, 3, H, W) -> (N, trunk_dim)."""
-        return trunk_features(self.trunk, x)
 
     def embed_image(self, images: Tensor) -> Tensor:
         """f(v_I): (B, 3, H, W) -> (B, D), L2-normalised, float32."""
