@@ -44,7 +44,7 @@ from pirl_fast.data import BackendUnavailable, build_loader, resolve_backend
 from pirl_fast.diagnostics import IntervalMeans, bank_cosine, cosine_f_g
 from pirl_fast.jigsaw import JigsawLoss, JigsawModel
 from pirl_fast.loss import PIRLCriterion
-from pirl_fast.manifest import ShardError
+from pirl_fast.shard_format import ShardError
 from pirl_fast.memory_bank import MemoryBank
 from pirl_fast.metrics import MetricsLogger, StepClock, format_summary, gpu_memory_gb
 from pirl_fast.model import PIRLModel, memory_format_for

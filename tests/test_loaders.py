@@ -12,10 +12,11 @@ import pytest
 import torch
 import webdataset
 
-from pirl_fast.data import BACKENDS, DataConfig, build_loader, epoch_length, resolve_backend, resolve_workers
-from pirl_fast.manifest import ShardError, load_manifest
+from pirl_fast.batch import epoch_length
+from pirl_fast.data import BACKENDS, DataConfig, build_loader, resolve_backend, resolve_workers
 from pirl_fast.sample_data import write_sample_folder
 from pirl_fast.shard import Options, run_shard
+from pirl_fast.shard_format import ShardError, load_manifest
 
 pytest.importorskip("nvidia.dali")
 
