@@ -86,7 +86,7 @@ came from, so that a corrupt sample is named, and with data.on_corrupt=skip neve
 
 Channels stay last (HWC / FHWC), so a torch view (B, H, W, 3).permute(0, 3, 1, 2) is already
 channels_last-strided: no copy between DALI and the model. Patches leave DALI in cell order; the
-random presentation order is applied by the loader (pirl_fast.data.PatchOrder).
+random presentation order is applied by the loader (pirl_fast.batch.PatchOrder).
 
 Why one full decode for both views: on the CPU (400-500 px JPEGs, 2 threads) decode + two
 random_resized_crops cost 3.9 CPU-ms per sample against 4.6 for two ROI decodes

@@ -5,7 +5,7 @@ an interrupted copy, a bad transfer). A loader finds a damaged sample in two way
 
   - Its checksum. Shards written with per-sample checksums hold a `KEY.crc` member: the zlib
     CRC-32 of the KEY.jpg bytes (shards/README.md; the manifest's sample_members lists "crc").
-    Every backend compares it with the bytes on the host, before decoding (`checksum_problem`).
+    Every backend compares it with the bytes on the host, before decoding (shard_format.checksum_problem).
     This is the only check that sees damage a decoder merely warns about (libjpeg prints "Corrupt
     JPEG data" and decodes garbage) or does not notice (nvJPEG on the GPU). Cost, measured on the
     2-core development machine under load (best of repeated runs, CPU time): zlib.crc32 at
@@ -17,8 +17,8 @@ an interrupted copy, a bad transfer). A loader finds a damaged sample in two way
     `DaliGate` remembers which samples were handed to the decoder, and `find_undecodable` decodes
     those again on the host to name the one that fails.
 
-What happens then is data.on_corrupt (pirl_fast/data.py): `error` stops with ShardError naming the
-shard and the sample key; `skip` replaces the sample in its batch (`data.replace_corrupt`) and
+What happens then is data.on_corrupt (pirl_fast/batch.py): `error` stops with ShardError naming the
+shard and the sample key; `skip` replaces the sample in its batch (`batch.replace_corrupt`) and
 counts it. A DALI decoder failure cannot be skipped (the pipeline is gone): with checksums, damage
 is caught before the decoder; without them, the error says to re-shard or use data.backend=torch.
 """
@@ -29,29 +29,15 @@ import collections
 import functools
 import re
 import tarfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from pirl_fast.shard_format import TAR_BLOCK, decode_int64
+from pirl_fast.shard_format import checksum_problem, read_member
 
 FIX = ("check the shards with `python -m pirl_fast.shard --verify DIR`, then restore the damaged shard from a "
        "copy or re-shard")
 SKIP_HINT = "; or train on without such samples with data.on_corrupt=skip (counted as corrupt_skipped in metrics.jsonl)"
-
-
-def checksum_problem(jpeg, crc_member) -> str | None:
-    """None when the crc member (8 bytes little-endian, or an int) matches the JPEG bytes (any
-    buffer: bytes, a numpy array), else what is wrong."""
-    try:
-        expected = crc_member if isinstance(crc_member, int) else decode_int64(bytes(crc_member))
-    except ValueError as e:
-        return f"its crc member is unreadable ({e})"
-    actual = zlib.crc32(jpeg)
-    if actual != expected:
-        return f"its bytes do not match their CRC-32 (stored {expected:08x}, computed {actual:08x}): damaged"
-    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,14 +61,6 @@ def describe(where: str, index: int | None = None) -> str:
     tar, offset, member = source_info_path(where)
     number = f"sample {index} " if index is not None else "sample "
     return f"{number}({member.split('.', 1)[0]}) in {tar} (its jpg at byte {offset})"
-
-
-def read_member(tar: Path, offset: int) -> bytes:
-    """The data of the ustar member whose data starts at `offset` (its header is the block before)."""
-    with open(tar, "rb") as f:
-        f.seek(offset - TAR_BLOCK)
-        size = tarfile.TarInfo.frombuf(f.read(TAR_BLOCK), "utf-8", "surrogateescape").size
-        return f.read(size)
 
 
 def decoder_message(error: Exception) -> str:

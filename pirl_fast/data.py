@@ -7,46 +7,26 @@ Backends (DataConfig.backend):
                augmentations; the fallback without DALI and the baseline (pirl_fast/loader_torch.py)
     synthetic  random tensors made on the device, for compute-only timing (loader_synthetic.py)
 
-An epoch, for every backend: each rank yields ceil(N / global_batch) batches of
-batch_size // world_size samples; over all ranks every sample comes at least once and the
-global_batch * ceil(N / global_batch) - N < global_batch extra deliveries are duplicates of
-real samples (`duplicates_per_epoch`). Iterating again starts the next epoch, reshuffled.
-
-Corrupt data found while training (a JPEG that does not decode, or whose bytes do not match the
-crc member written with it, shards/README.md): with data.on_corrupt=error (the default) the
-loader raises ShardError naming the shard and the sample key; with data.on_corrupt=skip the
-sample's place in its batch is taken by a copy of another sample of the same batch
-(`replace_corrupt`), and Batch.corrupt counts it (metrics.jsonl: corrupt_skipped). So the
-contract above holds for every sample that is not corrupt: the number and size of batches, and
-so every rank's step count, do not change; a corrupt sample never reaches the model or its
-memory-bank row (which keeps its initial value), and its copy's index is one more duplicate.
-
-Patch order: every backend delivers patches in cell order; `PatchOrder` draws a permutation per
-sample (any of 9!, or one of a fixed max-Hamming set) and applies it as one gather on the device.
+The epoch, corrupt-sample and patch-order contract every backend keeps: pirl_fast/batch.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Protocol, Union
+from typing import Union
 
 import torch
 
+from pirl_fast.batch import OUTPUT_DTYPES, PIRLLoader
 from pirl_fast.cpus import cpus_per_rank
-from pirl_fast.manifest import Manifest, ShardError, load_manifest
-from pirl_fast.permutations import max_hamming_permutations, random_permutations
+from pirl_fast.shard_format import Manifest, check_shard_files, load_manifest
 from pirl_fast.splits import resolve_shards
 
 BACKENDS = ("dali", "torch", "synthetic")  # what build_loader builds; data.backend may also say "auto"
 DALI_INSTALL = "pip install nvidia-dali-cuda130"  # pyproject.toml's pin; the CPU graph needs no GPU
-INDEX_HEADER = "v1.2"  # DALI webdataset index format written by pirl_fast.shard / wds2idx
-HASH_CHUNK = 1 << 22  # 4 MiB reads when checksumming shards
 ON_CORRUPT = ("error", "skip")
-OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # data.output_dtype -> the views' dtype
 
 
 @dataclass
@@ -128,27 +108,6 @@ class DataConfig:
     preallocate_height_hint: int = 0
 
 
-@dataclass
-class Batch:
-    images: torch.Tensor  # (B, 3, S, S) float32 (float16 with data.output_dtype=float16), channels_last, normalised
-    patches: torch.Tensor  # (B*9, 3, P, P) like images, channels_last; sample b at [9b:9b+9], presented order
-    index: torch.Tensor  # (B,) int64 global sample index (memory-bank row)
-    label: torch.Tensor  # (B,) int64
-    perm: torch.Tensor  # (B, 9) int64: patches[9b+j] was cut from grid cell perm[b, j] (row-major)
-    perm_id: torch.Tensor  # (B,) int64: row of perm in the fixed set, -1 when num_permutations == 0
-    corrupt: int = 0  # samples of this batch replaced by copies of others: their data was corrupt (on_corrupt=skip)
-
-
-class PIRLLoader(Protocol):
-    num_samples: int  # dataset size N
-    batch_size: int  # per rank
-    duplicates_per_epoch: int  # padding deliveries per epoch over all ranks, < one global batch
-
-    def __iter__(self) -> Iterator[Batch]: ...
-    def __len__(self) -> int: ...
-    def close(self) -> None: ...
-
-
 class BackendUnavailable(ImportError):
     """data.backend names a loader whose library is not installed; the message says how to get it."""
 
@@ -159,7 +118,7 @@ def resolve_backend(backend: str) -> tuple[str, str | None]:
     without DALI raises BackendUnavailable, naming the fix."""
     if backend not in ("auto", "dali"):
         return backend, None
-    from pirl_fast.loader_dali import dali_import_error  # here: loader_dali imports this module
+    from pirl_fast.loader_dali import dali_import_error  # here: importing loader_dali imports DALI
 
     error = dali_import_error()
     if error is None:
@@ -251,127 +210,14 @@ def check_augmentation(cfg: DataConfig) -> None:
             raise ValueError(f"data.{name}={list(value)} must be [min, max] with {least} <= min <= max <= {most}: {what}")
 
 
-def derive_seed(seed: int, k: int) -> int:
-    """A distinct seed per (seed, k) for k a rank or an epoch, in DALI's valid range [0, 2**31).
-    1_000_003 is a prime larger than any rank or epoch count, so pairs do not collide."""
-    return (seed * 1_000_003 + k) % (2**31 - 1)
-
-
-def epoch_length(num_samples: int, global_batch: int) -> tuple[int, int]:
-    """(batches per rank per epoch, duplicate deliveries per epoch over all ranks)."""
-    batches = math.ceil(num_samples / global_batch)
-    return batches, batches * global_batch - num_samples
-
-
 def check_shards(cfg: DataConfig) -> Manifest:
-    """Load the manifest and check every shard before any reader opens it, so errors are ours.
-
-    Checks per shard: tar size equals the manifest's; the index file's header is `v1.2 <n>` with n
-    equal to the manifest's sample count and n entry lines, each inside the tar; and, with
-    cfg.verify_sha256, the tar's SHA-256. Raises ShardError naming the file and the fix. A dataset
-    root's shards (cfg.shards/train, cfg.shards/val, ...) mean their train split (splits.py).
-    """
+    """Load the manifest and check every shard before any reader opens it, so errors are ours
+    (shard_format.check_shard_files; with cfg.verify_sha256 the tars' SHA-256 too). A dataset
+    root's shards (cfg.shards/train, cfg.shards/val, ...) mean their train split (splits.py)."""
     manifest = load_manifest(resolve_shards(cfg.shards, "train").dir)
-    fix = f"re-run `python -m pirl_fast.shard SRC {cfg.shards}` (or restore the file from a copy)"
-    for shard in manifest.shards:
-        tar, index = manifest.root / shard.name, manifest.root / shard.index_name
-        size = tar.stat().st_size
-        if size != shard.bytes:
-            raise ShardError(f"shard {tar} is {size} bytes, the manifest says {shard.bytes} "
-                             f"(truncated or replaced): {fix}")
-        check_index_file(index, shard.samples, size, fix)
-        if cfg.verify_sha256 and sha256_of(tar) != shard.sha256:
-            raise ShardError(f"shard {tar} does not match its SHA-256 in the manifest (corrupt): {fix}")
+    check_shard_files(manifest, cfg.verify_sha256,
+                      fix=f"re-run `python -m pirl_fast.shard SRC {cfg.shards}` (or restore the file from a copy)")
     return manifest
-
-
-def check_index_file(path: Path, samples: int, tar_bytes: int, fix: str) -> None:
-    """A DALI v1.2 index: header `v1.2 <samples>`, then one line per sample of
-    `<ext> <offset> <size> <member name>` groups, every member inside the tar."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ShardError(f"index file {path} cannot be read ({e}): {fix}") from e
-    header = lines[0].split() if lines else []
-    if len(header) != 2 or header[0] != INDEX_HEADER or not header[1].isdigit():
-        raise ShardError(f"index file {path} has header {lines[0] if lines else ''!r}, expected "
-                         f"'{INDEX_HEADER} <num_samples>': {fix}")
-    if int(header[1]) != samples or len(lines) - 1 != samples:
-        raise ShardError(f"index file {path} lists {header[1]} samples in its header and {len(lines) - 1} lines, "
-                         f"the manifest says {samples}: {fix}")
-    for number, line in enumerate(lines[1:], start=2):
-        fields = line.split()
-        try:
-            if not fields or len(fields) % 4:
-                raise ValueError("expected groups of <ext> <offset> <size> <name>")
-            ends = [int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields), 4)]
-        except ValueError as e:
-            raise ShardError(f"index file {path} line {number} is malformed ({e}): {fix}") from e
-        if max(ends) > tar_bytes:
-            raise ShardError(f"index file {path} line {number} points past the end of its {tar_bytes}-byte tar: {fix}")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-class PatchOrder:
-    """Draws a presentation order per sample and applies it to cell-ordered patches, on `device`."""
-
-    def __init__(self, cfg: DataConfig, rank: int, device: torch.device):
-        self.num_cells = cfg.grid * cfg.grid
-        self.device = device
-        self.generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, rank))
-        self.fixed = (max_hamming_permutations(cfg.num_permutations, self.num_cells, seed=cfg.seed).to(device)
-                      if cfg.num_permutations > 0 else None)  # (P, 9)
-
-    def draw(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(perm (B, 9) int64, perm_id (B,) int64) on the device."""
-        if self.fixed is None:
-            perm = random_permutations(B, self.num_cells, self.generator, self.device)
-            return perm, torch.full((B,), -1, dtype=torch.int64, device=self.device)
-        perm_id = torch.randint(len(self.fixed), (B,), generator=self.generator, device=self.device)
-        return self.fixed[perm_id], perm_id
-
-    def apply(self, patches: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        """(B, 9, P, P, 3) cell order -> (B*9, 3, P, P) channels_last view, presented order.
-
-        One gather (a new tensor: the result never aliases a reader's buffer)."""
-        B = patches.shape[0]
-        rows = torch.arange(B, device=patches.device)[:, None]  # (B, 1)
-        ordered = patches[rows, perm]  # (B, 9, P, P, 3), contiguous
-        return ordered.flatten(0, 1).permute(0, 3, 1, 2)  # (B*9, 3, P, P), channels_last strides
-
-
-def make_batch(images_nhwc: torch.Tensor, patches_cells: torch.Tensor, index: torch.Tensor, label: torch.Tensor,
-               order: PatchOrder, corrupt: int = 0) -> Batch:
-    """Assemble a Batch from backend outputs already on the device.
-
-    images_nhwc (B, S, S, 3) contiguous; patches_cells (B, 9, P, P, 3) in cell order; index, label (B,)."""
-    perm, perm_id = order.draw(images_nhwc.shape[0])
-    return Batch(images=images_nhwc.permute(0, 3, 1, 2),  # (B, 3, S, S), channels_last strides
-                 patches=order.apply(patches_cells, perm), index=index.reshape(-1), label=label.reshape(-1),
-                 perm=perm, perm_id=perm_id, corrupt=corrupt)
-
-
-def replace_corrupt(bad: list[int], where: list[str], *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """data.on_corrupt=skip: batch rows `bad` of every tensor in `rows` (dim 0 = the batch) become
-    copies of the batch's good rows, taken in turn; new tensors, the inputs are left alone.
-
-    `where` describes the bad samples (shard and key) for the error raised when no row is good."""
-    batch = rows[0].shape[0]
-    good = [b for b in range(batch) if b not in set(bad)]
-    if not good:
-        raise ShardError(f"every sample of a batch is corrupt ({'; '.join(where)}): the shards are damaged beyond "
-                         "skipping a few samples; check them with `python -m pirl_fast.shard --verify DIR`")
-    source = list(range(batch))
-    for k, b in enumerate(bad):
-        source[b] = good[k % len(good)]
-    return tuple(t.index_select(0, torch.tensor(source, device=t.device)) for t in rows)
 
 
 def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,

@@ -46,7 +46,7 @@ from pirl_fast.dist import pick_device
 from pirl_fast.features import (ShardImageDataset, Pretrained, eval_transform, extract, load_pretrained, make_loader,
                                 random_init, read_checkpoint, svm_transform, train_transform)
 from pirl_fast.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
-from pirl_fast.manifest import ShardError
+from pirl_fast.shard_format import ShardError
 from pirl_fast.model import ARCHS, apply_stem
 from pirl_fast.progress import progress
 from pirl_fast.splits import ShardPath, eval_split_beside, resolve_shards

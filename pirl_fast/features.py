@@ -9,7 +9,7 @@ in a fixed order, with its label, and the standard deterministic view:
 
 (the 256 -> 224 centre crop of every ImageNet evaluation; image_size defaults to the size the
 checkpoint was pre-trained at, `data.image_size`). Per sample the shards hold KEY.jpg (RGB JPEG),
-KEY.lbl (int64 LE label) and KEY.idx (int64 LE global index); see pirl_fast/manifest.py.
+KEY.lbl (int64 LE label) and KEY.idx (int64 LE global index); see pirl_fast/shard_format.py.
 Multi-label shards (`shard --multi-label`, shards/README.md) add KEY.mlb: C signed bytes, 1 = the class
 is present, 0 = absent, -1 = present but "difficult" (VOC), read into `ShardImageDataset.targets`.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,7 +34,7 @@ from pirl_fast.progress import progress
 
 from pirl_fast.checkpoint import list_checkpoints, load_latest
 from pirl_fast.jigsaw import JigsawModel
-from pirl_fast.manifest import ShardError, load_manifest
+from pirl_fast.shard_format import ShardError, decode_int64, iter_samples, load_manifest
 from pirl_fast.model import ModelConfig, PIRLModel, memory_format_for
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics every torchvision ResNet recipe normalises with
@@ -109,27 +108,22 @@ class ShardImageDataset(Dataset):
         self._pid = -1
 
     def _scan(self, shard: int, path: str, expected: int) -> list[_Entry]:
-        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, base = os.path.split(member.name)
-                key, _, ext = base.partition(".")  # WebDataset's rule: the key ends at the first dot
-                samples.setdefault(os.path.join(folder, key), {})[ext] = member
-            out = []
-            for key, members in samples.items():
-                missing = [ext for ext in ("jpg", "lbl", "idx") if ext not in members]
+        out = []
+        with open(path, "rb") as f:
+            for key, data, where in iter_samples(f, skip=("jpg",)):
+                missing = [ext for ext in ("jpg", "lbl", "idx") if ext not in where]
                 if missing:
-                    raise ShardError(f"{path}: sample {key!r} lacks {missing} (has {sorted(members)}); the shard "
+                    raise ShardError(f"{path}: sample {key!r} lacks {missing} (has {sorted(where)}); the shard "
                                      "was not written by `python -m pirl_fast.shard`, or is damaged: re-shard it")
-                label = _int64(tar, members["lbl"], path)
-                index = _int64(tar, members["idx"], path)
-                mlb = tar.extractfile(members["mlb"]).read() if "mlb" in members else None
+                try:
+                    label, index = decode_int64(data["lbl"]), decode_int64(data["idx"])
+                except ValueError as e:
+                    raise ShardError(f"{path}: sample {key!r} has a bad lbl or idx member ({e}): re-shard it") from e
+                mlb = data.get("mlb")
                 if mlb is not None and len(mlb) != len(self.classes):
                     raise ShardError(f"{path}: {key}.mlb has {len(mlb)} bytes but the manifest lists "
                                      f"{len(self.classes)} classes (one int8 per class): re-shard it")
-                out.append(_Entry(shard, members["jpg"].offset_data, members["jpg"].size, label, index, mlb, key))
+                out.append(_Entry(shard, *where["jpg"], label, index, mlb, key))
         if len(out) != expected:
             raise ShardError(f"{path} holds {len(out)} samples but manifest.json says {expected}: re-shard it "
                              "(`python -m pirl_fast.shard SRC DST --overwrite`)")
@@ -176,13 +170,6 @@ class ShardImageDataset(Dataset):
         out = np.zeros((len(self.entries), len(self.classes)), np.int8)
         out[np.arange(len(self.entries)), [e.label for e in self.entries]] = 1
         return out
-
-
-def _int64(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> int:
-    data = tar.extractfile(member).read()
-    if len(data) != 8:
-        raise ShardError(f"{path}: {member.name} has {len(data)} bytes, expected an 8-byte little-endian int64")
-    return int.from_bytes(data, "little", signed=True)
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0) -> DataLoader:

@@ -24,15 +24,18 @@ naming the sample, or data.on_corrupt=skip) and, when the decoder itself fails, 
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from pirl_fast import host_read
 from pirl_fast.corrupt import FIX as CORRUPT_FIX
 from pirl_fast.corrupt import SKIP_HINT, DaliGate, find_undecodable
-from pirl_fast.data import Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch, replace_corrupt
-from pirl_fast.manifest import Manifest, ShardError
+from pirl_fast.batch import Batch, PatchOrder, derive_seed, epoch_length, make_batch, replace_corrupt
+from pirl_fast.shard_format import Manifest, ShardError
+
+if TYPE_CHECKING:
+    from pirl_fast.data import DataConfig
 
 try:
     from dali_pipelines.pirl import READER_NAME, pirl_pipeline
@@ -64,7 +67,7 @@ class DaliLoader:
         self.batch_size = per_rank
         self.num_samples = manifest.num_samples
         self._len, self.duplicates_per_epoch = epoch_length(manifest.num_samples, per_rank * world_size)
-        self.order = PatchOrder(cfg, rank, device)
+        self.order = PatchOrder(cfg.grid, cfg.num_permutations, cfg.seed, rank, device)
         self.skip = cfg.on_corrupt == "skip"
         if not manifest.has_checksums and rank == 0:
             warnings.warn(f"the shards in {manifest.root} carry no per-sample checksums (crc members, "

@@ -8,11 +8,14 @@ memory bank sees a dataset of that size.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from pirl_fast.data import OUTPUT_DTYPES, Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch
+from pirl_fast.batch import OUTPUT_DTYPES, Batch, PatchOrder, derive_seed, epoch_length, make_batch
+
+if TYPE_CHECKING:
+    from pirl_fast.data import DataConfig
 
 NUM_CLASSES = 1000  # labels drawn as if from ImageNet-1k
 
@@ -23,7 +26,7 @@ class SyntheticLoader:
         self.batch_size, self.rank, self.world_size = per_rank, rank, world_size
         self.num_samples = cfg.synthetic_samples
         self._len, self.duplicates_per_epoch = epoch_length(cfg.synthetic_samples, per_rank * world_size)
-        self.order = PatchOrder(cfg, rank, device)
+        self.order = PatchOrder(cfg.grid, cfg.num_permutations, cfg.seed, rank, device)
         self.generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, rank))
 
     def __len__(self) -> int:

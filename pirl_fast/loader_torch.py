@@ -3,7 +3,7 @@ transforms v2 (pirl_fast/torch_transforms.py) in DataLoader workers.
 
 The fallback where DALI is missing and the baseline the DALI loader is measured against: the usual
 way to load WebDataset shards (tar streaming, a shuffle buffer, workers), the same augmentations,
-the same epoch contract as every backend (pirl_fast/data.py).
+the same epoch contract as every backend (pirl_fast/batch.py).
 
 Epoch e (the split, the same idea as DALI's reader, which also shards contiguously by sample):
   1. Stream order. The shards are put in an order drawn from derive_seed(seed, e), the same on
@@ -37,7 +37,7 @@ order of the original run.
 
 Corrupt samples (pirl_fast/corrupt.py): a worker checks each sample's crc member (when the shards
 have one) and its decoding; data.on_corrupt=error raises ShardError naming the shard and key,
-skip hands a placeholder marked corrupt that `_batches` replaces (data.replace_corrupt).
+skip hands a placeholder marked corrupt that `_batches` replaces (batch.replace_corrupt).
 Stop signals: workers ignore SIGINT / SIGTERM / SIGUSR1 (pirl_fast/signals.py); the trainer acts
 on them and `close()` then shuts the workers down.
 """
@@ -51,21 +51,22 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pirl_fast.batch import OUTPUT_DTYPES, Batch, PatchOrder, derive_seed, epoch_length, make_batch, replace_corrupt
 from pirl_fast.corrupt import FIX as CORRUPT_FIX
-from pirl_fast.corrupt import SKIP_HINT, checksum_problem, decoder_message
-from pirl_fast.data import (OUTPUT_DTYPES, Batch, DataConfig, PatchOrder, derive_seed, epoch_length, make_batch,
-                            replace_corrupt)
-from pirl_fast.manifest import Manifest, ShardError
+from pirl_fast.corrupt import SKIP_HINT, decoder_message
+from pirl_fast.shard_format import Manifest, ShardError, checksum_problem, decode_int64
 from pirl_fast.signals import blocked, shield_worker
 from pirl_fast.torch_transforms import PIRLTransform
 
-INT64_BYTES = 8  # `idx` and `lbl` members: little-endian int64 (shards/README.md)
+if TYPE_CHECKING:
+    from pirl_fast.data import DataConfig
+
 FIX = "re-run `python -m pirl_fast.shard --verify` on the shard directory, then re-shard or restore the file"
 
 
@@ -161,8 +162,7 @@ class ShardStream(IterableDataset):
                 samples = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
                                          empty_check=False, seed=0)
                 for sample in itertools.islice(samples, visit.start, visit.stop):
-                    index = int.from_bytes(sample["idx"][:INT64_BYTES], "little", signed=True)
-                    label = int.from_bytes(sample["lbl"][:INT64_BYTES], "little", signed=True)
+                    index, label = decode_int64(sample["idx"]), decode_int64(sample["lbl"])
                     expected = self.first_index[visit.shard] + position
                     if index != expected:
                         raise ShardError(f"shard {url}: sample {position} ({sample['__key__']}) has index {index}, "
@@ -211,7 +211,7 @@ class TorchLoader:
         self.batch_size = per_rank
         self.num_samples = manifest.num_samples
         self._len, self.duplicates_per_epoch = epoch_length(manifest.num_samples, per_rank * world_size)
-        self.order = PatchOrder(cfg, rank, device)
+        self.order = PatchOrder(cfg.grid, cfg.num_permutations, cfg.seed, rank, device)
         self.epoch = 0  # the epoch the next iter() delivers
         self.stream = ShardStream(cfg, manifest, per_rank, rank, world_size)
         self.closing = torch.zeros((), dtype=torch.bool).share_memory_()  # set by close(): workers may die now

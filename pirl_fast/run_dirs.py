@@ -104,7 +104,7 @@ def data_identity(cfg: Config) -> dict[str, Any]:
     if cfg.data.backend == "synthetic":
         n = cfg.data.synthetic_samples
         return {"fingerprint": f"synthetic:{n}", "num_samples": n, "shards": "synthetic"}
-    from pirl_fast.manifest import load_manifest
+    from pirl_fast.shard_format import load_manifest
     from pirl_fast.splits import resolve_shards
 
     manifest = load_manifest(resolve_shards(cfg.data.shards, "train").dir)

@@ -72,9 +72,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from pirl_fast.cpus import cpus_per_rank
-from pirl_fast.manifest import MANIFEST_NAME, ShardError, load_manifest
 # sample_key, scan_source, Options and plan_shards are used through this module by the tests and pirl_fast.bench.shard.
-from pirl_fast.shard_format import sample_key  # noqa: F401
+from pirl_fast.shard_format import MANIFEST_NAME, ShardError, load_manifest, sample_key  # noqa: F401
 from pirl_fast.shard_lock import LockError, hold
 from pirl_fast.shard_plan import Options, Plan, make_plan, plan_header, plan_shards  # noqa: F401
 from pirl_fast.shard_source import LAYOUTS, Source, SourceError, Split, read_source, scan_source  # noqa: F401

@@ -39,9 +39,8 @@ from pathlib import Path
 from pirl_fast.images import UnusableImage
 from pirl_fast.labels_file import (KAGGLE_VAL_NAME, EXAMPLES, LabelsError, LabelTable, is_image_name, match_labels,
                                    read_labels, table_classes)
-from pirl_fast.manifest import CHECKSUM_MEMBERS, ShardError
 from pirl_fast.multi_labels import MultiLabelTable, match_multi_labels, read_multi_labels
-from pirl_fast.shard_format import sample_key
+from pirl_fast.shard_format import CHECKSUM_MEMBERS, ShardError, sample_key
 from pirl_fast.splits import SPLIT_NAMES, split_folders, split_name
 
 LAYOUTS = ("auto", "imagefolder", "splits")
@@ -79,7 +78,7 @@ class Split:
 
     @property
     def members(self) -> list[str]:
-        """The tar members of each sample this split's shards hold (manifest.py)."""
+        """The tar members of each sample this split's shards hold (shard_format.py)."""
         return CHECKSUM_MEMBERS + (["mlb"] if self.label_kind == "multi" else [])
 
 

@@ -22,8 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pirl_fast.manifest import MANIFEST_NAME
-from pirl_fast.shard_format import TAR_BLOCK, decode_int64, parse_index, sha256_file
+from pirl_fast.shard_format import MANIFEST_NAME, TAR_BLOCK, decode_int64, member_name_at, parse_index, sha256_file
 
 # Journal of an unfinished run; removed once the manifest is written.
 PROGRESS_NAME = ".progress.jsonl"
@@ -139,8 +138,7 @@ def shard_problem(dst: Path, record: dict) -> str | None:
     with open(tar, "rb") as f:
         for k in {0, len(entries) - 1}:
             for ext, offset, n, name in entries[k].members:
-                f.seek(offset - TAR_BLOCK)
-                header_name = f.read(100).split(b"\0", 1)[0].decode("utf-8", "replace")
+                header_name = member_name_at(f, offset)
                 if header_name != name:
                     return f"{tar.name}: the tar member at offset {offset - TAR_BLOCK} is {header_name!r}, " \
                            f"{idx.name} says {name!r}"

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pirl_fast.corrupt import checksum_problem
-from pirl_fast.manifest import MANIFEST_NAME, ShardError, load_manifest
-from pirl_fast.shard_format import IndexEntry, decode_int64, index_text, iter_samples, sha256_file
+from pirl_fast.shard_format import (MANIFEST_NAME, IndexEntry, ShardError, checksum_problem, decode_int64, index_text,
+                                    iter_samples, load_manifest, multi_hot_problem, sha256_file)
 from pirl_fast.splits import split_folders
 
 
@@ -108,7 +107,7 @@ def _verify_one(shard_dir: str | Path, decode: bool) -> list[str]:
                         problem(f"{info.name}: sample {key}: bad cls/lbl/idx ({e})")
                         continue
                     if manifest.multi_label:
-                        if why := _multi_hot_problem(data["mlb"], label, lbl, len(manifest.classes)):
+                        if why := multi_hot_problem(data["mlb"], label, lbl, len(manifest.classes)):
                             problem(f"{info.name}: sample {key}: {why}")
                     elif label != lbl or not 0 <= label < len(manifest.classes):
                         problem(f"{info.name}: sample {key}: cls {label} / lbl {lbl}, expected equal and "
@@ -138,17 +137,3 @@ def _verify_one(shard_dir: str | Path, decode: bool) -> list[str]:
     print(f"verify {manifest.root}: {len(manifest.shards)} shards, {seen} samples, {len(manifest.classes)} classes, "
           f"{len(manifest.skipped)} skipped at sharding time: {status}")
     return problems
-
-
-def _multi_hot_problem(mlb: bytes, label: int, lbl: int, num_classes: int) -> str | None:
-    """What is wrong with a multi-label sample's members, or None (shard_format.py: cls/lbl -1, one
-    int8 of 1, 0 or -1 per class)."""
-    if label != -1 or lbl != -1:
-        return f"cls {label} / lbl {lbl}, expected -1 in multi-label shards"
-    if len(mlb) != num_classes:
-        return f"mlb has {len(mlb)} bytes, expected one per class ({num_classes})"
-    bad = sorted({v for v in mlb} - {0, 1, 0xFF})
-    if bad:
-        return f"mlb holds {bad}, expected 1 (present), 0 (absent) or -1 (difficult)"
-    return None
-

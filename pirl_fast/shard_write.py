@@ -29,9 +29,9 @@ from pathlib import Path
 
 from pirl_fast.atomic import NoSpaceError, atomic_write, fsync_dir, no_space_message, require_free_space
 from pirl_fast.images import UnusableImage, normalise_image
-from pirl_fast.manifest import MANIFEST_NAME, manifest_dict
 from pirl_fast.progress import progress as progress_bar
-from pirl_fast.shard_format import IndexEntry, ShardWriter, index_text, sha256_file, shift_indices
+from pirl_fast.shard_format import (MANIFEST_NAME, IndexEntry, ShardWriter, index_text, manifest_dict, sha256_file,
+                                    shift_indices)
 from pirl_fast.shard_plan import Plan, plan_header, plan_options
 from pirl_fast.shard_pool import WorkerDied, run_tasks
 from pirl_fast.shard_source import Input, SourceError, Split, read_input

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pirl_fast.manifest import MANIFEST_NAME, ShardError
+from pirl_fast.shard_format import MANIFEST_NAME, ShardError
 
 SPLIT_NAMES = ("train", "val", "validation", "test")
 EVAL_SPLITS = ("val", "validation", "test")  # what eval measures on, in this order of preference

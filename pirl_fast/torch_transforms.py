@@ -12,13 +12,17 @@ else the DataLoader worker).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from pirl_fast.data import OUTPUT_DTYPES, DataConfig
+from pirl_fast.batch import OUTPUT_DTYPES
+
+if TYPE_CHECKING:
+    from pirl_fast.data import DataConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

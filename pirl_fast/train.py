@@ -58,7 +58,7 @@ from pirl_fast.data import BackendUnavailable, build_loader, resolve_backend
 from pirl_fast.diagnostics import IntervalMeans
 from pirl_fast.jigsaw import JigsawLoss, JigsawModel, JigsawObjective
 from pirl_fast.loss import PIRLCriterion, PIRLObjective
-from pirl_fast.manifest import ShardError
+from pirl_fast.shard_format import ShardError
 from pirl_fast.memory_bank import MemoryBank
 from pirl_fast.metrics import MetricsLogger, StepClock, format_summary, gpu_memory_gb
 from pirl_fast.model import PIRLModel, memory_format_for
@@ -82,7 +82,7 @@ class Run:
     world_size: int
     device: torch.device
     run_dir: Path
-    loader: Any  # a pirl_fast.data.PIRLLoader
+    loader: Any  # a pirl_fast.batch.PIRLLoader
     module: PIRLModel  # the bare model: state_dict, parameter groups
     model: nn.Module  # what the step calls: `module`, wrapped in DDP and/or torch.compile
     criterion: PIRLCriterion | JigsawLoss

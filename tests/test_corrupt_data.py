@@ -20,11 +20,11 @@ import torch
 import webdataset
 from hydra import compose, initialize_config_module
 
-from pirl_fast.corrupt import DaliGate, checksum_problem, describe
-from pirl_fast.data import DataConfig, build_loader, replace_corrupt
-from pirl_fast.manifest import ShardError, load_manifest
+from pirl_fast.batch import replace_corrupt
+from pirl_fast.corrupt import DaliGate, describe
+from pirl_fast.data import DataConfig, build_loader
 from pirl_fast.memory_bank import BankConfig, MemoryBank
-from pirl_fast.shard_format import encode_int64
+from pirl_fast.shard_format import ShardError, checksum_problem, encode_int64, load_manifest
 from pirl_fast.shard_verify import verify_shards
 from pirl_fast.train import run_training
 

@@ -253,7 +253,7 @@ def test_colour_jitter_changes_colours_per_patch(grid_shards, backend):
 def test_dali_outputs_are_channels_last_without_copy(grid_shards):
     """DALI's HWC / FHWC outputs are wrapped as NCHW views with channels_last strides."""
     from dali_pipelines.pirl import READER_NAME, pirl_pipeline
-    from pirl_fast.manifest import load_manifest
+    from pirl_fast.shard_format import load_manifest
 
     manifest = load_manifest(grid_shards)
     cfg = geometry_config(grid_shards, "dali", 0.5)

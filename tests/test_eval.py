@@ -23,7 +23,7 @@ from pirl_fast import linear_probe as lp
 from pirl_fast.batchnorm import reestimate_running_stats
 from pirl_fast.features import ShardImageDataset, eval_transform, load_pretrained, make_loader
 from pirl_fast.jigsaw import JigsawModel
-from pirl_fast.manifest import load_manifest
+from pirl_fast.shard_format import load_manifest
 from pirl_fast.model import ModelConfig, PIRLModel
 from pirl_fast.sample_data import write_sample_folder
 from pirl_fast.shard import Options, run_shard

@@ -17,9 +17,8 @@ from PIL import Image
 import pirl_fast.eval as ev
 from pirl_fast.data import DataConfig, build_loader
 from pirl_fast.features import ShardImageDataset, svm_transform
-from pirl_fast.manifest import load_manifest
 from pirl_fast.shard import main
-from pirl_fast.shard_format import sample_key
+from pirl_fast.shard_format import load_manifest, sample_key
 from pirl_fast.shard_verify import verify_shards
 
 CLASSES = ["cat", "dog", "person"]

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import pirl_fast.shard as shard_mod
-from pirl_fast.manifest import MANIFEST_NAME, ShardError, load_manifest
+from pirl_fast.shard_format import MANIFEST_NAME, ShardError, load_manifest
 from pirl_fast.sample_data import write_odd_files, write_sample_folder
 from pirl_fast.shard import Options, main, run_shard
 from pirl_fast.shard_verify import verify_shards

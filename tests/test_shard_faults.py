@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 import pirl_fast.shard_write as shard_write
-from pirl_fast.manifest import MANIFEST_NAME
 from pirl_fast.sample_data import write_sample_folder
 from pirl_fast.shard import Options, main, run_shard
-from pirl_fast.shard_format import encode_int64, parse_index
+from pirl_fast.shard_format import MANIFEST_NAME, encode_int64, parse_index
 from pirl_fast.shard_lock import LOCK_NAME
 from pirl_fast.shard_pool import run_tasks
 from pirl_fast.shard_source import SourceError

@@ -15,7 +15,7 @@ import pytest
 import webdataset as wds
 
 from pirl_fast import eval as ev
-from pirl_fast.manifest import MANIFEST_NAME, ShardError, load_manifest
+from pirl_fast.shard_format import MANIFEST_NAME, ShardError, load_manifest
 from pirl_fast.sample_data import class_names, write_sample_folder
 from pirl_fast.shard import main
 from pirl_fast.shard_verify import verify_shards

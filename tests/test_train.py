@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_module
 from pirl_fast import bank_kernels, checkpoint, dist
 from pirl_fast.config import ConfigError
 from pirl_fast.loss import PIRLCriterion
-from pirl_fast.manifest import ShardError
+from pirl_fast.shard_format import ShardError
 from pirl_fast.memory_bank import BankConfig, MemoryBank
 from pirl_fast.train import NonFiniteLossError, run_training, train
 

@@ -107,7 +107,7 @@ def prepare_split(args, split: str, count: int, folder: Path, skip: int = 0) -> 
     A class-balanced subset of `count` images, seeded; `skip` > 0 leaves out the first `skip` of the
     same balanced order (the pre-training images), so the two subsets of one split never overlap."""
     from pirl_fast.idx_folder import balanced_subset, load_split, write_folder
-    from pirl_fast.manifest import load_manifest
+    from pirl_fast.shard_format import load_manifest
 
     shards = folder / "shards"
     if (shards / "manifest.json").is_file() and load_manifest(shards).num_samples == count:

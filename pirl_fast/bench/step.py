@@ -137,7 +137,7 @@ def measure(args, backend: str, shards: str, num_samples: int, run_dir: Path) ->
 
 
 def run(args) -> list[dict]:
-    from pirl_fast.manifest import load_manifest
+    from pirl_fast.shard_format import load_manifest
     from pirl_fast.splits import resolve_shards
 
     if args.bank_rows < 0 or args.bank_repeats < 1:
