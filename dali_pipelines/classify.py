@@ -20,10 +20,8 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
-IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
-ASPECT_RATIO = [3 / 4, 4 / 3]  # torchvision's RandomResizedCrop default
-READER_NAME = "Reader"
+from dali_pipelines import ASPECT_RATIO
+from dali_pipelines.pirl import MEAN_255, READER_NAME, STD_255
 
 
 @pipeline_def(enable_conditionals=False)
@@ -38,12 +36,12 @@ def classify_pipeline(tar_paths: list[str], index_paths: list[str], size: int, t
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
     if train:
         images = fn.random_resized_crop(images, size=[size, size], random_area=[0.08, 1.0],
-                                        random_aspect_ratio=ASPECT_RATIO)
+                                        random_aspect_ratio=list(ASPECT_RATIO))
         mirror = fn.random.coin_flip(probability=0.5)
     else:
         images = fn.resize(images, resize_shorter=round(size * 256 / 224))
         images = fn.crop(images, crop=[size, size])  # centre crop (crop_pos 0.5)
         mirror = 0
-    images = fn.crop_mirror_normalize(images, mirror=mirror, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    images = fn.crop_mirror_normalize(images, mirror=mirror, mean=MEAN_255, std=STD_255,
                                       dtype=types.FLOAT, output_layout="HWC")
     return images, label

@@ -113,11 +113,11 @@ from __future__ import annotations
 import numpy as np
 from nvidia.dali import fn, math as dmath, pipeline_def, types
 
+from dali_pipelines import ASPECT_RATIO, IMAGENET_MEAN, IMAGENET_STD
+
 # ImageNet statistics, on the 0-255 scale DALI's uint8 images are in.
-IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
-IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
-# torchvision's RandomResizedCrop default aspect-ratio range.
-ASPECT_RATIO = [3 / 4, 4 / 3]
+MEAN_255 = [255 * m for m in IMAGENET_MEAN]
+STD_255 = [255 * s for s in IMAGENET_STD]
 READER_NAME = "Reader"
 GREY_WEIGHTS = [0.299, 0.587, 0.114]  # ITU-R 601 luma: torchvision's rgb_to_grayscale, PIL's convert("L")
 # PIL's ImageFilter.SMOOTH, the degenerate image of ImageEnhance.Sharpness (and torchvision's).
@@ -389,21 +389,21 @@ def pirl_pipeline(tar_paths: list[str], index_paths: list[str], cfg, shard_id: i
 
     # Image view.
     view = fn.random_resized_crop(images, size=[cfg.image_size, cfg.image_size],
-                                  random_area=list(cfg.image_scale), random_aspect_ratio=ASPECT_RATIO)
+                                  random_area=list(cfg.image_scale), random_aspect_ratio=list(ASPECT_RATIO))
     if cfg.color_aug:
         view = colour_steps(view, cfg, None, cfg.image_size)
     mirror = fn.random.coin_flip(probability=cfg.flip_p) if cfg.flip_p > 0 else 0
-    view = fn.crop_mirror_normalize(view, mirror=mirror, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    view = fn.crop_mirror_normalize(view, mirror=mirror, mean=MEAN_255, std=STD_255,
                                     dtype=dtype, output_layout="HWC")  # (S, S, 3)
 
     # Patch view: its own crop of the same decoded image, then 9 crops in one warp.
     crop = fn.random_resized_crop(images, size=[cfg.patch_crop_size, cfg.patch_crop_size],
-                                  random_area=list(cfg.patch_scale), random_aspect_ratio=ASPECT_RATIO)
+                                  random_area=list(cfg.patch_scale), random_aspect_ratio=list(ASPECT_RATIO))
     patches = fn.warp_affine(grid_cells(crop, cfg), matrix=fn.per_frame(patch_matrices(cfg, num_cells)),
                              size=[cfg.patch_size, cfg.patch_size],
                              interp_type=types.INTERP_NN)  # (9, P, P, 3) uint8, exact crops
     if cfg.color_aug:
         patches = colour_steps(patches, cfg, num_cells, cfg.patch_size)
-    patches = fn.crop_mirror_normalize(patches, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    patches = fn.crop_mirror_normalize(patches, mean=MEAN_255, std=STD_255,
                                        dtype=dtype, output_layout="FHWC")  # (9, P, P, 3)
     return view, patches, index, label

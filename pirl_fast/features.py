@@ -33,12 +33,11 @@ from torchvision import transforms as T
 from pirl_fast.progress import progress
 
 from pirl_fast.checkpoint import list_checkpoints, load_latest
+from dali_pipelines import IMAGENET_MEAN, IMAGENET_STD  # no DALI import
 from pirl_fast.jigsaw import JigsawModel
 from pirl_fast.shard_format import ShardError, decode_int64, iter_samples, load_manifest
 from pirl_fast.model import ModelConfig, PIRLModel, memory_format_for
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics every torchvision ResNet recipe normalises with
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_RATIO = 256 / 224  # ImageNet evaluation: resize to 256, centre-crop 224
 
 

@@ -51,7 +51,8 @@ from torch import Tensor, nn
 from torchvision import transforms as T
 from pirl_fast.progress import progress
 
-from pirl_fast.features import IMAGENET_MEAN, IMAGENET_STD, RESIZE_RATIO, eval_transform
+from dali_pipelines import IMAGENET_MEAN, IMAGENET_STD  # no DALI import
+from pirl_fast.features import RESIZE_RATIO, eval_transform
 
 METRICS = ("pirl_head", "pirl_head_other", "trunk", "trunk_other")
 GAPS = {"pirl_head": "pirl_head_other", "trunk": "trunk_other"}  # own-image metric -> its other-image baseline

@@ -19,14 +19,12 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from dali_pipelines import ASPECT_RATIO, IMAGENET_MEAN, IMAGENET_STD  # shared with the DALI graph; no DALI import
 from pirl_fast.batch import OUTPUT_DTYPES
 
 if TYPE_CHECKING:
     from pirl_fast.data import DataConfig
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-ASPECT_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, as in the DALI pipeline
 NEVER = 256  # a solarize threshold no uint8 value reaches (torchvision refuses it, so it is skipped)
 
 
