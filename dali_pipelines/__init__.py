@@ -1,5 +1,5 @@
 """DALI pipeline definitions. Importing pirl.py or classify.py imports DALI: keep them behind a guard
-(pirl_fast.loader_dali imports them only when the `dali` backend is asked for). This file does not:
+(pirl_fast.data.loader_dali imports them only when the `dali` backend is asked for). This file does not:
 the torch backend and evaluation read the constants below without DALI installed."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics every torchvision ResNet recipe normalises with (0-1 scale)

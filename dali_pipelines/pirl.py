@@ -5,7 +5,7 @@ One definition builds both graphs: with `device_id` an int, JPEGs are decoded wi
 device="mixed" (nvJPEG) and every augmentation runs on the GPU; with `device_id=None` the same
 graph runs on the CPU (tests, CPU-only machines, the CPU throughput benchmark).
 
-THE AUGMENTATION CONTRACT (data.* keys; pirl_fast/torch_transforms.py is the torchvision version,
+THE AUGMENTATION CONTRACT (data.* keys; pirl_fast/data/torch_transforms.py is the torchvision version,
 tests/test_augment_contract.py reads the draws back from the pixels of both backends)
 ---------------------------------------------------------------------------------------------
 U[a, b) is a continuous uniform draw, U{a..b} a uniform integer draw with both ends included,
@@ -77,16 +77,16 @@ THE GRAPH (S = image_size, C = patch_crop_size, G = grid, c = C // G, P = patch_
       index, label: int64 scalars read from KEY.idx / KEY.lbl, shape (1,); in the GPU graph copied
                   to the GPU inside the pipeline, so every output is handed to torch on the device
 The GPU graph's decoder takes the data.* decoder settings (hw_decoder_load, the nvJPEG memory
-paddings, the hardware decoder's preallocation hints); pirl_fast/data.py's DataConfig says what to try.
+paddings, the hardware decoder's preallocation hints); pirl_fast/data/loaders.py's DataConfig says what to try.
 The mirror comes first for the patches and last for the view: it commutes with every other step
 (each is pointwise, per channel over the whole crop, or a mirror-symmetric filter).
-With `gate` (pirl_fast.corrupt.DaliGate), the encoded bytes pass it on the host before the decoder:
+With `gate` (pirl_fast.shard.corrupt.DaliGate), the encoded bytes pass it on the host before the decoder:
 it checks the KEY.crc member (read only when the shards have one) and records where each sample
 came from, so that a corrupt sample is named, and with data.on_corrupt=skip never decoded.
 
 Channels stay last (HWC / FHWC), so a torch view (B, H, W, 3).permute(0, 3, 1, 2) is already
 channels_last-strided: no copy between DALI and the model. Patches leave DALI in cell order; the
-random presentation order is applied by the loader (pirl_fast.batch.PatchOrder).
+random presentation order is applied by the loader (pirl_fast.data.batch.PatchOrder).
 
 Why one full decode for both views: on the CPU (400-500 px JPEGs, 2 threads) decode + two
 random_resized_crops cost 3.9 CPU-ms per sample against 4.6 for two ROI decodes
@@ -111,7 +111,8 @@ photometric ops on (photometric_p 0.66); the torch backend 17-23 ms with them.
 from __future__ import annotations
 
 import numpy as np
-from nvidia.dali import fn, math as dmath, pipeline_def, types
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 from dali_pipelines import ASPECT_RATIO, IMAGENET_MEAN, IMAGENET_STD
 
@@ -162,7 +163,8 @@ def patch_matrices(cfg, num_cells: int):
     offsets = fn.random.uniform(values=[float(v) for v in range(slack + 1)], shape=[num_cells, 2, 1])  # (9, 2, 1)
     matrices = types.Constant(base) + offsets * types.Constant(translation_mask)  # (9, 2, 3)
     if cfg.flip_p > 0:
-        flips = fn.cast(fn.random.coin_flip(probability=cfg.flip_p, shape=[num_cells, 1, 1]), dtype=types.FLOAT)  # (9,1,1)
+        flips = fn.cast(fn.random.coin_flip(probability=cfg.flip_p, shape=[num_cells, 1, 1]),
+                        dtype=types.FLOAT)  # (9,1,1)
         matrices = matrices + flips * types.Constant(flip_mask)
     return matrices
 

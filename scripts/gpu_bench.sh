@@ -77,7 +77,7 @@ for pair in nvidia.dali:nvidia-dali-cuda130 webdataset:webdataset hydra:hydra-co
 done
 missing="${missing# }"
 say "gpu_bench.sh ($mode) $(date -u +%FT%TZ) -> $out; python: $py; missing: ${missing:-none}"
-"$py" -c "from pirl_fast.bench.report import machine_description as m; print('machine:', m())" 2>&1 | tee -a "$log"
+"$py" -c "from pirl_fast.bench.output import machine_description as m; print('machine:', m())" 2>&1 | tee -a "$log"
 has() { [[ " $missing " != *" $1 "* ]]; }
 
 bench=("$py" -m pirl_fast.bench)

@@ -10,7 +10,7 @@
 #
 # Data: Fashion-MNIST (real photographs, 28 px) when it is installed (`sudo apt-get install
 # dataset-fashion-mnist`, or FMNIST_DIR=folder of its IDX files): 1,000 training and 1,000 test
-# images, experiment=fmnist (the learning benchmark's recipe, pirl_fast/conf/experiment/fmnist.yaml).
+# images, experiment=fmnist (the learning benchmark's recipe, pirl_fast/train/conf/experiment/fmnist.yaml).
 # Otherwise the generated sample classes (`python -m pirl_fast.sample_data`, 8 x 40 training and
 # 8 x 50 validation images) with experiment=smoke and the softmax loss (loss=infonce; README, "Loss on
 # tiny data"): on those an untrained network already scores far above chance and varies ~10 points

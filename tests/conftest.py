@@ -4,7 +4,7 @@
                       (mixed JPEG/PNG/greyscale/CMYK/progressive, sides 96-400 px).
     sample_shards     Path of a shard directory made from it with 14 samples per shard:
                       shards of 14, 14, 14 and 6 samples (indices 0..47), DALI index files and
-                      manifest.json. Read it through pirl_fast.shard_format.load_manifest.
+                      manifest.json. Read it through pirl_fast.shard.format.load_manifest.
     legacy_shards     The same samples rewritten without the per-sample crc member, as the sharder
                       wrote them before checksums (sample_members jpg, cls, idx, lbl).
 
@@ -32,11 +32,18 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pirl_fast import bank_kernels  # noqa: E402
-from pirl_fast.sample_data import write_sample_folder  # noqa: E402
-from pirl_fast.shard import Options, run_shard  # noqa: E402
-from pirl_fast.shard_format import (MANIFEST_NAME, SAMPLE_MEMBERS, ShardWriter, decode_int64, index_text,  # noqa: E402
-                                    iter_samples, sha256_file)
+from pirl_fast.model import bank_kernels  # noqa: E402
+from pirl_fast.shard.cli import Options, run_shard  # noqa: E402
+from pirl_fast.shard.format import (  # noqa: E402
+    MANIFEST_NAME,
+    SAMPLE_MEMBERS,
+    ShardWriter,
+    decode_int64,
+    index_text,
+    iter_samples,
+    sha256_file,
+)
+from pirl_fast.shard.sample_data import write_sample_folder  # noqa: E402
 
 SAMPLE_CLASSES = 4
 SAMPLE_PER_CLASS = 12

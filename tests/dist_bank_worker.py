@@ -14,9 +14,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
 
-from pirl_fast import dist
-from pirl_fast.loss import estimate_z
-from pirl_fast.memory_bank import BankConfig, MemoryBank
+from pirl_fast.model.loss import estimate_z
+from pirl_fast.model.memory_bank import BankConfig, MemoryBank
+from pirl_fast.util import dist
 
 NUM_SAMPLES, DIM, BATCH, STEPS = 40, 16, 6, 4
 BANKS = {"torch": BankConfig(num_negatives=5, kernel="torch", dtype="float32", momentum=0.5, seed=11),
@@ -28,7 +28,7 @@ def main(out_dir: str) -> None:
     gen = torch.Generator().manual_seed(1000 + info.rank)  # different data on each rank
     banks = {name: MemoryBank(NUM_SAMPLES, DIM, cfg) for name, cfg in BANKS.items()}
     steps = []
-    for step in range(STEPS):
+    for _ in range(STEPS):
         index = torch.randint(NUM_SAMPLES, (BATCH,), generator=gen)
         index[0] = 7  # sample 7 on both ranks every step: a cross-rank duplicate
         embedding = torch.nn.functional.normalize(torch.randn(BATCH, DIM, generator=gen), dim=1)

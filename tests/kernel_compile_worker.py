@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from pirl_fast import bank_kernels, bank_loss
+from pirl_fast.model import bank_kernels, bank_loss
 
 D = 128
 ARCHS = (80, 90)  # A100, H100/H200

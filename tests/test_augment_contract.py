@@ -64,8 +64,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -73,8 +73,9 @@ import torch
 from PIL import Image
 from torchvision.io import decode_jpeg
 
-from pirl_fast.data import DataConfig, build_loader
-from pirl_fast.shard import Options, run_shard
+from pirl_fast.data.config import DataConfig
+from pirl_fast.data.loaders import build_loader
+from pirl_fast.shard.cli import Options, run_shard
 
 pytest.importorskip("nvidia.dali")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -176,7 +177,7 @@ class Crops:
 _CACHE: dict = {}
 
 
-def collect(datasets, family: "Family", backend: str, **changes) -> Crops:
+def collect(datasets, family: Family, backend: str, **changes) -> Crops:
     """`family.samples` samples through build_loader; cached per (family, backend, changes)."""
     key = (family.name, backend, repr(sorted(changes.items())))
     if key not in _CACHE:
@@ -240,7 +241,8 @@ class Report:
         for label, x, p in (("dali", a, p_a), ("torch", b, p_a if p_b is None else p_b)):
             p = np.broadcast_to(np.asarray(p, float).ravel() if np.ndim(p) else float(p), x.shape)
             z = (x.sum() - p.sum()) / math.sqrt(max((p * (1 - p)).sum(), 1e-12))
-            self.check(abs(z) <= Z, name, f"{label} share {x.mean():.4f}, contract {p.mean():.4f} (z = {z:.1f}, n = {len(x)})")
+            self.check(abs(z) <= Z, name,
+                       f"{label} share {x.mean():.4f}, contract {p.mean():.4f} (z = {z:.1f}, n = {len(x)})")
         pooled = (a.sum() + b.sum()) / (len(a) + len(b))
         z = (a.mean() - b.mean()) / math.sqrt(max(pooled * (1 - pooled) * (1 / len(a) + 1 / len(b)), 1e-12))
         self.check(abs(z) <= Z, name, f"dali {a.mean():.4f} vs torch {b.mean():.4f} (z = {z:.1f})")
@@ -502,7 +504,7 @@ class Family:
     images: str  # key of the datasets fixture
     samples: int
     settings: dict
-    check: Callable[["Family", Crops, Crops, Report], None]
+    check: Callable[[Family, Crops, Crops, Report], None]
     contract: dict = field(default_factory=dict)  # the values the check holds both backends to
 
 
@@ -556,7 +558,7 @@ def check_patch_crop(family: Family, dali: Crops, torch_: Crops, report: Report)
 def check_jitter(family: Family, dali: Crops, torch_: Crops, report: Report) -> None:
     k = family.contract
     reads = {backend: read_jitter(c) for backend, c in (("dali", dali), ("torch", torch_))}
-    for backend, (grey, applied, b, _, residual) in reads.items():
+    for backend, (grey, _applied, b, _, residual) in reads.items():
         report.check((residual <= 1.5).all(), "readable", f"{backend}: {int((residual > 1.5).sum())} crops are no "
                                                           "affine map of their source colour")
         report.independent("grey independence", grey, backend)
@@ -574,7 +576,7 @@ def check_jitter(family: Family, dali: Crops, torch_: Crops, report: Report) -> 
 def check_hue(family: Family, dali: Crops, torch_: Crops, report: Report) -> None:
     k = family.contract
     reads = {backend: read_hue(c, backend) for backend, c in (("dali", dali), ("torch", torch_))}
-    for backend, (grey, applied, s, h) in reads.items():
+    for backend, (grey, _applied, _s, h) in reads.items():
         report.independent("grey independence", grey, backend)
         report.independent("hue independence", np.nan_to_num(h), backend)
     (grey_d, applied_d, s_d, h_d), (grey_t, applied_t, s_t, h_t) = reads["dali"], reads["torch"]
@@ -590,8 +592,8 @@ def check_photometric(family: Family, dali: Crops, torch_: Crops, report: Report
     reads = {}
     for backend, c in (("dali", dali), ("torch", torch_)):
         bits, inverted, readable, x = read_photometric(c)
-        report.check(readable.all(), "readable", f"{backend}: {int((~readable).sum())} crops show no posterize/solarize "
-                                                 "outcome of their grey")
+        report.check(readable.all(), "readable",
+                     f"{backend}: {int((~readable).sum())} crops show no posterize/solarize outcome of their grey")
         changed = (bits != 8) | inverted
         report.independent("photometric independence", changed, backend)
         reads[backend] = (bits, inverted, changed, x)

@@ -1,7 +1,7 @@
 """Each colour step of the augmentation contract at forced parameters, against an independent
 implementation: PIL's ImageOps / ImageEnhance (what the reference calls) for the photometric ops,
 torchvision's functional ops for jitter, greyscale and blur. Both backends: the torch backend's
-transforms (pirl_fast/torch_transforms.py) and the DALI graph's steps (dali_pipelines/pirl.py),
+transforms (pirl_fast/data/torch_transforms.py) and the DALI graph's steps (dali_pipelines/pirl.py),
 run on the CPU, per sample (HWC) and per frame (FHWC). The distributions of the draws are
 tested in test_augment_contract.py.
 """
@@ -14,9 +14,9 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision.transforms.v2 import functional as F
 
-from pirl_fast.data import DataConfig, check_augmentation
-from pirl_fast.sample_data import make_image
-from pirl_fast.torch_transforms import RandomGaussianBlur, RandomPhotometric
+from pirl_fast.data.config import DataConfig, check_augmentation
+from pirl_fast.data.torch_transforms import RandomGaussianBlur, RandomPhotometric
+from pirl_fast.shard.sample_data import make_image
 
 pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def  # noqa: E402

@@ -14,8 +14,8 @@ import zlib
 import pytest
 import torch
 
-from pirl_fast import bank_kernels
-from pirl_fast.bank_kernels import bank_scores, bank_update
+from pirl_fast.model import bank_kernels
+from pirl_fast.model.bank_kernels import bank_scores, bank_update
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (B, K, N, D): none is a multiple of BLOCK_K=64 or of a power-of-two BLOCK_D, except the real D=128
@@ -50,7 +50,8 @@ def assert_close_rel(got, ref, rel, what):
 @pytest.mark.parametrize("size", SIZES)
 def test_scores_and_grad_match_formula(kernel, dtype, size, monkeypatch, triton_device):
     b, k, n, d = size
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((kernel, dtype, size)).encode()))  # fresh per case, reproducible
+    # fresh per case, reproducible
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((kernel, dtype, size)).encode()))
     if kernel == "torch":  # force several K-chunks, the last one partial
         monkeypatch.setattr(bank_kernels, "CHUNK_ELEMENTS", b * d * 7)
     bank = unit_bank(n, d, dtype, gen)

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pirl_fast import bank_kernels, bank_loss as bank_loss_module
-from pirl_fast.bank_loss import BankLoss, bank_loss
-from pirl_fast.loss import estimate_z
+from pirl_fast.model import bank_kernels
+from pirl_fast.model import bank_loss as bank_loss_module
+from pirl_fast.model.bank_loss import BankLoss, bank_loss
+from pirl_fast.model.loss import estimate_z
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (B, K, N, D): K is no multiple of BLOCK_K=64 nor of the forced torch chunk; D=128 is the real one
@@ -28,7 +29,7 @@ REL = 1e-5
 
 
 def reference(query, pos_rows, bank, index, kind, tau, num_data, z):
-    """float64 from the formulas of pirl_fast.loss, row by row: loss, grad_query, its scale, pos and neg means.
+    """float64 from the formulas of pirl_fast.model.loss, row by row: loss, grad_query, its scale, pos and neg means.
 
     The scale of the gradient is the larger of its positive and negatives' parts (float64 autograd
     through each separately): they cancel where the positive is the only negative, and an fp32
@@ -178,8 +179,8 @@ def test_range_check_runs_unless_the_bank_drew_the_indices(monkeypatch):
 
 
 def test_criterion_skips_the_range_check_for_the_banks_own_draws(monkeypatch):
-    from pirl_fast.loss import LossConfig, PIRLCriterion
-    from pirl_fast.memory_bank import BankConfig, MemoryBank
+    from pirl_fast.model.loss import LossConfig, PIRLCriterion
+    from pirl_fast.model.memory_bank import BankConfig, MemoryBank
 
     calls = []
     monkeypatch.setattr(bank_loss_module, "check_index_range", lambda *a: calls.append(a))

@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from test_idx_folder import write_idx
 
 from pirl_fast.bench import learn
 from pirl_fast.bench.__main__ import build_parser, main
-from test_idx_folder import write_idx
 
 
 def write_dataset(root, n_train=40, n_test=20, classes=10, seed=0):

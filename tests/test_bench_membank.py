@@ -6,8 +6,8 @@ import types
 import pytest
 import torch
 
-from pirl_fast import bank_kernels
 from pirl_fast.bench import membank
+from pirl_fast.model import bank_kernels
 
 
 def parse(*argv: str) -> argparse.Namespace:

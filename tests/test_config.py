@@ -9,12 +9,12 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from pirl_fast.config import Config, ConfigError, to_dataclass, validate
-from pirl_fast.data import check_config
+from pirl_fast.data.config import check_config
+from pirl_fast.train.config import Config, ConfigError, to_dataclass, validate
 
 
 def make(*overrides: str, hydra_cfg: bool = False):
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
 
 
@@ -151,12 +151,12 @@ def test_run_dir_is_the_same_for_every_rank():
 
 
 def test_slurm_launcher_is_documented_but_not_imported():
-    import pirl_fast.train  # noqa: F401
+    import pirl_fast.train.loop  # noqa: F401
 
     assert not any(name.startswith(("submitit", "hydra_plugins.hydra_submitit")) for name in sys.modules)
     from importlib.resources import files
 
-    slurm = files("pirl_fast.conf").joinpath("hydra/launcher/slurm.yaml").read_text()
+    slurm = files("pirl_fast.train.conf").joinpath("hydra/launcher/slurm.yaml").read_text()
     assert "pip install hydra-submitit-launcher" in slurm and "submitit_slurm" in slurm
 
 

@@ -1,4 +1,4 @@
-"""Corrupt JPEGs found while training (pirl_fast/corrupt.py): named on every backend, and
+"""Corrupt JPEGs found while training (pirl_fast/shard/corrupt.py): named on every backend, and
 data.on_corrupt=skip keeping the epoch contract, the ranks in step and the bank clean.
 
 Damage is made the way disks and copies make it, in a copy of the session's shards after the
@@ -20,13 +20,14 @@ import torch
 import webdataset
 from hydra import compose, initialize_config_module
 
-from pirl_fast.batch import replace_corrupt
-from pirl_fast.corrupt import DaliGate, describe
-from pirl_fast.data import DataConfig, build_loader
-from pirl_fast.memory_bank import BankConfig, MemoryBank
-from pirl_fast.shard_format import ShardError, checksum_problem, encode_int64, load_manifest
-from pirl_fast.shard_verify import verify_shards
-from pirl_fast.train import run_training
+from pirl_fast.data.batch import replace_corrupt
+from pirl_fast.data.config import DataConfig
+from pirl_fast.data.loaders import build_loader
+from pirl_fast.model.memory_bank import BankConfig, MemoryBank
+from pirl_fast.shard.corrupt import DaliGate, describe
+from pirl_fast.shard.format import ShardError, checksum_problem, encode_int64, load_manifest
+from pirl_fast.shard.verify import verify_shards
+from pirl_fast.train.loop import run_training
 
 pytest.importorskip("nvidia.dali")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -176,7 +177,7 @@ def test_dali_gpu_graph_checks_checksums_before_nvjpeg(sample_shards, legacy_sha
 # ---------------------------------------------------------------------------------------------- the trainer
 def test_training_skips_the_sample_counts_it_and_leaves_its_bank_row_alone(sample_shards, tmp_path):
     damaged, _ = damage(sample_shards, tmp_path / "d", "middle")
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         cfg = compose("config", overrides=[
             "experiment=smoke", "trainer.progress=false", f"data.shards={damaged}", "data.backend=dali",
             "data.workers=1", "data.image_size=32", "data.patch_crop_size=30", "data.patch_size=8",

@@ -15,18 +15,18 @@ The augmentation contract's statistics (shares, factor spreads, independence) ar
 test_augment_contract.py.
 """
 
-import itertools
 import io
+import itertools
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from torchvision.io import decode_jpeg
 
-from pirl_fast.data import DataConfig, build_loader
-from pirl_fast.shard import Options, run_shard
+from pirl_fast.data.config import DataConfig
+from pirl_fast.data.loaders import build_loader
+from pirl_fast.shard.cli import Options, run_shard
 
 pytest.importorskip("nvidia.dali")
 
@@ -253,7 +253,7 @@ def test_colour_jitter_changes_colours_per_patch(grid_shards, backend):
 def test_dali_outputs_are_channels_last_without_copy(grid_shards):
     """DALI's HWC / FHWC outputs are wrapped as NCHW views with channels_last strides."""
     from dali_pipelines.pirl import READER_NAME, pirl_pipeline
-    from pirl_fast.shard_format import load_manifest
+    from pirl_fast.shard.format import load_manifest
 
     manifest = load_manifest(grid_shards)
     cfg = geometry_config(grid_shards, "dali", 0.5)

@@ -15,19 +15,19 @@ import torchvision
 import webdataset as wds
 from omegaconf import OmegaConf
 from PIL import Image
-
-from pirl_fast import eval as ev
-from pirl_fast import finetune_data as ftd
-from pirl_fast import invariance as inv
-from pirl_fast import linear_probe as lp
-from pirl_fast.batchnorm import reestimate_running_stats
-from pirl_fast.features import ShardImageDataset, eval_transform, load_pretrained, make_loader
-from pirl_fast.jigsaw import JigsawModel
-from pirl_fast.shard_format import load_manifest
-from pirl_fast.model import ModelConfig, PIRLModel
-from pirl_fast.sample_data import write_sample_folder
-from pirl_fast.shard import Options, run_shard
 from test_knn import slow_knn_scores
+
+from pirl_fast.eval import cli as ev
+from pirl_fast.eval import finetune_data as ftd
+from pirl_fast.eval import invariance as inv
+from pirl_fast.eval import linear_probe as lp
+from pirl_fast.eval.features import ShardImageDataset, eval_transform, load_pretrained, make_loader
+from pirl_fast.model.batchnorm import reestimate_running_stats
+from pirl_fast.model.jigsaw import JigsawModel
+from pirl_fast.model.network import ModelConfig, PIRLModel
+from pirl_fast.shard.cli import Options, run_shard
+from pirl_fast.shard.format import load_manifest
+from pirl_fast.shard.sample_data import write_sample_folder
 
 MODEL = {"arch": "resnet18", "embed_dim": 16, "num_patches": 9}
 DATA = {"image_size": 48, "patch_crop_size": 63, "grid": 3, "patch_size": 16, "num_permutations": 6}
@@ -382,7 +382,7 @@ def test_clear_errors(tmp_path, val_shards, capsys):
 
 
 def test_reestimated_bn_statistics_are_the_batch_averages():
-    from pirl_fast.batchnorm import reestimate_running_stats
+    from pirl_fast.model.batchnorm import reestimate_running_stats
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()

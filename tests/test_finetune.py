@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from pirl_fast import eval as ev
-from pirl_fast import finetune_data as ftd
-from pirl_fast.features import ShardImageDataset, eval_transform
 from test_eval import save_checkpoint
+
+from pirl_fast.eval import cli as ev
+from pirl_fast.eval import finetune_data as ftd
+from pirl_fast.eval.features import ShardImageDataset, eval_transform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

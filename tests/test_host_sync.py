@@ -1,7 +1,7 @@
 """No hidden host-device syncs in the training step (issue 12, section 1).
 
 On the CPU nothing waits, so the syncs a CUDA step would make are found by their causes instead:
-every deliberate device read goes through pirl_fast.host_read.read (counted: exactly one per
+every deliberate device read goes through pirl_fast.util.host_read.read (counted: exactly one per
 step, the finite-loss check), torch.cuda.synchronize is never called, and no other host read
 happens inside the step: a dispatch mode catches .item()/float()/bool() of a tensor
 (aten._local_scalar_dense) and tensors built from host data (aten.lift_fresh: on CUDA a blocking
@@ -23,9 +23,9 @@ import torch
 from hydra import compose, initialize_config_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pirl_fast import host_read
-from pirl_fast import train as train_module
-from pirl_fast.metrics import StepClock
+from pirl_fast.train import loop as train_module
+from pirl_fast.train.metrics import StepClock
+from pirl_fast.util import host_read
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -37,7 +37,7 @@ CPU_ONLY_READS = {("bank_kernels.py", "check_index")}  # (file, function) whose 
 
 
 def config(run_dir: Path, *overrides: str):
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         return compose("config", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
 
 
@@ -125,7 +125,7 @@ def test_a_training_step_reads_the_device_once_and_never_synchronises(tmp_path, 
 
 def test_the_spy_catches_a_stray_read(tmp_path, spies, monkeypatch):
     """The negative case: an .item() slipped into the loss is reported with its place."""
-    from pirl_fast.loss import PIRLCriterion
+    from pirl_fast.model.loss import PIRLCriterion
 
     real = PIRLCriterion.forward
 
@@ -199,7 +199,8 @@ def test_dali_gpu_batches_arrive_without_a_sync(sample_shards):
     """The DALI GPU loader's batches (pipe.run on torch's stream, DLPack hand-over, index and label
     already on the GPU) are fetched under set_sync_debug_mode("error")."""
     pytest.importorskip("nvidia.dali")
-    from pirl_fast.data import DataConfig, build_loader
+    from pirl_fast.data.config import DataConfig
+    from pirl_fast.data.loaders import build_loader
 
     loader = build_loader(DataConfig(shards=str(sample_shards), backend="dali", batch_size=8, workers=2),
                           device="cuda")

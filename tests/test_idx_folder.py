@@ -11,9 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pirl_fast.idx_folder import (DEFAULT_ROOT, FASHION_MNIST_CLASSES, IdxError, balanced_subset, convert, load_split,
-                                  main, read_idx)
-from pirl_fast.shard import Options, run_shard
+from pirl_fast.shard.cli import Options, run_shard
+from pirl_fast.shard.idx_folder import (
+    DEFAULT_ROOT,
+    FASHION_MNIST_CLASSES,
+    IdxError,
+    balanced_subset,
+    convert,
+    load_split,
+    main,
+    read_idx,
+)
 
 FMNIST = Path(DEFAULT_ROOT)
 needs_fmnist = pytest.mark.skipif(not (FMNIST / "t10k-labels-idx1-ubyte.gz").is_file(),

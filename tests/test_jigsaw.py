@@ -1,4 +1,4 @@
-"""The Jigsaw pretext baseline (pirl_fast.jigsaw): shapes, order sensitivity, the loss against its
+"""The Jigsaw pretext baseline (pirl_fast.model.jigsaw): shapes, order sensitivity, the loss against its
 formula, clear errors, and that the model can learn the task on a tiny set."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from pirl_fast.jigsaw import JigsawLoss, JigsawModel, jigsaw_accuracy
-from pirl_fast.model import ModelConfig
-from pirl_fast.permutations import max_hamming_permutations
+from pirl_fast.data.permutations import max_hamming_permutations
+from pirl_fast.model.jigsaw import JigsawLoss, JigsawModel, jigsaw_accuracy
+from pirl_fast.model.network import ModelConfig
 
 CFG = ModelConfig(arch="resnet18", embed_dim=16)
 
@@ -104,7 +104,7 @@ def test_learns_to_tell_permutations_apart():
 def jigsaw_config(run_dir, *overrides):
     from hydra import compose, initialize_config_module
 
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         return compose("config", overrides=[
             "experiment=smoke", "method=jigsaw", "data.backend=synthetic", "data.synthetic_samples=16",
             "data.batch_size=4", "data.image_size=32", "data.patch_crop_size=30", "data.patch_size=8",
@@ -113,8 +113,8 @@ def jigsaw_config(run_dir, *overrides):
 
 
 def test_trainer_method_jigsaw_trains_and_evaluates(tmp_path):
-    from pirl_fast.features import load_pretrained
-    from pirl_fast.train import train
+    from pirl_fast.eval.features import load_pretrained
+    from pirl_fast.train.loop import train
 
     summary = train(jigsaw_config(tmp_path))
     assert summary["step"] == 2
@@ -126,8 +126,8 @@ def test_trainer_method_jigsaw_trains_and_evaluates(tmp_path):
 
 
 def test_trainer_method_jigsaw_needs_a_permutation_set(tmp_path):
-    from pirl_fast.config import ConfigError
-    from pirl_fast.train import train
+    from pirl_fast.train.config import ConfigError
+    from pirl_fast.train.loop import train
 
     with pytest.raises(ConfigError, match="data.num_permutations"):
         train(jigsaw_config(tmp_path, "data.num_permutations=0"))
@@ -148,7 +148,7 @@ def test_reference_head_has_the_reference_shapes():
 
 
 def test_trainer_trains_the_reference_head_with_a_multistep_schedule(tmp_path):
-    from pirl_fast.train import train
+    from pirl_fast.train.loop import train
 
     summary = train(jigsaw_config(tmp_path, "model.jigsaw_head=reference", "optim.schedule=multistep",
                                   "optim.milestones=[1]", "trainer.epochs=2"))

@@ -27,9 +27,9 @@ import pytest
 
 pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_compile_worker import ARCHS, BANK, D, KERNELS  # noqa: E402
+from kernel_compile_worker import ARCHS, BANK, KERNELS, D  # noqa: E402
 
-from pirl_fast import bank_kernels  # noqa: E402
+from pirl_fast.model import bank_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

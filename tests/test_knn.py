@@ -1,4 +1,4 @@
-"""Weighted kNN (pirl_fast.knn): against a slow loop written from the NPID formula, and on clusters
+"""Weighted kNN (pirl_fast.eval.knn): against a slow loop written from the NPID formula, and on clusters
 whose answer is known."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pirl_fast.knn import knn_evaluate, knn_scores, topk_accuracy
+from pirl_fast.eval.knn import knn_evaluate, knn_scores, topk_accuracy
 
 
 def slow_knn_scores(train, train_labels, queries, num_classes, k, temperature):

@@ -26,14 +26,21 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from pirl_fast.features import ShardImageDataset, eval_transform, extract, load_pretrained, make_loader, random_init
-from pirl_fast.idx_folder import DEFAULT_ROOT, convert
-from pirl_fast.knn import knn_evaluate
-from pirl_fast.sample_data import write_sample_folder
-from pirl_fast.shard import Options, run_shard
-from pirl_fast import dist
-from pirl_fast.config import to_dataclass
-from pirl_fast.train import setup, train
+from pirl_fast.eval.features import (
+    ShardImageDataset,
+    eval_transform,
+    extract,
+    load_pretrained,
+    make_loader,
+    random_init,
+)
+from pirl_fast.eval.knn import knn_evaluate
+from pirl_fast.shard.cli import Options, run_shard
+from pirl_fast.shard.idx_folder import DEFAULT_ROOT, convert
+from pirl_fast.shard.sample_data import write_sample_folder
+from pirl_fast.train.config import to_dataclass
+from pirl_fast.train.loop import setup, train
+from pirl_fast.util import dist
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path(DEFAULT_ROOT)
@@ -83,7 +90,7 @@ def knn_top1(net, data: LearnData, size: int) -> float:
 
 
 def test_short_pirl_run_learns_without_collapse(tmp_path, learn_data):
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         cfg = compose("config", overrides=[
             *learn_data.overrides, f"data.shards={learn_data.train}", "data.backend=torch", "data.workers=0",
             f"trainer.max_steps={STEPS}", "trainer.log_every=4", "trainer.progress=false", "trainer.ckpt_every=0",
@@ -115,7 +122,7 @@ def test_short_pirl_run_learns_without_collapse(tmp_path, learn_data):
 @pytest.mark.parametrize("seed", [0, 3])
 def test_random_init_is_the_runs_own_starting_point(tmp_path, sample_shards, seed):
     """`eval knn --random-init` compares against the very weights training starts from."""
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", f"data.shards={sample_shards}", "data.backend=torch",
                                            "data.workers=0", f"trainer.seed={seed}", f"run_dir={tmp_path}"])
     run = setup(to_dataclass(cfg), tmp_path, dist.info())  # builds everything, trains nothing

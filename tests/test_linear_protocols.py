@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pirl_fast import linear_probe as lp
+from pirl_fast.eval import linear_probe as lp
 
 # The yaml's HEAD.PARAMS: eval_mlp in_channels and dims[0] per head, in order.
 REFERENCE_HEADS = {"conv1": (64, 9216), "res2": (256, 9216), "res3": (512, 8192), "res4": (1024, 9216),

@@ -12,12 +12,13 @@ import pytest
 import torch
 import webdataset
 
-from pirl_fast.batch import epoch_length
-from pirl_fast.data import DataConfig, build_loader, resolve_backend, resolve_workers
-from pirl_fast.loader_dali import dali_import_error
-from pirl_fast.sample_data import write_sample_folder
-from pirl_fast.shard import Options, run_shard
-from pirl_fast.shard_format import ShardError, load_manifest
+from pirl_fast.data.batch import epoch_length
+from pirl_fast.data.config import DataConfig, resolve_workers
+from pirl_fast.data.loader_dali import dali_import_error
+from pirl_fast.data.loaders import build_loader, resolve_backend
+from pirl_fast.shard.cli import Options, run_shard
+from pirl_fast.shard.format import ShardError, load_manifest
+from pirl_fast.shard.sample_data import write_sample_folder
 
 needs_dali = pytest.mark.skipif(dali_import_error() is not None, reason="needs NVIDIA DALI")
 DALI = pytest.param("dali", marks=needs_dali)  # the dali backend as a parameter: skipped without DALI
@@ -97,7 +98,8 @@ def test_epoch_covers_every_sample(shards, backend, workers, world_size):
             assert len(batches) == len(loader)
             assert all(len(b.index) == PER_RANK for b in batches)
             delivered += torch.cat([b.index for b in batches]).tolist()
-        assert set(delivered) == set(range(NUM_SAMPLES)), f"epoch {epoch} misses {set(range(NUM_SAMPLES)) - set(delivered)}"
+        missing = set(range(NUM_SAMPLES)) - set(delivered)
+        assert not missing and set(delivered) == set(range(NUM_SAMPLES)), f"epoch {epoch} misses {missing}"
         duplicates = len(delivered) - NUM_SAMPLES
         assert duplicates == loaders[0].duplicates_per_epoch == expected_dups < global_batch
     for loader in loaders:
@@ -113,7 +115,8 @@ def test_backends_agree_on_labels(shards):
         for batch in build_loader(config(shards, backend)):
             for i, lbl in zip(batch.index.tolist(), batch.label.tolist()):
                 assert seen.setdefault((backend, i), lbl) == lbl
-    assert {i: l for (b, i), l in seen.items() if b == "dali"} == {i: l for (b, i), l in seen.items() if b == "torch"}
+    by_backend = {name: {i: label for (b, i), label in seen.items() if b == name} for name in ("dali", "torch")}
+    assert by_backend["dali"] == by_backend["torch"]
     assert set(seen.values()) == set(range(NUM_CLASSES))
 
 
@@ -210,13 +213,14 @@ def test_bad_index_files_named(damaged):
 
 
 def test_works_without_dali(shards):
-    """`import pirl_fast.data` and the torch backend need no DALI; auto falls back to torch with a
+    """`import pirl_fast.data.loaders` and the torch backend need no DALI; auto falls back to torch with a
     one-line notice; asking for dali explicitly is an error that says what to do."""
     code = f"""
 import sys
 sys.modules["nvidia.dali"] = None  # make `import nvidia.dali` fail
 import pytest
-from pirl_fast.data import BackendUnavailable, DataConfig, build_loader, resolve_backend
+from pirl_fast.data.config import DataConfig
+from pirl_fast.data.loaders import BackendUnavailable, build_loader, resolve_backend
 cfg = DataConfig(shards={shards!r}, backend="torch", batch_size=2, workers=0)
 assert next(iter(build_loader(cfg))).images.shape == (2, 3, 224, 224)
 backend, notice = resolve_backend("auto")
@@ -254,8 +258,10 @@ def test_dali_gpu_graph(shards):
     batch = batches[0]
     for name in ("images", "patches", "index", "label", "perm", "perm_id"):
         assert getattr(batch, name).device.type == "cuda", name
-    assert batch.images.shape == (PER_RANK, 3, 224, 224) and batch.images.is_contiguous(memory_format=torch.channels_last)
-    assert batch.patches.shape == (PER_RANK * 9, 3, 64, 64) and batch.patches.is_contiguous(memory_format=torch.channels_last)
+    assert batch.images.shape == (PER_RANK, 3, 224, 224)
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.patches.shape == (PER_RANK * 9, 3, 64, 64)
+    assert batch.patches.is_contiguous(memory_format=torch.channels_last)
     assert set(torch.cat([b.index for b in batches]).tolist()) == set(range(NUM_SAMPLES))
     for c in range(3):
         assert batch.images[:, c].min() >= LOW[c] - 1e-4 and batch.images[:, c].max() <= HIGH[c] + 1e-4
@@ -272,7 +278,7 @@ def test_abandoned_epoch_does_not_shift_the_next(shards, backend):
 def test_torch_reads_through_webdataset(shards, monkeypatch):
     """Every shard is opened by webdataset.WebDataset, and one epoch yields exactly the (index, label)
     pairs of a direct WebDataset iteration (cls as ASCII, idx/lbl as 8-byte little-endian int64)."""
-    import pirl_fast.loader_torch as loader_torch
+    import pirl_fast.data.loader_torch as loader_torch
 
     real, opened = webdataset.WebDataset, []
 
@@ -324,7 +330,7 @@ def test_torch_epoch_is_a_function_of_seed_and_epoch(shards, workers):
 def test_torch_split_delivers_every_slot_once(world_size, per_rank, workers, sizes):
     """The plan alone (no decoding): each (rank, worker) reads its whole batches, each rank the same
     count, and together they read stream position t mod N for every delivery t of the epoch."""
-    from pirl_fast.loader_torch import plan_visits, shard_order, worker_slots
+    from pirl_fast.data.loader_torch import plan_visits, shard_order, worker_slots
 
     num_samples = sum(sizes)
     batches, duplicates = epoch_length(num_samples, per_rank * world_size)
@@ -389,9 +395,9 @@ def test_float16_views_train_on_the_cpu(shards, tmp_path):
     """The fp32 model on the CPU takes float16 views (it casts them); one step, a finite loss."""
     from hydra import compose, initialize_config_module
 
-    from pirl_fast.train import train
+    from pirl_fast.train.loop import train
 
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         cfg = compose("config", overrides=[
             "experiment=smoke", f"data.shards={shards}", "data.backend=dali", "data.workers=1", "data.batch_size=4",
             "data.output_dtype=float16", "data.image_size=32", "data.patch_crop_size=30", "data.patch_size=8",

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from pirl_fast.loss import LossConfig, PIRLCriterion, estimate_z, info_nce_loss, nce_loss
-from pirl_fast.memory_bank import BankConfig, MemoryBank
+from pirl_fast.model.loss import LossConfig, PIRLCriterion, estimate_z, info_nce_loss, nce_loss
+from pirl_fast.model.memory_bank import BankConfig, MemoryBank
 
 
 def scores(b, k, seed):
@@ -64,8 +64,12 @@ def test_losses_stable_far_outside_loop_range():
         assert torch.isfinite(value), "losses must be computed in log space"
     # nce: log P = s/tau - log Z = 1000 - 69.08 for the top scores; softplus keeps it exact
     log_c, log_z = math.log(2 / 10), math.log(1e30)
-    sp = lambda x: max(x, 0) + math.log1p(math.exp(-abs(x)))  # softplus, stable in float64
-    lp = lambda s: s / tau - log_z
+    def sp(x):  # softplus, stable in float64
+        return max(x, 0) + math.log1p(math.exp(-abs(x)))
+
+    def lp(s):
+        return s / tau - log_z
+
     expected = (sp(log_c - lp(1.0)) + sp(lp(1.0) - log_c) + sp(lp(-1.0) - log_c)
                 + sp(log_c - lp(-1.0)) + sp(lp(1.0) - log_c) + sp(lp(0.5) - log_c)) / 2
     assert math.isclose(nce_loss(pos, neg, tau, 10, 1e30).item(), expected, rel_tol=1e-5)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pirl_fast.bank_kernels import bank_update
-from pirl_fast.loss import estimate_z
-from pirl_fast.memory_bank import BankConfig, MemoryBank
+from pirl_fast.model.bank_kernels import bank_update
+from pirl_fast.model.loss import estimate_z
+from pirl_fast.model.memory_bank import BankConfig, MemoryBank
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,5 +155,6 @@ def test_two_ranks_keep_identical_banks(tmp_path, needs_interpreter):
         assert torch.equal(local, r0["banks"][name]), f"{name}: ranks did not apply the gathered update"
         assert not torch.equal(local, MemoryBank(NUM_SAMPLES, DIM, cfg).bank)
     assert not torch.equal(r0["negatives"], r1["negatives"]), "ranks should draw different negatives"
-    z_mean = (estimate_z(r0["pos"], r0["neg"], 0.07, NUM_SAMPLES) + estimate_z(r1["pos"], r1["neg"], 0.07, NUM_SAMPLES)) / 2
+    z_mean = (estimate_z(r0["pos"], r0["neg"], 0.07, NUM_SAMPLES)
+              + estimate_z(r1["pos"], r1["neg"], 0.07, NUM_SAMPLES)) / 2
     assert torch.allclose(r0["z"], z_mean, rtol=1e-6) and torch.equal(r0["z"], r1["z"])

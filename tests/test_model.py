@@ -1,12 +1,13 @@
-"""PIRLModel: shapes, normalisation, memory layout, stems, torchvision keys, and the jigsaw head's use of patch order."""
+"""PIRLModel: shapes, normalisation, memory layout, stems, torchvision keys, and the jigsaw head's use of
+patch order."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 
-from pirl_fast.linear_probe import STAGES, stage_features
-from pirl_fast.model import ModelConfig, PIRLModel, memory_format_for, weight_layout
+from pirl_fast.eval.linear_probe import STAGES, stage_features
+from pirl_fast.model.network import ModelConfig, PIRLModel, memory_format_for, weight_layout
 
 B, P = 2, 9
 
@@ -65,7 +66,8 @@ def test_memory_layout_follows_the_weights(model):
     `features` hands the convolutions its input in the weights' layout either way."""
     assert memory_format_for("cpu") == torch.contiguous_format and memory_format_for("cuda") == torch.channels_last
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(c.weight.is_contiguous() for c in convs) and weight_layout(model.trunk) == torch.contiguous_format
+    assert convs and all(c.weight.is_contiguous() for c in convs)
+    assert weight_layout(model.trunk) == torch.contiguous_format
     images, _ = inputs(2)
     with torch.no_grad():
         plain = model.features(images.contiguous(memory_format=torch.channels_last))  # an NHWC batch, as loaders give
@@ -164,8 +166,8 @@ def test_embed_bn_centres_the_embeddings():
     for embed_bn in (False, True):
         model = PIRLModel(ModelConfig(arch="resnet18", embed_dim=16, embed_bn=embed_bn)).train()
         raw = {}
-        model.image_bn.register_forward_hook(lambda m, i, o: raw.__setitem__("f", o))
-        model.jigsaw_bn.register_forward_hook(lambda m, i, o: raw.__setitem__("g", o))
+        model.image_bn.register_forward_hook(lambda m, i, o, raw=raw: raw.__setitem__("f", o))
+        model.jigsaw_bn.register_forward_hook(lambda m, i, o, raw=raw: raw.__setitem__("g", o))
         f, g = model(images, patches)
         assert torch.allclose(f.norm(dim=1), torch.ones(B), atol=1e-5)
         for out in raw.values():

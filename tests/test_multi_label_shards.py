@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-import pirl_fast.eval as ev
-from pirl_fast.data import DataConfig, build_loader
-from pirl_fast.features import ShardImageDataset, svm_transform
-from pirl_fast.shard import main
-from pirl_fast.shard_format import load_manifest, sample_key
-from pirl_fast.shard_verify import verify_shards
+import pirl_fast.eval.cli as ev
+from pirl_fast.data.config import DataConfig
+from pirl_fast.data.loaders import build_loader
+from pirl_fast.eval.features import ShardImageDataset, svm_transform
+from pirl_fast.shard.cli import main
+from pirl_fast.shard.format import load_manifest, sample_key
+from pirl_fast.shard.verify import verify_shards
 
 CLASSES = ["cat", "dog", "person"]
 # relpath -> (present, difficult): nested folders, a difficult object, one image with no class at all

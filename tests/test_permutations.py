@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from pirl_fast.permutations import all_permutations, hamming, max_hamming_permutations, random_permutations
+from pirl_fast.data.permutations import all_permutations, hamming, max_hamming_permutations, random_permutations
 
 
 def is_permutation(rows: torch.Tensor) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pirl_fast import report
+from pirl_fast.report import cli as report
 
 
 def fake_run(path: Path, lam: float, knn_top1: float, res5: float, loss: float, extra: dict | None = None) -> Path:
@@ -125,7 +125,7 @@ def test_one_run_reports_inside_it_with_seeds_averaged_the_steps_run_and_the_unt
 
 def test_steps_come_from_the_newest_checkpoint_without_a_summary(tmp_path, monkeypatch):
     a = fake_run(tmp_path / "a", lam=0.25, knn_top1=0.5, res5=0.6, loss=1.0)
-    b = fake_run(tmp_path / "b", lam=0.75, knn_top1=0.5, res5=0.6, loss=1.0)
+    fake_run(tmp_path / "b", lam=0.75, knn_top1=0.5, res5=0.6, loss=1.0)
     for step in (5, 40):
         (a / "checkpoints").mkdir(exist_ok=True)
         (a / "checkpoints" / f"step_{step:09d}.pt").write_bytes(b"")

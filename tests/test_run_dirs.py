@@ -1,4 +1,4 @@
-"""resume=auto continues only the same run: the run directory choice (pirl_fast/run_dirs.py) and the
+"""resume=auto continues only the same run: the run directory choice (pirl_fast/train/run_dirs.py) and the
 trainer's use of it. Most checks call `choose` on real configs without training; two train for a step."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from pirl_fast import checkpoint, run_dirs
-from pirl_fast.config import ConfigError, to_dataclass
-from pirl_fast.shard import Options, run_shard
-from pirl_fast.train import train
+from pirl_fast.shard.cli import Options, run_shard
+from pirl_fast.train import checkpoint, run_dirs
+from pirl_fast.train.config import ConfigError, to_dataclass
+from pirl_fast.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=smoke", "trainer.progress=false", "data.workers=0", "data.backend=synthetic",
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def config(*overrides: str):
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         return to_dataclass(compose("config", overrides=[*TINY, *overrides]))
 
 

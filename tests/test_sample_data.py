@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pirl_fast.sample_data import class_names, main, write_sample_folder
+from pirl_fast.shard.sample_data import class_names, main, write_sample_folder
 
 
 def files(root: Path) -> dict[str, bytes]:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pirl_fast.optim import OptimConfig, build_optimizer, param_groups
-from pirl_fast.schedule import LRSchedule, lr_at, scaled_lr
+from pirl_fast.train.optim import OptimConfig, build_optimizer, param_groups
+from pirl_fast.train.schedule import LRSchedule, lr_at, scaled_lr
 
 
 def test_cosine_runs_from_peak_to_final_through_the_midpoint():

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-import pirl_fast.shard as shard_mod
-from pirl_fast.shard_format import MANIFEST_NAME, ShardError, load_manifest
-from pirl_fast.sample_data import write_odd_files, write_sample_folder
-from pirl_fast.shard import Options, main, run_shard
-from pirl_fast.shard_verify import verify_shards
+import pirl_fast.shard.cli as shard_mod
+from pirl_fast.shard.cli import Options, main, run_shard
+from pirl_fast.shard.format import MANIFEST_NAME, ShardError, load_manifest
+from pirl_fast.shard.sample_data import write_odd_files, write_sample_folder
+from pirl_fast.shard.verify import verify_shards
 
 SHARD_SIZE, MAX_SIDE = 14, 320  # as in conftest's sample_shards
 
@@ -203,8 +203,8 @@ def test_same_seed_gives_identical_bytes_different_seed_another_order(sample_ima
 
 KILL_AT_SHARD_2 = """
 import os, signal, sys
-import pirl_fast.shard as s
-import pirl_fast.shard_write as w
+import pirl_fast.shard.cli as s
+import pirl_fast.shard.write as w
 real = w.finish_shard
 def finish_or_die(dst, k, entries, base):
     if k == 2:  # shard 2 sits complete in its temp file: the process dies before renaming it
@@ -317,8 +317,8 @@ def test_sample_keys_are_stable_dot_free_and_distinct():
 
 
 def test_large_rotated_jpeg_is_made_upright_and_downscaled_like_pil():
-    from pirl_fast.images import normalise_image
-    from pirl_fast.sample_data import make_image
+    from pirl_fast.shard.images import normalise_image
+    from pirl_fast.shard.sample_data import make_image
 
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 2000x1000, upright 1000x2000

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-import pirl_fast.shard_write as shard_write
-from pirl_fast.sample_data import write_sample_folder
-from pirl_fast.shard import Options, main, run_shard
-from pirl_fast.shard_format import MANIFEST_NAME, encode_int64, parse_index
-from pirl_fast.shard_lock import LOCK_NAME
-from pirl_fast.shard_pool import run_tasks
-from pirl_fast.shard_source import SourceError
-from pirl_fast.shard_state import PROGRESS_NAME
-from pirl_fast.shard_verify import verify_shards
+import pirl_fast.shard.write as shard_write
+from pirl_fast.shard.cli import Options, main, run_shard
+from pirl_fast.shard.format import MANIFEST_NAME, encode_int64, parse_index
+from pirl_fast.shard.lock import LOCK_NAME
+from pirl_fast.shard.pool import run_tasks
+from pirl_fast.shard.sample_data import write_sample_folder
+from pirl_fast.shard.source import SourceError
+from pirl_fast.shard.state import PROGRESS_NAME
+from pirl_fast.shard.verify import verify_shards
 
 ARGS = ["--samples-per-shard", "3", "--max-side", "0"]  # 12 images -> 4 shards; max-side 0: output ~ input size
 WAIT = 120  # seconds a subprocess may take on a loaded 2-core machine before the test calls it hung
@@ -36,8 +36,8 @@ WAIT = 120  # seconds a subprocess may take on a loaded 2-core machine before th
 HOOKS = '''
 import os, signal, sys, time
 from pathlib import Path
-import pirl_fast.shard as s
-import pirl_fast.shard_write as w
+import pirl_fast.shard.cli as s
+import pirl_fast.shard.write as w
 
 finish, write = w.finish_shard, w.write_shard
 
@@ -154,7 +154,7 @@ def test_a_dataset_root_and_its_split_exclude_each_other(src, hooks, tmp_path):
 def test_a_killed_holder_leaves_no_lock(src, clean, tmp_path):
     """The lock is the kernel's: a holder killed with SIGKILL leaves its lock file, which locks nothing."""
     dst = tmp_path / "dst"
-    code = ("import os, signal, sys\nfrom pirl_fast.shard_lock import hold\n"
+    code = ("import os, signal, sys\nfrom pirl_fast.shard.lock import hold\n"
             f"with hold([{str(dst)!r}]):\n    os.kill(os.getpid(), signal.SIGKILL)\n")
     killed = subprocess.run([sys.executable, "-c", code], timeout=WAIT)
     assert killed.returncode == -signal.SIGKILL and (dst / LOCK_NAME).exists()
@@ -248,7 +248,7 @@ def test_fifo_device_link_and_oversized_files_are_skipped_unread(src, tmp_path):
 
 
 def test_max_bytes_accepts_suffixes(tmp_path, capsys):
-    from pirl_fast.shard import build_parser
+    from pirl_fast.shard.cli import build_parser
 
     parse = build_parser().parse_args
     assert parse(["a", "b"]).max_bytes == 256 << 20
@@ -309,7 +309,7 @@ def test_a_full_destination_stops_with_the_space_needed_and_resumes(src, clean, 
         args = [str(src), str(dst), *ARGS, "--workers", "1"]
         assert main(args) == 2
         err = capsys.readouterr().err
-        assert f"no space left on device: need about" in err and f"MB in {dst}, have" in err, err
+        assert "no space left on device: need about" in err and f"MB in {dst}, have" in err, err
         assert "--resume" in err and "Traceback" not in err
         assert temp_files(dst) == [] and not (dst / MANIFEST_NAME).exists()
         subprocess.run(["mount", "-o", f"remount,size={4 * need // 4096 * 4096}", str(mnt)], check=True)
@@ -333,7 +333,7 @@ def test_no_space_in_the_middle_of_a_shard_is_reported_and_resumable(src, clean,
     args = [str(src), str(dst), *ARGS, "--workers", "1"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert f"no space left on device: need about" in err and f"(writing {dst}/.shard-000002.tar.tmp" in err
+    assert "no space left on device: need about" in err and f"(writing {dst}/.shard-000002.tar.tmp" in err
     assert "2 of 4 shards are finished and kept" in err and "--resume" in err
     assert temp_files(dst) == []
     monkeypatch.setattr(shard_write.ShardWriter, "add", real)
@@ -349,7 +349,7 @@ def test_a_run_that_will_not_fit_stops_after_its_first_shard(src, tmp_path, monk
     assert main([str(src), str(dst), *ARGS, "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert "warning: this may not fit" in err  # before any write: from the input sizes
-    assert f"no space left on device: need about" in err and f"MB in {dst}, have 0.1 MB" in err
+    assert "no space left on device: need about" in err and f"MB in {dst}, have 0.1 MB" in err
     assert "1 of 4 shards are finished and kept" in err
     assert [p.name for p in dst.glob("shard-*.tar")] == ["shard-000000.tar"]
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pirl_fast import eval as ev
-from pirl_fast.shard_format import MANIFEST_NAME, ShardError, load_manifest
-from pirl_fast.sample_data import class_names, write_sample_folder
-from pirl_fast.shard import main
-from pirl_fast.shard_verify import verify_shards
-from pirl_fast.splits import eval_split_beside, resolve_shards
+from pirl_fast.eval import cli as ev
+from pirl_fast.shard.cli import main
+from pirl_fast.shard.format import MANIFEST_NAME, ShardError, load_manifest
+from pirl_fast.shard.sample_data import class_names, write_sample_folder
+from pirl_fast.shard.splits import eval_split_beside, resolve_shards
+from pirl_fast.shard.verify import verify_shards
 
 CLASSES = class_names(3)  # c00_stripes, c01_checks, c02_rings
 TRAIN_PER_CLASS, VAL_PER_CLASS = 5, 3
@@ -324,9 +324,9 @@ def test_resolution(root_shards, tmp_path):
 def test_train_and_knn_from_a_dataset_root_without_val_shards(root_shards, tmp_path, capsys, one_thread):
     from hydra import compose, initialize_config_module
 
-    from pirl_fast.train import train
+    from pirl_fast.train.loop import train
 
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         cfg = compose("config", overrides=[
             "experiment=smoke", f"data.shards={root_shards}", "data.backend=torch", "data.workers=0",
             "data.image_size=32", "data.patch_crop_size=30", "data.patch_size=8", "data.batch_size=4",

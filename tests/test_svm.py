@@ -1,4 +1,4 @@
-"""Linear SVM transfer (pirl_fast.svm): the VOC AP against a loop transcribed from the reference's
+"""Linear SVM transfer (pirl_fast.eval.svm): the VOC AP against a loop transcribed from the reference's
 evaluate.py, separable features at 100%, shuffled labels at chance, the multi-label mAP path with
 "difficult" entries, agreement with a direct scikit-learn fit, low-shot draws (class-balanced,
 seeded), and the CLI on generated shards."""
@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from pirl_fast import eval as ev
-from pirl_fast import svm
+from pirl_fast.eval import cli as ev
+from pirl_fast.eval import svm
 
 FAST = svm.SVMConfig(costs=(0.1, 1.0, 10.0))
 
@@ -168,8 +168,9 @@ def write_multi_label_shards(root, targets: np.ndarray, classes: list[str]) -> N
 
 
 def test_multi_label_shards_are_read_and_scored_with_map(tmp_path):
-    from pirl_fast.features import ShardImageDataset, svm_transform
     from test_vissl_import import pirl_heads, reference_checkpoint
+
+    from pirl_fast.eval.features import ShardImageDataset, svm_transform
 
     targets = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, -1], [0, 1, 1]] * 2, np.int8)
     write_multi_label_shards(tmp_path / "voc", targets, ["cat", "dog", "person"])

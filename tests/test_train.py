@@ -19,12 +19,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from pirl_fast import bank_kernels, checkpoint, dist
-from pirl_fast.config import ConfigError
-from pirl_fast.loss import PIRLCriterion
-from pirl_fast.shard_format import ShardError
-from pirl_fast.memory_bank import BankConfig, MemoryBank
-from pirl_fast.train import NonFiniteLossError, run_training, train
+from pirl_fast.model import bank_kernels
+from pirl_fast.model.loss import PIRLCriterion
+from pirl_fast.model.memory_bank import BankConfig, MemoryBank
+from pirl_fast.shard.format import ShardError
+from pirl_fast.train import checkpoint
+from pirl_fast.train.config import ConfigError
+from pirl_fast.train.loop import NonFiniteLossError, run_training, train
+from pirl_fast.util import dist
 
 REPO = Path(__file__).resolve().parents[1]
 # loss=nce: the paper's loss, with the frozen normalisers Z that checkpoints must carry (smoke uses infonce).
@@ -38,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def config(run_dir: Path, *overrides: str):
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         return compose("config", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
 
 
@@ -49,7 +51,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def test_two_step_smoke_run_on_sample_shards(tmp_path, sample_shards, capsys):
     """The real smoke experiment (its own sizes, batch, loss, and the main data path: DALI's CPU graph)
     on real shards, logging every step: without a bar (trainer.progress=false), a line per interval."""
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", f"data.shards={sample_shards}", "trainer.log_every=1",
                                            "trainer.max_steps=2", "trainer.progress=false", f"run_dir={tmp_path}"])
     summary = train(cfg)
@@ -83,7 +85,7 @@ def trained_state(run) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("backend", ["synthetic", "torch", "torch-2-workers"])
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, backend, request):
-    """4 steps straight == 3 steps, stop, resume, 1 step. The exact cases (pirl_fast/train.py):
+    """4 steps straight == 3 steps, stop, resume, 1 step. The exact cases (pirl_fast/train/loop.py):
     synthetic: 8 samples / batch 4 = 2 steps per epoch, so the checkpoint at step 3 sits mid-way
     through epoch 1 and resuming must skip a batch and restore the RNG streams, not restart them.
     torch on the 48 sample shards, mid-way through epoch 0: with data.workers=0 augmentations are
@@ -107,8 +109,9 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, backend, requ
     a, b = trained_state(straight), trained_state(resumed)
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
-    moved = [k for k in a if k.startswith("model.") and a[k].is_floating_point() and not torch.equal(a[k], after_three[k])]
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    moved = [k for k in a if k.startswith("model.") and a[k].is_floating_point()
+             and not torch.equal(a[k], after_three[k])]
     assert moved, "step 4 changed nothing: the comparison above would prove nothing"
     lines = read_metrics(tmp_path / "b")
     assert [line["step"] for line in lines] == [1, 2, 3, 4]  # appended on resume

@@ -15,9 +15,9 @@ import torch
 import torchvision
 from torch import nn
 
-from pirl_fast import eval as ev
-from pirl_fast.features import load_pretrained
-from pirl_fast.vissl_import import ImportRefused, import_checkpoint, load_reference
+from pirl_fast.eval import cli as ev
+from pirl_fast.eval.features import load_pretrained
+from pirl_fast.eval.vissl_import import ImportRefused, import_checkpoint, load_reference
 
 
 class RefTrunk(nn.Module):

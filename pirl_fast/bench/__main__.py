@@ -7,7 +7,7 @@ import importlib
 import shlex
 import sys
 
-from pirl_fast.bench.report import format_table, machine_description, write_json
+from pirl_fast.bench.output import format_table, machine_description, write_json
 
 # Sub-command -> module in this package. Each module has add_arguments(parser) and run(args).
 BENCHMARKS = {

@@ -16,7 +16,7 @@ which nothing else in pirl_fast needs. Install it with `sudo apt-get install dat
                images of the *training* split, disjoint from the pre-training ones: choose recipes
                there, and report the test split once
   2. shard     both through `python -m pirl_fast.shard`, the product's path
-  3. train     per seed, `experiment=fmnist` (pirl_fast/conf/experiment/fmnist.yaml, where the
+  3. train     per seed, `experiment=fmnist` (pirl_fast/train/conf/experiment/fmnist.yaml, where the
                choices are explained): PIRL, then Jigsaw (method=jigsaw, P=100 permutations) with
                the same trunk, initial weights, steps, batch, data, augmentation and LR schedule;
                a checkpoint every steps / --evals steps
@@ -24,7 +24,7 @@ which nothing else in pirl_fast needs. Install it with `sudo apt-get install dat
                the memory) of every checkpoint of both runs and of the untrained network (the
                very weights both runs started from); linear probes on all five stages (stored
                centre-crop features, the `eval linear --no-augment` protocol) of the final
-               networks and the untrained one; the invariance analysis (pirl_fast.invariance:
+               networks and the untrained one; the invariance analysis (pirl_fast.eval.invariance:
                own-image vs other-image distance, the gap) of all three
   5. report    one table (mean over seeds and the spread, max - min), one plot (kNN top-1 over
                training, the untrained network as a line), the targets met or not, JSON
@@ -41,7 +41,6 @@ epochs): see --help for both sets.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -53,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pirl_fast import atomic
+from pirl_fast.util import atomic
 
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
 METHODS = ("pirl", "jigsaw")
@@ -72,7 +71,7 @@ GPU_OVERRIDES = ["model.stem=small", "data.backend=dali", "data.workers=8", "ban
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pirl_fast.idx_folder import DEFAULT_ROOT
+    from pirl_fast.shard.idx_folder import DEFAULT_ROOT
 
     size = GPU_SIZE if torch.cuda.is_available() else CPU_SIZE
     p.add_argument("--idx-dir", default=DEFAULT_ROOT, help=f"Fashion-MNIST IDX files (default {DEFAULT_ROOT})")
@@ -106,8 +105,8 @@ def prepare_split(args, split: str, count: int, folder: Path, skip: int = 0) -> 
 
     A class-balanced subset of `count` images, seeded; `skip` > 0 leaves out the first `skip` of the
     same balanced order (the pre-training images), so the two subsets of one split never overlap."""
-    from pirl_fast.idx_folder import balanced_subset, load_split, write_folder
-    from pirl_fast.shard_format import load_manifest
+    from pirl_fast.shard.format import load_manifest
+    from pirl_fast.shard.idx_folder import balanced_subset, load_split, write_folder
 
     shards = folder / "shards"
     if (shards / "manifest.json").is_file() and load_manifest(shards).num_samples == count:
@@ -130,7 +129,7 @@ def prepare_split(args, split: str, count: int, folder: Path, skip: int = 0) -> 
 
 def check_dataset(idx_dir: str) -> None:
     """Exit 2, saying how to install Fashion-MNIST, unless both splits' IDX files are in idx_dir."""
-    from pirl_fast.idx_folder import IdxError, find_split
+    from pirl_fast.shard.idx_folder import IdxError, find_split
 
     try:
         for split in ("train", "t10k"):
@@ -160,13 +159,13 @@ def training_overrides(args, method: str, seed: int, shards: Path, run_dir: Path
 def pretrain(args, method: str, seed: int, shards: Path, run_dir: Path) -> dict:
     from hydra import compose, initialize_config_module
 
-    from pirl_fast.signals import STOP_SIGNALS, exit_status
-    from pirl_fast.train import train
+    from pirl_fast.train.loop import train
+    from pirl_fast.util.signals import STOP_SIGNALS, exit_status
 
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = training_overrides(args, method, seed, shards, run_dir)
     print(f"\n-- pre-train {LABELS[method]}, seed {seed}: python -m pirl_fast.train " + " ".join(overrides), flush=True)
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     summary = train(cfg)
     stopped_by = {s.name: s for s in STOP_SIGNALS}.get(summary["stopped_by"])
@@ -181,8 +180,8 @@ class Evaluator:
     """The train and test images in the evaluation view, and the three measurements of a network."""
 
     def __init__(self, train_shards: Path, test_shards: Path, image_size: int, views):
-        from pirl_fast.features import ShardImageDataset, eval_transform, make_loader
-        from pirl_fast.invariance import InvarianceViews
+        from pirl_fast.eval.features import ShardImageDataset, eval_transform, make_loader
+        from pirl_fast.eval.invariance import InvarianceViews
 
         self.train = make_loader(ShardImageDataset(train_shards, eval_transform(image_size)), 250, 0)
         self.test = make_loader(ShardImageDataset(test_shards, eval_transform(image_size)), 250, 0)
@@ -191,22 +190,22 @@ class Evaluator:
         self.grid = views.grid
 
     def stage_features(self, trunk):
-        from pirl_fast import linear_probe as lp
+        from pirl_fast.eval import linear_probe as lp
 
         return (lp.cache_stage_features(trunk, self.train, "cpu", "features: train", PROBE_PROTOCOL),
                 lp.cache_stage_features(trunk, self.test, "cpu", "features: test", PROBE_PROTOCOL))
 
     def knn(self, trunk) -> float:
         """kNN top-1 (%) on res5 average-pooled (what `eval knn` uses), train split -> test split."""
-        from pirl_fast.knn import knn_evaluate
+        from pirl_fast.eval.knn import knn_evaluate
 
         (train, train_y), (test, test_y) = self.stage_features(trunk)
         return 100 * knn_evaluate(train["res5"], train_y, test["res5"], test_y, self.num_classes).top1
 
     def full(self, model, method: str) -> dict:
         """kNN, the five linear probes and the invariance distances of a final network, with its BN running
-        statistics as they are and re-estimated on the training images (`bn_`: see pirl_fast/batchnorm.py)."""
-        from pirl_fast.batchnorm import reestimate_running_stats
+        statistics as they are and re-estimated on the training images (`bn_`: see pirl_fast/model/batchnorm.py)."""
+        from pirl_fast.model.batchnorm import reestimate_running_stats
 
         out = self.measure(model, method)
         images = (x for x, _, _ in self.train)
@@ -215,9 +214,9 @@ class Evaluator:
         return out
 
     def measure(self, model, method: str) -> dict:
-        from pirl_fast import invariance as inv
-        from pirl_fast import linear_probe as lp
-        from pirl_fast.knn import knn_evaluate
+        from pirl_fast.eval import invariance as inv
+        from pirl_fast.eval import linear_probe as lp
+        from pirl_fast.eval.knn import knn_evaluate
 
         (train, train_y), (test, test_y) = self.stage_features(model.trunk)
         knn = 100 * knn_evaluate(train["res5"], train_y, test["res5"], test_y, self.num_classes).top1
@@ -231,8 +230,8 @@ class Evaluator:
 
 def evaluate_seed(evaluator: Evaluator, runs: dict[str, Path], seed: int) -> dict[str, dict]:
     """{network: results} for the PIRL run, the Jigsaw run and the untrained network of one seed."""
-    from pirl_fast.checkpoint import list_checkpoints
-    from pirl_fast.features import load_pretrained, random_init, read_checkpoint
+    from pirl_fast.eval.features import load_pretrained, random_init, read_checkpoint
+    from pirl_fast.train.checkpoint import list_checkpoints
 
     out = {}
     _, _, config = read_checkpoint(runs["pirl"])
@@ -330,7 +329,7 @@ def plot(per_seed: dict[int, dict[str, dict]], path: Path, title: str, split: st
 
 
 def run(args) -> list[dict]:
-    from pirl_fast.invariance import ViewConfig
+    from pirl_fast.eval.invariance import ViewConfig
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds or min(args.train_images, args.test_images, args.epochs, args.batch, args.evals) < 1:
@@ -377,6 +376,6 @@ def run(args) -> list[dict]:
 
 
 def read_config(run_dir: Path) -> dict:
-    from pirl_fast.features import read_checkpoint
+    from pirl_fast.eval.features import read_checkpoint
 
     return read_checkpoint(run_dir)[2]

@@ -6,7 +6,7 @@ the same number of CPU threads (DALI threads = DataLoader workers) and are timed
 round after round, each after a warm-up that drains what was prefetched while the other ran; the
 figure is the median over rounds. With CUDA present the dali backend is also timed on the GPU,
 once per --hw-decoder-loads value (data.hw_decoder_load: the share of JPEGs for the hardware
-decoder of A100/H100/H200; DataConfig in data.py): the sweep that picks it for a machine. On a
+decoder of A100/H100/H200; DataConfig in data/config.py): the sweep that picks it for a machine. On a
 CPU-only machine there is nothing to sweep (the CPU graph decodes with libjpeg-turbo): it says so.
 
 Without --shards, ~1000 synthetic images of ImageNet-like size (400-500 px sides, baseline JPEG)
@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pirl_fast.cpus import cpus_per_rank
-from pirl_fast.data import DataConfig, build_loader
-from pirl_fast.progress import progress
+from pirl_fast.data.config import DataConfig
+from pirl_fast.data.loaders import build_loader
+from pirl_fast.util.cpus import cpus_per_rank
+from pirl_fast.util.progress import progress
 
 IMAGE_SIDES = (400, 501)  # px, ImageNet-like: its median image is about 400 x 500
 JPEG_QUALITY = 90  # typical of ImageNet's files
@@ -65,8 +66,8 @@ def make_bench_shards(root: Path, images: int, seed: int = 0) -> str:
     """An ImageFolder of `images` synthetic photos with 400-500 px sides, sharded into root/shards."""
     from PIL import Image
 
-    from pirl_fast.sample_data import class_names, make_image
-    from pirl_fast.shard import Options, run_shard
+    from pirl_fast.shard.cli import Options, run_shard
+    from pirl_fast.shard.sample_data import class_names, make_image
 
     rng = np.random.default_rng(seed)
     names = class_names(BENCH_CLASSES)
@@ -110,7 +111,7 @@ def data_settings(items: list[str]) -> dict:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.from_dotlist(items))
     except OmegaConfBaseException as e:
-        raise SystemExit(f"--data {' '.join(items)}: {e}; keys are DataConfig's (pirl_fast/data.py)") from e
+        raise SystemExit(f"--data {' '.join(items)}: {e}; keys are DataConfig's (pirl_fast/data/loaders.py)") from e
     values = OmegaConf.to_container(merged)
     return {key: values[key] for key in OmegaConf.from_dotlist(items)}
 

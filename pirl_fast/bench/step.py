@@ -28,7 +28,7 @@ rows; positives and updates touch the images' rows. 0: one row per image.
   bank_share  bank_ms / the step time of that backend
   bank_update_share  the training loop's bank-update phase / wall time (the update alone)
 Nothing here synchronises the training steps: trainer.sync_timing=false (compute and bank phases
-are timed by CUDA events, pirl_fast/metrics.py).
+are timed by CUDA events, pirl_fast/train/metrics.py).
 """
 
 from __future__ import annotations
@@ -36,17 +36,16 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import tempfile
-from pathlib import Path
-
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
-from pirl_fast.cpus import cpus_per_rank
+from pirl_fast.util.cpus import cpus_per_rank
 
 BACKENDS = ("synthetic", "dali", "torch")
 IMAGENET_ROWS = 1_281_167  # ImageNet-1k train images: the paper's bank
@@ -89,7 +88,7 @@ def step_config(args, backend: str, shards: str, num_samples: int, run_dir: Path
         "trainer.log_every=1000000", "trainer.sync_timing=false", "resume=none", f"run_dir={run_dir}",
         *[f"data.{item}" for item in args.data],
     ]
-    with initialize_config_module("pirl_fast.conf", version_base="1.3"):
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         return compose("config", overrides=overrides)
 
 
@@ -115,7 +114,7 @@ def bank_seconds(run, repeats: int) -> float:
 
 
 def measure(args, backend: str, shards: str, num_samples: int, run_dir: Path) -> dict:
-    from pirl_fast.train import run_training
+    from pirl_fast.train.loop import run_training
 
     run, s = run_training(step_config(args, backend, shards, num_samples, run_dir), bank_rows=args.bank_rows)
     busy = s["wall_s"] - s["time_s"]["checkpoint"]  # the end-of-run checkpoint is not training
@@ -137,8 +136,8 @@ def measure(args, backend: str, shards: str, num_samples: int, run_dir: Path) ->
 
 
 def run(args) -> list[dict]:
-    from pirl_fast.shard_format import load_manifest
-    from pirl_fast.splits import resolve_shards
+    from pirl_fast.shard.format import load_manifest
+    from pirl_fast.shard.splits import resolve_shards
 
     if args.bank_rows < 0 or args.bank_repeats < 1:
         raise SystemExit(f"--bank-rows ({args.bank_rows}) must be >= 0 and --bank-repeats ({args.bank_repeats}) >= 1")
@@ -172,6 +171,6 @@ def run(args) -> list[dict]:
 if __name__ == "__main__":  # python -m pirl_fast.bench.step also works
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    from pirl_fast.bench.report import format_table
+    from pirl_fast.bench.output import format_table
 
     print(format_table(run(parser.parse_args())))

@@ -1,0 +1,1 @@
+"""Stage 5, `python -m pirl_fast.eval`: features of a trained trunk, kNN, linear probes, SVMs, fine-tuning."""

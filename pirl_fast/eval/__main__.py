@@ -1,0 +1,3 @@
+from pirl_fast.eval.cli import main
+
+raise SystemExit(main())

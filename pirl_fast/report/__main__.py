@@ -1,0 +1,3 @@
+from pirl_fast.report.cli import main
+
+raise SystemExit(main())

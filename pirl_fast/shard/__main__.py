@@ -1,0 +1,3 @@
+from pirl_fast.shard.cli import main
+
+raise SystemExit(main())

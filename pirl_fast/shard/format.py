@@ -1,0 +1,411 @@
+"""The shard format, the one place that writes, reads and checks it: sample keys, tar members, int64
+and checksum members, the DALI index file, and the shard directory's manifest.json.
+
+A shard is a plain (uncompressed) POSIX ustar archive. Each sample is four consecutive
+members named KEY.<ext>, in this order (the team contract; DALI reads idx/lbl with
+dtypes=INT64 and no Python per sample):
+
+    KEY.jpg   baseline RGB JPEG
+    KEY.cls   label as ASCII decimal text, no newline (the WebDataset convention)
+    KEY.idx   global sample index 0..N-1 (the memory bank's row), 8 bytes little-endian int64
+    KEY.lbl   label again, 8 bytes little-endian int64
+    KEY.crc   (shards written with checksums=True only) zlib CRC-32 of the KEY.jpg bytes, as an
+              8-byte little-endian int64 (0 .. 2**32-1); readers check it before decoding
+              (`checksum_problem`). The manifest's sample_members lists "crc" when it is there.
+    KEY.mlb   (multi-label shards only, last) one int8 per class: 1 present, 0 absent, -1 difficult;
+              KEY.cls and KEY.lbl then hold -1 (multi_labels.py, shards/README.md)
+
+Every header is fixed (mtime 0, uid/gid 0, no user/group names, mode 0644), so the same
+samples always give the same bytes. Keys hold only [A-Za-z0-9_-]: WebDataset and DALI split
+a member name at the first dot after the last slash, and GNU tar (which DALI's wds2idx runs)
+would escape other characters.
+
+The index file (DALI's "v1.2" text format, what `wds2idx` writes):
+    v1.2 <samples>
+    jpg <data offset> <size> KEY.jpg cls <offset> <size> KEY.cls idx ... KEY.idx lbl ... KEY.lbl
+one line per sample, offsets of the member data (header offset + 512) in bytes.
+
+The shard directory's table of contents: `manifest.json`, written last by `pirl_fast.shard`.
+Loaders and the trainer read a shard directory only through `load_manifest`, which checks that
+what the manifest lists is really there, so a half-written or hand-edited directory fails at
+start-up with the fix in the message instead of deep inside a DALI pipeline.
+
+manifest.json (format "pirl_fast-shards", version 1):
+    {
+      "format": "pirl_fast-shards", "version": 1,
+      "num_samples": N,                       # global sample indices are 0..N-1 (memory-bank rows)
+      "classes": ["cat", "dog", ...],         # class names in label order (label = position)
+      "sample_members": ["jpg", "cls", "idx", "lbl"],   # + "crc" when every sample has a checksum member,
+                                              # + "mlb" (last) in multi-label shards
+      "label_kind": "multi",                  # only in multi-label shards (absent: "single"; then
+                                              # cls/lbl are -1 and KEY.mlb holds the classes)
+      "shards": [{"name": "shard-000000.tar", "index_name": "shard-000000.idx",
+                  "samples": n0, "bytes": ..., "sha256": "...",
+                  "first_index": 0,           # shard k holds indices first_index..first_index+samples-1
+                  "inputs": m0,               # input files planned for this shard (samples + skipped)
+                  "inputs_sha256": "..."},    # fingerprint of those inputs and options (for --resume)
+                 ...],
+      "skipped": [{"path": "dog/x.jpg", "reason": "...", "shard": "shard-000000.tar"}, ...],
+      "options": {"src": ..., "seed": ..., "samples_per_shard": ..., "max_side": ..., "quality": ...,
+                  "split": "val"},            # split: only in a dataset root's shards (DST/<split>/)
+      "labels": {"file": ..., "format": "kaggle", "rows": ..., "header": null, "labelled_images": ...,
+                 "without_image": n, "without_image_examples": [...]},   # a flat folder or multi-label tree
+      "plan_sha256": "..."                    # fingerprint of all inputs and options (a re-run of the
+    }                                         # same plan is a no-op; a different one is refused)
+
+A dataset root's shards are one such directory per split (DST/train/, DST/val/, ...), all with the
+same `classes`; splits.py says which of them a path means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import tarfile
+import zlib
+from collections.abc import Container, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+INDEX_VERSION = "v1.2"
+TAR_BLOCK = 512
+MAX_SLUG = 80  # keeps "KEY.jpg" under ustar's 100-character name field (80 + 1 + 10 + 4)
+HASH_CHUNK = 1 << 22  # 4 MiB reads when hashing a shard
+_INT64 = struct.Struct("<q")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+SAMPLE_MEMBERS = ["jpg", "cls", "idx", "lbl"]  # member order inside every sample (the team contract)
+CHECKSUM_MEMBER = "crc"  # the optional fifth member: CRC-32 of the jpg bytes
+MULTI_LABEL_MEMBER = "mlb"  # multi-label shards' last member: the multi-hot targets
+CHECKSUM_MEMBERS = [*SAMPLE_MEMBERS, CHECKSUM_MEMBER]  # what ShardWriter(checksums=True) writes per sample
+OPTIONAL_MEMBERS = (CHECKSUM_MEMBER, MULTI_LABEL_MEMBER)  # after the four, in this order
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "pirl_fast-shards"
+FORMAT_VERSION = 1
+
+_FIX = "run `python -m pirl_fast.shard SRC {dir}` to (re)make it, or `--resume` to finish an interrupted run"
+
+
+class ShardError(Exception):
+    """A shard directory is missing, incomplete or inconsistent (the message names the fix)."""
+
+
+def sample_key(relpath: str) -> str:
+    """Stable, unique, dot-free key from an input's path relative to SRC ("cls/sub/x.JPEG").
+
+    Readable part: the path without its last suffix, "/" -> "-", other unsafe runs -> "_",
+    cut to 80 characters. A 10-hex-digit hash of the full path is appended, so paths that
+    read the same after cleaning ("a.jpg" and "a.png", "a b" and "a_b") still get distinct keys.
+    """
+    stem = relpath.rsplit(".", 1)[0] if "." in relpath.rsplit("/", 1)[-1] else relpath
+    slug = _UNSAFE.sub("_", stem.replace("/", "-"))[:MAX_SLUG] or "x"
+    return f"{slug}-{hashlib.sha1(relpath.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
+
+
+def encode_int64(value: int) -> bytes:
+    return _INT64.pack(value)
+
+
+def decode_int64(data: bytes) -> int:
+    if len(data) != 8:
+        raise ValueError(f"expected 8 bytes of little-endian int64, got {len(data)} bytes")
+    return _INT64.unpack(data)[0]
+
+
+def checksum_problem(jpeg, crc_member) -> str | None:
+    """None when the crc member (8 bytes little-endian, or an int) matches the JPEG bytes (any
+    buffer: bytes, a numpy array), else what is wrong."""
+    try:
+        expected = crc_member if isinstance(crc_member, int) else decode_int64(bytes(crc_member))
+    except ValueError as e:
+        return f"its crc member is unreadable ({e})"
+    actual = zlib.crc32(jpeg)
+    if actual != expected:
+        return f"its bytes do not match their CRC-32 (stored {expected:08x}, computed {actual:08x}): damaged"
+    return None
+
+
+def multi_hot_problem(mlb: bytes, label: int, lbl: int, num_classes: int) -> str | None:
+    """What is wrong with a multi-label sample's members, or None (cls/lbl -1, one int8 of 1, 0 or -1
+    per class)."""
+    if label != -1 or lbl != -1:
+        return f"cls {label} / lbl {lbl}, expected -1 in multi-label shards"
+    if len(mlb) != num_classes:
+        return f"mlb has {len(mlb)} bytes, expected one per class ({num_classes})"
+    bad = sorted({v for v in mlb} - {0, 1, 0xFF})
+    if bad:
+        return f"mlb holds {bad}, expected 1 (present), 0 (absent) or -1 (difficult)"
+    return None
+
+
+@dataclass
+class IndexEntry:
+    """One sample's line in the index file: (ext, data offset, size, member name) per member."""
+    key: str
+    members: list[tuple[str, int, int, str]]
+
+    def line(self) -> str:
+        return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in self.members)
+
+    def offset_of(self, ext: str) -> int:
+        return next(offset for e, offset, _, _ in self.members if e == ext)
+
+
+def index_text(entries: list[IndexEntry]) -> str:
+    """The whole index file, byte for byte as DALI's wds2idx writes it (trailing newline included)."""
+    return "".join([f"{INDEX_VERSION} {len(entries)}\n"] + [e.line() + "\n" for e in entries])
+
+
+def parse_index(text: str, samples: int | None = None) -> list[IndexEntry]:
+    """Read a v1.2 index file back; ValueError says what is wrong (the header, a line, or the
+    sample count against `samples` when given)."""
+    lines = text.splitlines()
+    header = lines[0].split() if lines else []
+    if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
+        raise ValueError(f"has header {lines[0] if lines else ''!r}, expected '{INDEX_VERSION} <num_samples>'")
+    if int(header[1]) != len(lines) - 1 or samples not in (None, int(header[1])):
+        raise ValueError(f"lists {header[1]} samples in its header and {len(lines) - 1} lines"
+                         + (f", the manifest says {samples}" if samples is not None else ""))
+    entries = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        try:
+            if not fields or len(fields) % 4:
+                raise ValueError("expected groups of <ext> <offset> <size> <name>")
+            members = [(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                       for i in range(0, len(fields), 4)]
+        except ValueError as e:
+            raise ValueError(f"line {number} is malformed ({e})") from e
+        entries.append(IndexEntry(key=members[0][3].split(".", 1)[0], members=members))
+    return entries
+
+
+def check_index_file(path: Path, samples: int, tar_bytes: int, fix: str) -> None:
+    """`path` as the loaders need it: a v1.2 index (`parse_index`) of `samples` lines, every member
+    inside the tar; raises ShardError."""
+    try:
+        entries = parse_index(path.read_text(), samples)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardError(f"index file {path} cannot be read ({e}): {fix}") from e
+    except ValueError as e:
+        raise ShardError(f"index file {path} {e}: {fix}") from e
+    for number, entry in enumerate(entries, start=2):
+        if max(offset + size for _, offset, size, _ in entry.members) > tar_bytes:
+            raise ShardError(f"index file {path} line {number} points past the end of its {tar_bytes}-byte tar: {fix}")
+
+
+class ShardWriter:
+    """Writes samples into an open binary file as a deterministic ustar archive.
+
+    `add(key, jpeg, label, index)` appends the four members (five with checksums=True: the crc
+    member after them; then the mlb member when `multi_hot` is given); `entries` collects the
+    index-file lines; `close()` writes the end-of-archive blocks (the file itself stays open).
+    """
+
+    def __init__(self, fileobj: BinaryIO, checksums: bool = False):
+        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+        self.entries: list[IndexEntry] = []
+        self.checksums = checksums
+
+    def _add_member(self, name: str, data: bytes) -> tuple[int, int]:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        header_offset = self._tar.offset
+        self._tar.addfile(info, io.BytesIO(data))
+        # ustar: exactly one 512-byte header per member (names are < 100 chars, no PAX records).
+        return header_offset + TAR_BLOCK, len(data)
+
+    def add(self, key: str, jpeg: bytes, label: int, index: int, multi_hot: bytes = b"") -> None:
+        contents = [("jpg", jpeg), ("cls", str(label).encode("ascii")), ("idx", encode_int64(index)),
+                    ("lbl", encode_int64(label))]
+        if self.checksums:
+            contents.append((CHECKSUM_MEMBER, encode_int64(zlib.crc32(jpeg))))
+        if multi_hot:
+            contents.append((MULTI_LABEL_MEMBER, multi_hot))
+        members = []
+        for ext, data in contents:
+            name = f"{key}.{ext}"
+            offset, size = self._add_member(name, data)
+            members.append((ext, offset, size, name))
+        self.entries.append(IndexEntry(key=key, members=members))
+
+    def close(self) -> None:
+        self._tar.close()  # two zero blocks, padded to tarfile's 10240-byte record
+
+
+def shift_indices(path: str, entries: list[IndexEntry], base: int) -> None:
+    """Add `base` to every KEY.idx value of the tar at `path`, in place (8-byte fields, so no
+    offset moves). Workers write shard-local indices 0..n-1 because a shard's first global
+    index depends on how many earlier inputs were skipped, known only when they finish."""
+    if base == 0:
+        return
+    with open(path, "r+b") as f:
+        for local, entry in enumerate(entries):
+            f.seek(entry.offset_of("idx"))
+            f.write(encode_int64(base + local))
+
+
+def iter_samples(fileobj: BinaryIO, skip: Container[str] = ()
+                 ) -> Iterator[tuple[str, dict[str, bytes], dict[str, tuple[int, int]]]]:
+    """Read a shard back with Python's tarfile: yields (key, {ext: data}, {ext: (offset, size)}),
+    the data of members whose ext is in `skip` left unread (a scan of the headers).
+
+    Members are grouped by consecutive key, as WebDataset and DALI group them.
+    """
+    key, data, where = None, {}, {}
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, _, ext = member.name.partition(".")
+            if k != key and key is not None:
+                yield key, data, where
+                data, where = {}, {}
+            key = k
+            if ext not in skip:
+                data[ext] = tar.extractfile(member).read()
+            where[ext] = (member.offset_data, member.size)
+    if key is not None:
+        yield key, data, where
+
+
+def member_name_at(f: BinaryIO, offset: int) -> str:
+    """The name in the ustar header of the member whose data starts at `offset`, read raw (a damaged
+    header gives whatever its bytes say, not an error)."""
+    f.seek(offset - TAR_BLOCK)
+    return f.read(100).split(b"\0", 1)[0].decode("utf-8", "replace")  # ustar's 100-byte name field
+
+
+def read_member(tar: Path, offset: int) -> bytes:
+    """The data of the ustar member whose data starts at `offset` (its header is the block before)."""
+    with open(tar, "rb") as f:
+        f.seek(offset - TAR_BLOCK)
+        size = tarfile.TarInfo.frombuf(f.read(TAR_BLOCK), "utf-8", "surrogateescape").size
+        return f.read(size)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ the shard directory: manifest.json
+
+@dataclass
+class ShardInfo:
+    name: str        # tar file name, relative to the manifest's directory
+    index_name: str  # DALI index file name (v1.2 text format), same directory
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    root: Path                # the shard directory
+    num_samples: int
+    classes: list[str]        # label order
+    shards: list[ShardInfo]
+    skipped: list[dict] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+    members: list[str] = field(default_factory=lambda: list(SAMPLE_MEMBERS))  # per sample, in tar order
+
+    @property
+    def multi_label(self) -> bool:
+        """Every sample carries KEY.mlb (several classes per image) and cls/lbl are -1."""
+        return MULTI_LABEL_MEMBER in self.members
+
+    @property
+    def has_checksums(self) -> bool:
+        """Every sample carries a crc member (shards written before it existed do not)."""
+        return CHECKSUM_MEMBER in self.members
+
+    def tar_paths(self) -> list[str]:
+        """Absolute paths of the tar files, in shard (= global index) order."""
+        return [str(self.root / s.name) for s in self.shards]
+
+    def index_paths(self) -> list[str]:
+        """Absolute paths of the DALI index files, parallel to `tar_paths()`."""
+        return [str(self.root / s.index_name) for s in self.shards]
+
+
+def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
+    """Read `shard_dir/manifest.json` and check that every listed tar and index file exists.
+
+    Raises ShardError naming the path and the fix for a missing directory or manifest, a
+    malformed manifest, a sample count that does not add up, or a missing shard/index file.
+    """
+    root = Path(shard_dir).resolve()
+    fix = _FIX.format(dir=shard_dir)
+    if not root.is_dir():
+        raise ShardError(f"shard directory {root} does not exist: {fix}")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ShardError(f"{path} is missing (not a finished shard directory): {fix}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path} cannot be read as JSON ({e}): {fix}") from e
+    try:
+        if raw.get("format") != FORMAT_NAME or raw.get("version") != FORMAT_VERSION:
+            raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}, "
+                             f"expected {FORMAT_NAME!r} version {FORMAT_VERSION}")
+        shards = [ShardInfo(name=str(s["name"]), index_name=str(s["index_name"]), samples=int(s["samples"]),
+                            bytes=int(s["bytes"]), sha256=str(s["sha256"])) for s in raw["shards"]]
+        manifest = Manifest(root=root, num_samples=int(raw["num_samples"]), classes=[str(c) for c in raw["classes"]],
+                            shards=shards, skipped=list(raw.get("skipped", [])), options=dict(raw.get("options", {})),
+                            members=[str(m) for m in raw.get("sample_members", SAMPLE_MEMBERS)])
+        extra = manifest.members[len(SAMPLE_MEMBERS):]
+        if manifest.members[:len(SAMPLE_MEMBERS)] != SAMPLE_MEMBERS or extra != [
+                m for m in OPTIONAL_MEMBERS if m in extra]:
+            raise ValueError(f"sample_members {manifest.members}: expected {SAMPLE_MEMBERS} followed by any of "
+                             f"{list(OPTIONAL_MEMBERS)}, in that order")
+        kind = raw.get("label_kind", "single")
+        if kind != ("multi" if manifest.multi_label else "single"):
+            raise ValueError(f"label_kind {kind!r} does not fit sample_members {manifest.members} (multi-label "
+                             "shards have an mlb member, single-label ones none)")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ShardError(f"{path} is malformed ({type(e).__name__}: {e}): {fix}") from e
+    total = sum(s.samples for s in manifest.shards)
+    if total != manifest.num_samples:
+        raise ShardError(f"{path} is inconsistent: num_samples is {manifest.num_samples} but its shards hold "
+                         f"{total}: {fix}")
+    for s in manifest.shards:
+        for name in (s.name, s.index_name):
+            if not (root / name).is_file():
+                raise ShardError(f"{root / name} is listed in {path} but missing: {fix}")
+    return manifest
+
+
+def manifest_dict(*, num_samples: int, classes: list[str], shards: list[dict], skipped: list[dict],
+                  options: dict[str, Any], members: list[str] = SAMPLE_MEMBERS) -> dict[str, Any]:
+    """The manifest as written to disk (`shards` entries are ShardInfo fields plus resume bookkeeping);
+    `members`: CHECKSUM_MEMBERS for shards written with ShardWriter(checksums=True)."""
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "num_samples": num_samples, "classes": classes,
+            "sample_members": list(members), "shards": shards, "skipped": skipped, "options": options}
+
+
+def check_shard_files(manifest: Manifest, sha256: bool, fix: str) -> None:
+    """Every shard's files against the manifest, before any reader opens them: the tar's size; its
+    index file (`check_index_file`); with `sha256`, the tar's SHA-256. Raises ShardError naming the
+    file and `fix`."""
+    for shard in manifest.shards:
+        tar, index = manifest.root / shard.name, manifest.root / shard.index_name
+        size = tar.stat().st_size
+        if size != shard.bytes:
+            raise ShardError(f"shard {tar} is {size} bytes, the manifest says {shard.bytes} "
+                             f"(truncated or replaced): {fix}")
+        check_index_file(index, shard.samples, size, fix)
+        if sha256 and sha256_file(tar) != shard.sha256:
+            raise ShardError(f"shard {tar} does not match its SHA-256 in the manifest (corrupt): {fix}")

@@ -1,0 +1,1 @@
+"""Stage 4, `python -m pirl_fast.train`: config, the loop, checkpoints, schedule, metrics."""

@@ -1,0 +1,3 @@
+from pirl_fast.train.loop import main
+
+raise SystemExit(main())
