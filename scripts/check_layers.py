@@ -3,7 +3,7 @@
     python scripts/check_layers.py        # exit 0 and one line when clean; each problem on its own line
 
 The stage packages, lowest first; a module may import its own package and the ones before it:
-    util -> shard -> data -> model -> train -> eval -> report -> bench
+    runtime -> shard -> data -> model -> train -> eval -> report -> bench
 Every import counts, also one inside a function. Modules directly under pirl_fast/ (the command
 aliases) may import any stage; dali_pipelines/ may import nothing from pirl_fast.
 """
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("util", "shard", "data", "model", "train", "eval", "report", "bench")
+LAYERS = ("runtime", "shard", "data", "model", "train", "eval", "report", "bench")
 
 
 def module_name(path: Path) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from pirl_fast.model.loss import estimate_z
 from pirl_fast.model.memory_bank import BankConfig, MemoryBank
-from pirl_fast.util import dist
+from pirl_fast.runtime import dist
 
 NUM_SAMPLES, DIM, BATCH, STEPS = 40, 16, 6, 4
 BANKS = {"torch": BankConfig(num_negatives=5, kernel="torch", dtype="float32", momentum=0.5, seed=11),

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from pirl_fast.runtime import atomic
+from pirl_fast.runtime.atomic import NoSpaceError
 from pirl_fast.train import checkpoint, run_dirs
 from pirl_fast.train.checkpoint import CheckpointError
-from pirl_fast.util import atomic
-from pirl_fast.util.atomic import NoSpaceError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def dead_pid() -> int:
 def test_a_save_killed_mid_write_leaves_a_temp_file_that_the_next_start_removes(tmp_path):
     """The fault: SIGKILL during a save leaves `.step_*.pt.<host>.<pid>.*.tmp` behind (atomic_write
     can clean up after exceptions, not after a kill); the next run's cleanup removes it."""
-    script = ("import sys, time; from pirl_fast.util.atomic import atomic_write\n"
+    script = ("import sys, time; from pirl_fast.runtime.atomic import atomic_write\n"
               "with atomic_write(sys.argv[1], 'wb') as f:\n"
               "    f.write(b'x' * 4096); f.flush(); print('writing', flush=True); time.sleep(600)\n")
     target = tmp_path / "checkpoints" / "step_000000003.pt"
@@ -210,7 +210,7 @@ def test_a_full_tmpfs_gives_the_clear_error_before_and_during_the_write(tmp_path
     script = (
         "import sys, torch\n"
         "from pirl_fast.train import checkpoint\n"
-        "from pirl_fast.util.atomic import NoSpaceError\n"
+        "from pirl_fast.runtime.atomic import NoSpaceError\n"
         "for name, extra in (('tensors', {'big': torch.zeros(1 << 20)}), ('a list', {'big': list(range(600_000))})):\n"
         "    try:\n"
         "        checkpoint.save(sys.argv[1], {'step': 1, **extra}, keep=2)\n"

@@ -1,7 +1,7 @@
 """No hidden host-device syncs in the training step (issue 12, section 1).
 
 On the CPU nothing waits, so the syncs a CUDA step would make are found by their causes instead:
-every deliberate device read goes through pirl_fast.util.host_read.read (counted: exactly one per
+every deliberate device read goes through pirl_fast.runtime.host_read.read (counted: exactly one per
 step, the finite-loss check), torch.cuda.synchronize is never called, and no other host read
 happens inside the step: a dispatch mode catches .item()/float()/bool() of a tensor
 (aten._local_scalar_dense) and tensors built from host data (aten.lift_fresh: on CUDA a blocking
@@ -23,9 +23,9 @@ import torch
 from hydra import compose, initialize_config_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pirl_fast.runtime import host_read
 from pirl_fast.train import loop as train_module
 from pirl_fast.train.metrics import StepClock
-from pirl_fast.util import host_read
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -35,12 +35,12 @@ from pirl_fast.eval.features import (
     random_init,
 )
 from pirl_fast.eval.knn import knn_evaluate
+from pirl_fast.runtime import dist
 from pirl_fast.shard.cli import Options, run_shard
 from pirl_fast.shard.idx_folder import DEFAULT_ROOT, convert
 from pirl_fast.shard.sample_data import write_sample_folder
 from pirl_fast.train.config import to_dataclass
 from pirl_fast.train.loop import setup, train
-from pirl_fast.util import dist
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path(DEFAULT_ROOT)

@@ -1,4 +1,4 @@
-"""Progress output: a bar on a terminal, a few plain lines in a pipe or a log file (pirl_fast/util/progress.py)."""
+"""Progress output: a bar on a terminal, a few plain lines in a pipe or a log file (pirl_fast/runtime/progress.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import pytest
 from tqdm import tqdm
 
-from pirl_fast.util import progress as pg
+from pirl_fast.runtime import progress as pg
 
 
 class Clock:

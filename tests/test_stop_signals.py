@@ -1,4 +1,4 @@
-"""Stop signals the way clusters send them (pirl_fast/util/signals.py): to the process group (which, as
+"""Stop signals the way clusters send them (pirl_fast/runtime/signals.py): to the process group (which, as
 torchrun starts each rank in a session of its own, reaches torchrun alone, and torchrun forwards
 it to each rank's group), to every process of the job (SLURM's cgroup tracking: each rank then
 gets it twice), to torchrun alone, or to one rank; with DataLoader workers and DALI threads running.
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from pirl_fast.runtime.signals import STOP_SIGNALS, StopRequest, exit_status
 from pirl_fast.train import checkpoint
-from pirl_fast.util.signals import STOP_SIGNALS, StopRequest, exit_status
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=smoke", "trainer.progress=false", "data.image_size=32", "data.patch_crop_size=30",

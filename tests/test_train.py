@@ -22,11 +22,11 @@ from hydra import compose, initialize_config_module
 from pirl_fast.model import bank_kernels
 from pirl_fast.model.loss import PIRLCriterion
 from pirl_fast.model.memory_bank import BankConfig, MemoryBank
+from pirl_fast.runtime import dist
 from pirl_fast.shard.format import ShardError
 from pirl_fast.train import checkpoint
 from pirl_fast.train.config import ConfigError
 from pirl_fast.train.loop import NonFiniteLossError, run_training, train
-from pirl_fast.util import dist
 
 REPO = Path(__file__).resolve().parents[1]
 # loss=nce: the paper's loss, with the frozen normalisers Z that checkpoints must carry (smoke uses infonce).

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pirl_fast.util import atomic
+from pirl_fast.runtime import atomic
 
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
 METHODS = ("pirl", "jigsaw")
@@ -159,8 +159,8 @@ def training_overrides(args, method: str, seed: int, shards: Path, run_dir: Path
 def pretrain(args, method: str, seed: int, shards: Path, run_dir: Path) -> dict:
     from hydra import compose, initialize_config_module
 
+    from pirl_fast.runtime.signals import STOP_SIGNALS, exit_status
     from pirl_fast.train.loop import train
-    from pirl_fast.util.signals import STOP_SIGNALS, exit_status
 
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = training_overrides(args, method, seed, shards, run_dir)

@@ -33,8 +33,8 @@ import torch
 
 from pirl_fast.data.config import DataConfig
 from pirl_fast.data.loaders import build_loader
-from pirl_fast.util.cpus import cpus_per_rank
-from pirl_fast.util.progress import progress
+from pirl_fast.runtime.cpus import cpus_per_rank
+from pirl_fast.runtime.progress import progress
 
 IMAGE_SIDES = (400, 501)  # px, ImageNet-like: its median image is about 400 x 500
 JPEG_QUALITY = 90  # typical of ImageNet's files

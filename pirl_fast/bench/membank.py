@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pirl_fast.model.bank_kernels import bank_scores, resolve_kernel
 from pirl_fast.model.bank_loss import bank_loss
 from pirl_fast.model.loss import estimate_z, info_nce_loss, nce_loss
-from pirl_fast.util.progress import progress
+from pirl_fast.runtime.progress import progress
 
 PEAK_GB_PER_S = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # vendor HBM peaks, if the properties lack them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

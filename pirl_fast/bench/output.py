@@ -7,7 +7,7 @@ import platform
 import time
 from typing import Any
 
-from pirl_fast.util import atomic
+from pirl_fast.runtime import atomic
 
 
 def machine_description() -> str:

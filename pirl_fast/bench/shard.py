@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from pirl_fast.runtime.progress import progress
 from pirl_fast.shard.cli import Options, plan_shards, run_shard, scan_source
 from pirl_fast.shard.sample_data import write_sample_folder
-from pirl_fast.util.progress import progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
-from pirl_fast.util.cpus import cpus_per_rank
+from pirl_fast.runtime.cpus import cpus_per_rank
 
 BACKENDS = ("synthetic", "dali", "torch")
 IMAGENET_ROWS = 1_281_167  # ImageNet-1k train images: the paper's bank

@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from pirl_fast.util import atomic
+from pirl_fast.runtime import atomic
 
 E2E_SAMPLES_PER_S = 3000.0
 DALI_VS_SYNTHETIC = 0.95

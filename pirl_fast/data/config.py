@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from pirl_fast.data.batch import OUTPUT_DTYPES
-from pirl_fast.util.cpus import cpus_per_rank
+from pirl_fast.runtime.cpus import cpus_per_rank
 
 BACKENDS = ("dali", "torch", "synthetic")  # what build_loader builds; data.backend may also say "auto"
 ON_CORRUPT = ("error", "skip")

@@ -31,10 +31,10 @@ import torch
 
 from pirl_fast.data.batch import Batch, PatchOrder, derive_seed, epoch_length, make_batch, replace_corrupt
 from pirl_fast.data.config import DataConfig
+from pirl_fast.runtime import host_read
 from pirl_fast.shard.corrupt import FIX as CORRUPT_FIX
 from pirl_fast.shard.corrupt import SKIP_HINT, DaliGate, find_undecodable
 from pirl_fast.shard.format import Manifest, ShardError
-from pirl_fast.util import host_read
 
 try:
     from dali_pipelines.pirl import READER_NAME, pirl_pipeline

@@ -38,7 +38,7 @@ order of the original run.
 Corrupt samples (pirl_fast/shard/corrupt.py): a worker checks each sample's crc member (when the shards
 have one) and its decoding; data.on_corrupt=error raises ShardError naming the shard and key,
 skip hands a placeholder marked corrupt that `_batches` replaces (batch.replace_corrupt).
-Stop signals: workers ignore SIGINT / SIGTERM / SIGUSR1 (pirl_fast/util/signals.py); the trainer acts
+Stop signals: workers ignore SIGINT / SIGTERM / SIGUSR1 (pirl_fast/runtime/signals.py); the trainer acts
 on them and `close()` then shuts the workers down.
 """
 
@@ -68,10 +68,10 @@ from pirl_fast.data.batch import (
 )
 from pirl_fast.data.config import DataConfig
 from pirl_fast.data.torch_transforms import PIRLTransform
+from pirl_fast.runtime.signals import blocked, shield_worker
 from pirl_fast.shard.corrupt import FIX as CORRUPT_FIX
 from pirl_fast.shard.corrupt import SKIP_HINT, decoder_message
 from pirl_fast.shard.format import Manifest, ShardError, checksum_problem, decode_int64
-from pirl_fast.util.signals import blocked, shield_worker
 
 FIX = "re-run `python -m pirl_fast.shard --verify` on the shard directory, then re-shard or restore the file"
 

@@ -24,7 +24,6 @@ name a dataset root's shards (train: its train split; val: its val, validation o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -53,12 +52,13 @@ from pirl_fast.eval.features import (
 from pirl_fast.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
 from pirl_fast.model.batchnorm import reestimate_running_stats
 from pirl_fast.model.network import ARCHS, apply_stem
+from pirl_fast.runtime.atomic import write_json
+from pirl_fast.runtime.cpus import cpus_per_rank
+from pirl_fast.runtime.dist import pick_device
+from pirl_fast.runtime.progress import progress
 from pirl_fast.shard.format import ShardError
 from pirl_fast.shard.splits import ShardPath, eval_split_beside, resolve_shards
 from pirl_fast.train.checkpoint import list_checkpoints, save_atomic
-from pirl_fast.util.cpus import cpus_per_rank
-from pirl_fast.util.dist import pick_device
-from pirl_fast.util.progress import progress
 
 
 def default_out(ckpt_path: Path | None) -> Path:
@@ -69,12 +69,12 @@ def default_out(ckpt_path: Path | None) -> Path:
     return folder.parent if folder.name == "checkpoints" else folder
 
 
-def write_json(out_dir: Path, name: str, payload: dict) -> Path:
+def save_result(out_dir: Path, name: str, payload: dict) -> Path:
+    """OUT_DIR/NAME (JSON, written atomically: a reader never sees half a file), with the command."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    payload = {**payload, "command": "python -m pirl_fast.eval " + " ".join(sys.argv[1:]),
-               "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    write_json(path, {**payload, "command": "python -m pirl_fast.eval " + " ".join(sys.argv[1:]),
+                      "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     print(f"wrote {path}")
     return path
 
@@ -193,7 +193,7 @@ def cmd_export(args) -> int:
              if stem == "small" else "")
     print(f"load: m = torchvision.models.{arch}(); {small}m.fc = torch.nn.Identity(); "
           f"m.load_state_dict(torch.load('{trunk_path}'))")
-    write_json(out, "export.json", {**describe(net), "stem": stem, "trunk": str(trunk_path), "heads": str(heads_path)})
+    save_result(out, "export.json", {**describe(net), "stem": stem, "trunk": str(trunk_path), "heads": str(heads_path)})
     return 0
 
 
@@ -208,7 +208,7 @@ def cmd_knn(args) -> int:
           f"(k={result.k}, tau={result.temperature}, {result.num_train} train -> {result.num_val} val, "
           f"{result.num_classes} classes; chance {100 / result.num_classes:.2f}%)")
     out = Path(args.out) if args.out else default_out(net.path)
-    write_json(out, result_stem("knn", args, net, seeded=args.random_init) + ".json",
+    save_result(out, result_stem("knn", args, net, seeded=args.random_init) + ".json",
                {**describe(net), **result.as_dict(), "bn_reestimated": args.reestimate_bn, "image_size": size,
                 "train_shards": str(train.manifest.root),
                 "val_shards": str(val.manifest.root)})
@@ -246,7 +246,7 @@ def cmd_linear(args) -> int:
     for head, r in results.items():
         print(f"  {head:10s} {dims[head]:6d} dims  top-1 {100 * r['top1']:6.2f}%  top-5 {100 * r['top5']:6.2f}%")
     best = max(results, key=lambda h: results[h]["top1"])
-    write_json(out, result_stem("linear", args, net) + ".json",
+    save_result(out, result_stem("linear", args, net) + ".json",
                {**describe(net), "bn_reestimated": args.reestimate_bn, "stages": results,
                 "best": {"head": best, **results[best]},
                 "head_in_features": dims, "protocol": cfg.as_dict(), "loss_per_epoch": history,
@@ -292,7 +292,7 @@ def cmd_invariance(args) -> int:
         parts = [f"{m} mean {s[m]['mean']:.4f} (median {s[m]['median']:.4f})" for m in inv.METRICS if m in s]
         parts += [f"gap({m}) {g:+.4f}" for m, g in s["gap"].items()]
         print(f"  {label}: " + "; ".join(parts))
-    write_json(out, result_stem("invariance", args, None) + ".json",
+    save_result(out, result_stem("invariance", args, None) + ".json",
                {"checkpoints": summary, "views": views.__dict__, "num_images": len(data),
                 "seed": args.seed or 0, "shards": str(data.manifest.root),
                 "definition": "Distances" + inv.__doc__.split("Distances", 1)[1].strip()})
@@ -332,14 +332,14 @@ def cmd_svm(args) -> int:
         for k, r in result.items():
             print(f"low-shot k={k}: {r['metric']} {100 * r['mean']:.2f} +- {100 * r['std']:.2f} "
                   f"(min {100 * r['min']:.2f}, max {100 * r['max']:.2f}; {args.draws} draws, cost {r['cost']})")
-        write_json(out, result_stem("svm_lowshot", args, net) + ".json",
+        save_result(out, result_stem("svm_lowshot", args, net) + ".json",
                    {**info, "draws": args.draws, "low_shot": result})
         return 0
     result = svm.train_and_test(train_x.numpy(), train.targets, val_x.numpy(), val.targets, single, cfg)
     top1 = f"top-1 {100 * result.top1:.2f}%, " if single else ""
     print(f"SVM on {stage} ({info['dims']} dims, {net.method}): {top1}mAP {100 * result.mAP:.2f} over "
           f"{len(train.classes)} classes ({len(train)} train -> {len(val)} val)")
-    write_json(out, result_stem("svm", args, net) + ".json", {**info, **result.as_dict()})
+    save_result(out, result_stem("svm", args, net) + ".json", {**info, **result.as_dict()})
     return 0
 
 
@@ -376,7 +376,7 @@ def cmd_finetune(args) -> int:
           f"({len(val_data)} val images, chance {100 / len(train_data.classes):.2f}%)")
     save_atomic({"model": {k: v.contiguous() for k, v in model.state_dict().items()}, "classes": train_data.classes,
                  "arch": describe(net)["arch"]}, out / f"{name}.pt")
-    write_json(out, f"{name}.json", {**describe(net), **result, "subset": tag, "num_labelled": int(positions.size),
+    save_result(out, f"{name}.json", {**describe(net), **result, "subset": tag, "num_labelled": int(positions.size),
                                      "per_class_min": int(counts.min()), "per_class_max": int(counts.max()),
                                      "loader": type(loaders[0]).__name__, "schedule": cfg.as_dict(),
                                      "loss_per_epoch": history, "image_size": size, "num_val": len(val_data),
@@ -399,7 +399,7 @@ def cmd_import_vissl(args) -> int:
     print(f"wrote {path}\n  method {net.method}, arch {report['arch']}, trunk {report['trunk_tensors']} tensors "
           f"(torchvision keys), heads mapped: {heads}")
     print(f"  evaluate it like any run: python -m pirl_fast.eval linear {out} --train-shards T --val-shards V")
-    write_json(out, "import.json", {**describe(net), **report, "source": str(Path(args.checkpoint).resolve())})
+    save_result(out, "import.json", {**describe(net), **report, "source": str(Path(args.checkpoint).resolve())})
     return 0
 
 

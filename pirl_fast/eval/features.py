@@ -34,9 +34,9 @@ from torchvision import transforms as T
 from dali_pipelines import IMAGENET_MEAN, IMAGENET_STD  # no DALI import
 from pirl_fast.model.jigsaw import JigsawModel
 from pirl_fast.model.network import ModelConfig, PIRLModel, memory_format_for
+from pirl_fast.runtime.progress import progress
 from pirl_fast.shard.format import ShardError, decode_int64, iter_samples, load_manifest
 from pirl_fast.train.checkpoint import list_checkpoints, load_latest
-from pirl_fast.util.progress import progress
 
 RESIZE_RATIO = 256 / 224  # ImageNet evaluation: resize to 256, centre-crop 224
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pirl_fast.eval.linear_probe import REFERENCE_BATCH, param_groups, sgd_step
-from pirl_fast.util.progress import progress
+from pirl_fast.runtime.progress import progress
 
 
 @dataclass

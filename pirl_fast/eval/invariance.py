@@ -52,7 +52,7 @@ from torchvision import transforms as T
 
 from dali_pipelines import IMAGENET_MEAN, IMAGENET_STD  # no DALI import
 from pirl_fast.eval.features import RESIZE_RATIO, eval_transform
-from pirl_fast.util.progress import progress
+from pirl_fast.runtime.progress import progress
 
 METRICS = ("pirl_head", "pirl_head_other", "trunk", "trunk_other")
 GAPS = {"pirl_head": "pirl_head_other", "trunk": "trunk_other"}  # own-image metric -> its other-image baseline

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pirl_fast.model.network import weight_layout
-from pirl_fast.util.progress import progress
+from pirl_fast.runtime.progress import progress
 
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
 PROTOCOLS = ("goyal", "gap")

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pirl_fast.util.progress import progress
+from pirl_fast.runtime.progress import progress
 
 COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)  # the voc07 svm yaml's costs_list
 CV_FOLDS = 3  # SVM.cross_val_folds

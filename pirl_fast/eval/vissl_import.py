@@ -56,8 +56,8 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from pirl_fast.model.network import ARCHS
+from pirl_fast.runtime.atomic import atomic_write
 from pirl_fast.train.checkpoint import save_atomic
-from pirl_fast.util.atomic import atomic_write
 
 
 class ImportRefused(ValueError):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pirl_fast.util import dist, host_read
+from pirl_fast.runtime import dist, host_read
 
 BANK_SAMPLE = 1024  # rows for bank_cos: 1024^2 dot products of 128-d rows, ~0.1 ms on a GPU, ~10 ms on a CPU
 

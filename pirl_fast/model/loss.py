@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pirl_fast.model.diagnostics import bank_cosine, cosine_f_g
-from pirl_fast.util import dist
+from pirl_fast.runtime import dist
 
 KINDS = ("nce", "infonce")
 

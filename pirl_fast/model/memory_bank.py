@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from pirl_fast.model.bank_kernels import KERNELS, bank_scores, bank_update, check_index
 from pirl_fast.model.bank_loss import BankLoss, bank_loss
-from pirl_fast.util import dist
+from pirl_fast.runtime import dist
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FIRST_UPDATES = ("blend", "replace")

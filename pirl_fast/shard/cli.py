@@ -70,6 +70,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from pirl_fast.runtime.cpus import cpus_per_rank
+
 # sample_key, scan_source, Options and plan_shards are used through this module by the tests and pirl_fast.bench.shard.
 from pirl_fast.shard.format import MANIFEST_NAME, ShardError, load_manifest, sample_key  # noqa: F401
 from pirl_fast.shard.lock import LockError, hold
@@ -78,7 +80,6 @@ from pirl_fast.shard.source import LAYOUTS, Source, SourceError, Split, read_sou
 from pirl_fast.shard.splits import EVAL_SPLITS, SPLIT_NAMES, resolve_shards, split_folders
 from pirl_fast.shard.state import our_files, read_found, refusal
 from pirl_fast.shard.write import os_error_message, write_plan
-from pirl_fast.util.cpus import cpus_per_rank
 
 
 def _check_paths(opts: Options) -> None:
@@ -130,7 +131,7 @@ def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, prog
     (default: SRC read as an ImageFolder or flat folder).
 
     resume/overwrite: as the CLI flags. progress: report progress (a bar on a terminal, plain lines otherwise:
-    pirl_fast/util/progress.py).
+    pirl_fast/runtime/progress.py).
     """
     _check_paths(opts)
     dst = Path(opts.dst)

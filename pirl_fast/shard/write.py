@@ -27,6 +27,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from pirl_fast.runtime.atomic import NoSpaceError, atomic_write, fsync_dir, no_space_message, require_free_space
+from pirl_fast.runtime.progress import progress as progress_bar
 from pirl_fast.shard.format import (
     MANIFEST_NAME,
     IndexEntry,
@@ -52,8 +54,6 @@ from pirl_fast.shard.state import (
     shard_problem,
     start_journal,
 )
-from pirl_fast.util.atomic import NoSpaceError, atomic_write, fsync_dir, no_space_message, require_free_space
-from pirl_fast.util.progress import progress as progress_bar
 
 SHOW_SKIPPED = 10  # skipped inputs listed in the output (all of them are in the manifest)
 

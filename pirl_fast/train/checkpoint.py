@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pirl_fast.util.atomic import (
+from pirl_fast.runtime.atomic import (
     MB,
     NoSpaceError,
     atomic_write,
@@ -107,7 +107,7 @@ def state_bytes(state: Any) -> int:
 
 
 def remove_stale_temps(run_dir: str | os.PathLike) -> list[tuple[Path, int]]:
-    """Delete the temp files that killed saves left in run_dir/checkpoints (pirl_fast/util/atomic.py
+    """Delete the temp files that killed saves left in run_dir/checkpoints (pirl_fast/runtime/atomic.py
     decides what is stale); returns (path, bytes) of each."""
     return remove_stale_temp_files(checkpoint_dir(run_dir))
 

@@ -8,7 +8,7 @@
 `main(cfg)` is the Hydra entry point; `train(cfg)` is plain (tests call it with `compose(...)`).
 One step, top to bottom, in `train_step`: LR, forward under autocast, loss, finite check,
 backward, optimiser step, bank update. The loop around it (`fit`) fetches batches, checkpoints,
-logs, and stops on max_steps, the last epoch, a signal (pirl_fast/util/signals.py), or a non-finite loss.
+logs, and stops on max_steps, the last epoch, a signal (pirl_fast/runtime/signals.py), or a non-finite loss.
 
 Run directory: runs/${name}, or runs/${name}-2, -3, ... when runs/${name} holds a different run
 (pirl_fast/train/run_dirs.py: resume=auto only continues the same run), unless hydra.run.dir=DIR says
@@ -56,6 +56,9 @@ from pirl_fast.model.jigsaw import JigsawLoss, JigsawModel, JigsawObjective
 from pirl_fast.model.loss import PIRLCriterion, PIRLObjective
 from pirl_fast.model.memory_bank import MemoryBank
 from pirl_fast.model.network import PIRLModel, memory_format_for
+from pirl_fast.runtime import dist, host_read
+from pirl_fast.runtime.atomic import atomic_write, write_json
+from pirl_fast.runtime.signals import STOP_SIGNALS, StopRequest, exit_status, stop_with_launcher
 from pirl_fast.shard.format import ShardError
 from pirl_fast.shard.splits import resolve_shards, shard_splits
 from pirl_fast.train import checkpoint, run_dirs
@@ -65,9 +68,6 @@ from pirl_fast.train.metrics import MetricsLogger, StepClock, format_summary, gp
 from pirl_fast.train.optim import build_optimizer, set_lr
 from pirl_fast.train.run_dirs import RunChoice
 from pirl_fast.train.schedule import LRSchedule, lr_at, scaled_lr
-from pirl_fast.util import dist, host_read
-from pirl_fast.util.atomic import atomic_write, write_json
-from pirl_fast.util.signals import STOP_SIGNALS, StopRequest, exit_status, stop_with_launcher
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -129,7 +129,7 @@ def train_step(run: Run, batch) -> list[float]:
         terms.total.backward()
         # The finite check reads the device once, after backward was queued (so the GPU keeps busy
         # while we wait) and before the optimiser step (so a NaN never reaches the weights or bank):
-        # the step's only host read (pirl_fast/util/host_read.py).
+        # the step's only host read (pirl_fast/runtime/host_read.py).
         values = host_read.read(flags)
         if not all(math.isfinite(v) for v in values[:3]):
             raise NonFiniteLossError(non_finite_message(

@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from pirl_fast.util.progress import is_terminal
-from pirl_fast.util.progress import progress as progress_bar
+from pirl_fast.runtime.progress import is_terminal
+from pirl_fast.runtime.progress import progress as progress_bar
 
 PHASES = ("data", "compute", "bank", "checkpoint")
 DEVICE_PHASES = ("compute", "bank")  # on CUDA without sync: timed by CUDA events (GPU time)

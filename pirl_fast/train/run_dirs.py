@@ -44,9 +44,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from pirl_fast.runtime.atomic import atomic_write
 from pirl_fast.train import checkpoint
 from pirl_fast.train.config import Config, ConfigError, to_yaml
-from pirl_fast.util.atomic import atomic_write
 
 IDENTITY_NAME = "run.json"
 # What the trainer puts in every checkpoint (loop.py `save_checkpoint`); one missing any of these is
