@@ -118,12 +118,6 @@ def _nothing_to_do(dst: Path) -> dict:
     return json.loads((dst / MANIFEST_NAME).read_text())
 
 
-def _remove_ours(folder: Path) -> None:
-    """Delete the sharder's files in `folder`."""
-    for p in our_files(folder):
-        p.unlink()
-
-
 def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, progress: bool = True,
               source: Split | None = None) -> dict:
     """Shard one folder, opts.src, into opts.dst; returns the manifest dict. Raises SourceError for
@@ -147,7 +141,8 @@ def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, prog
             if holds_plan(plan, resume, overwrite):
                 return _nothing_to_do(dst)
             for folder in roots:
-                _remove_ours(folder)
+                for p in our_files(folder):
+                    p.unlink()
             manifest = write_plan(plan, resume, overwrite, progress)
         for folder in roots:  # emptied, and no longer locked by this run
             try:

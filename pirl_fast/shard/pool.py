@@ -76,7 +76,6 @@ def run_tasks(fn: Callable[[Any], Any], tasks: list[Any], workers: int,
             try:
                 conns[w].send((t, tasks[t]))
             except OSError:  # the worker died after its last result
-                procs[w].join()
                 raise WorkerDied(_death(procs[w], describe(t))) from None
             busy[w] = t
 
@@ -98,14 +97,12 @@ def run_tasks(fn: Callable[[Any], Any], tasks: list[Any], workers: int,
                     try:
                         t, ok, result = conns[w].recv()
                     except EOFError:  # died mid-send: its sentinel says how
-                        procs[w].join()
                         raise WorkerDied(_death(procs[w], describe(busy[w]))) from None
                     if not ok:
                         raise result
                     give(w)
                     yield t, result
                 elif procs[w].sentinel in ready:
-                    procs[w].join()
                     raise WorkerDied(_death(procs[w], describe(busy[w])))
         finished = True
     finally:  # all done: idle workers are told to exit; otherwise (an error, Ctrl-C) they are stopped now
@@ -124,6 +121,8 @@ def run_tasks(fn: Callable[[Any], Any], tasks: list[Any], workers: int,
 
 
 def _death(proc, what: str) -> str:
+    """Why the worker `proc` (dead or dying) ended, waiting for its exit status."""
+    proc.join()
     code = proc.exitcode
     if code is not None and code < 0:
         try:
