@@ -10,6 +10,7 @@ does not (NFS, Lustre, --no-lock): shards/README.md ("One sharder per destinatio
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -78,11 +79,9 @@ def _acquire(folder: Path) -> None:
         raise
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
             "command": shlex.join(getattr(sys, "orig_argv", sys.argv))}
-    try:
+    with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, a second run just cannot name us
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-    except OSError:  # a full disk: the lock holds all the same, a second run just cannot name us
-        pass
     _held[key] = _Held(fd, 1, created)
 
 
@@ -107,11 +106,9 @@ def _lock(folder: Path, path: str) -> int:
                             "mounted without `-o flock`, NFSv3 without a reachable lock daemon?). Shard onto a local "
                             "disk and copy, mount with locking, or pass --no-lock if you are sure no other sharder "
                             "writes there") from e
-        try:
+        with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
-        except FileNotFoundError:
-            pass
         os.close(fd)  # the previous holder removed the file between our open and our flock: lock the new one
 
 
@@ -130,10 +127,8 @@ def _release(folder: Path) -> None:
     if held.count:
         return
     del _held[key]
-    try:
-        os.unlink(os.path.join(key, LOCK_NAME))  # while still holding it: a waiting opener re-checks the inode
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # unlinked while still held: a waiting opener re-checks the inode
+        os.unlink(os.path.join(key, LOCK_NAME))
     os.close(held.fd)
     _remove_empty(held.created)
 

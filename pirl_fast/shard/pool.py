@@ -13,6 +13,7 @@ to SIGKILL them when the main process dies, so no orphan keeps writing temp file
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -30,10 +31,8 @@ class WorkerDied(Exception):
 
 
 def _die_with_parent(parent: int) -> None:
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: workers still end when their pipe closes
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: workers still end when their pipe closes
-        pass
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
