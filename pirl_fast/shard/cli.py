@@ -3,7 +3,7 @@
 Turns an ImageFolder (SRC/<class>/**/<image>, classes = sorted sub-folder names) into
 WebDataset shards that DALI reads on the GPU without ever meeting a bad image:
 
-    DST/shard-000000.tar ...   samples KEY.jpg, KEY.cls, KEY.idx, KEY.lbl (see format.py)
+    DST/shard-000000.tar ...   samples KEY.jpg, KEY.cls, KEY.idx, KEY.lbl, KEY.crc (see shards/README.md)
     DST/shard-000000.idx ...   DALI index files (v1.2), so readers need not scan the tars
     DST/manifest.json          written last: counts, classes, shard hashes, skipped inputs, options
 
@@ -15,12 +15,8 @@ SRC is taken for a dataset root when all its sub-folders are named train, val, v
 (any case) and hold class folders (or labels); a class that train lacks is an error. Split names
 mixed with other folders (classes cat, dog, test; or a devkit/ beside train/ and val/) are refused
 (exit 2) until --layout imagefolder|splits says which SRC is. A split whose images lie flat
-(ImageNet's val/ as downloaded) takes classes from a labels file: --labels [SPLIT=]FILE, or
-Kaggle's LOC_val_solution.csv in val/ or in SRC, found by itself. Labels files: a CSV of file
-name,class name (header optional; names with or without extension), Kaggle's LOC_val_solution.csv,
-or the devkit's ILSVRC2012_validation_ground_truth.txt with its meta.mat beside it (needs scipy).
-An image without a label is an error; a label without an image is reported and recorded. Details:
-source.py (layouts) and labels_file.py (formats).
+(ImageNet's val/ as downloaded) takes classes from a labels file (--labels below). An image without
+a label is an error; a label without an image is reported and recorded. Details: shards/README.md.
 
 Multi-label data (VOC07, COCO: an image holds a person and a dog) is one image tree of any layout
 with a labels file of path -> classes, sharded split by split:
@@ -34,7 +30,7 @@ as its single label; `eval svm` reports mAP on such shards. Formats: multi_label
 Inputs are sorted, shuffled globally with --seed (DALI only shuffles within a small buffer),
 cut into shards of --samples-per-shard inputs, and given global indices 0..N-1 in that order.
 Every image is decoded first; clean baseline RGB JPEGs are copied byte for byte, the rest
-normalised (see images.py); unusable files are skipped and listed in the manifest.
+normalised (see shards/README.md); unusable files are skipped and listed in the manifest.
 
 Crash safety: a shard gets its final name only when complete (temp file, fsync, rename), and
 shards are finished in order, recorded in DST/.progress.jsonl; --resume keeps the finished
@@ -64,6 +60,7 @@ sharder, full or read-only, a dead worker, nothing usable in SRC; 128+N stopped 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -118,12 +115,6 @@ def _nothing_to_do(dst: Path) -> dict:
     return json.loads((dst / MANIFEST_NAME).read_text())
 
 
-def _remove_ours(folder: Path) -> None:
-    """Delete the sharder's files in `folder`."""
-    for p in our_files(folder):
-        p.unlink()
-
-
 def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, progress: bool = True,
               source: Split | None = None) -> dict:
     """Shard one folder, opts.src, into opts.dst; returns the manifest dict. Raises SourceError for
@@ -147,13 +138,12 @@ def run_shard(opts: Options, resume: bool = False, overwrite: bool = False, prog
             if holds_plan(plan, resume, overwrite):
                 return _nothing_to_do(dst)
             for folder in roots:
-                _remove_ours(folder)
+                for p in our_files(folder):
+                    p.unlink()
             manifest = write_plan(plan, resume, overwrite, progress)
         for folder in roots:  # emptied, and no longer locked by this run
-            try:
+            with contextlib.suppress(OSError):
                 folder.rmdir()
-            except OSError:
-                pass
     return manifest
 
 

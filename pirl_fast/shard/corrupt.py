@@ -1,26 +1,15 @@
 """Corrupt samples found while training: how each backend finds them and names them.
 
-The sharder writes only JPEGs it decoded fully, but shards get damaged afterwards (a failing disk,
-an interrupted copy, a bad transfer). A loader finds a damaged sample in two ways:
-
-  - Its checksum. Shards written with per-sample checksums hold a `KEY.crc` member: the zlib
-    CRC-32 of the KEY.jpg bytes (shards/README.md; the manifest's sample_members lists "crc").
-    Every backend compares it with the bytes on the host, before decoding (format.checksum_problem).
-    This is the only check that sees damage a decoder merely warns about (libjpeg prints "Corrupt
-    JPEG data" and decodes garbage) or does not notice (nvJPEG on the GPU). Cost, measured on the
-    2-core development machine under load (best of repeated runs, CPU time): zlib.crc32 at
-    2.6-4.2 GB/s, so ~26-42 us for ImageNet's ~110 KB average JPEG, plus ~13 us per sample for
-    DaliGate itself (a Python call per batch, a copy per sample); against ~5 ms of CPU decoding
-    and augmenting per sample, or ~0.15 core per GPU at 3,000 samples/s on the GPU path.
-  - Its decoding fails. The torch backend's decode raises for that sample. DALI's decoder fails
-    the whole pipeline ("nvImageCodec failure", naming no file) and the pipeline cannot continue;
-    `DaliGate` remembers which samples were handed to the decoder, and `find_undecodable` decodes
-    those again on the host to name the one that fails.
-
-What happens then is data.on_corrupt (pirl_fast/data/batch.py): `error` stops with ShardError naming the
-shard and the sample key; `skip` replaces the sample in its batch (`batch.replace_corrupt`) and
-counts it. A DALI decoder failure cannot be skipped (the pipeline is gone): with checksums, damage
-is caught before the decoder; without them, the error says to re-shard or use data.backend=torch.
+Shards get damaged after the sharder checked them (a failing disk, an interrupted copy). A loader
+finds a damaged sample in two ways (README.md, "Corrupt data found while training", has the details
+and the measured cost: ~40-55 us per sample, against ~5 ms of CPU decoding and augmenting):
+  - Its checksum: the `KEY.crc` member (shards/README.md), compared with the JPEG's bytes on the
+    host before decoding on every backend (format.checksum_problem; `DaliGate` for DALI). The only
+    check that sees damage libjpeg merely warns about or nvJPEG does not notice.
+  - Its decoding fails. DALI's decoder then fails the whole pipeline, naming no file; `DaliGate`
+    remembers the samples in flight and `find_undecodable` decodes them on the host to name it.
+What happens then is data.on_corrupt (pirl_fast/data/batch.py): `error` stops naming the shard and
+sample key; `skip` replaces the sample in its batch. DALI cannot skip a decoder failure.
 """
 
 from __future__ import annotations

@@ -1,60 +1,12 @@
 """The shard format, the one place that writes, reads and checks it: sample keys, tar members, int64
 and checksum members, the DALI index file, and the shard directory's manifest.json.
 
-A shard is a plain (uncompressed) POSIX ustar archive. Each sample is four consecutive
-members named KEY.<ext>, in this order (the team contract; DALI reads idx/lbl with
-dtypes=INT64 and no Python per sample):
-
-    KEY.jpg   baseline RGB JPEG
-    KEY.cls   label as ASCII decimal text, no newline (the WebDataset convention)
-    KEY.idx   global sample index 0..N-1 (the memory bank's row), 8 bytes little-endian int64
-    KEY.lbl   label again, 8 bytes little-endian int64
-    KEY.crc   (shards written with checksums=True only) zlib CRC-32 of the KEY.jpg bytes, as an
-              8-byte little-endian int64 (0 .. 2**32-1); readers check it before decoding
-              (`checksum_problem`). The manifest's sample_members lists "crc" when it is there.
-    KEY.mlb   (multi-label shards only, last) one int8 per class: 1 present, 0 absent, -1 difficult;
-              KEY.cls and KEY.lbl then hold -1 (multi_labels.py, shards/README.md)
-
-Every header is fixed (mtime 0, uid/gid 0, no user/group names, mode 0644), so the same
-samples always give the same bytes. Keys hold only [A-Za-z0-9_-]: WebDataset and DALI split
-a member name at the first dot after the last slash, and GNU tar (which DALI's wds2idx runs)
-would escape other characters.
-
-The index file (DALI's "v1.2" text format, what `wds2idx` writes):
-    v1.2 <samples>
-    jpg <data offset> <size> KEY.jpg cls <offset> <size> KEY.cls idx ... KEY.idx lbl ... KEY.lbl
-one line per sample, offsets of the member data (header offset + 512) in bytes.
-
-The shard directory's table of contents: `manifest.json`, written last by `pirl_fast.shard`.
-Loaders and the trainer read a shard directory only through `load_manifest`, which checks that
-what the manifest lists is really there, so a half-written or hand-edited directory fails at
-start-up with the fix in the message instead of deep inside a DALI pipeline.
-
-manifest.json (format "pirl_fast-shards", version 1):
-    {
-      "format": "pirl_fast-shards", "version": 1,
-      "num_samples": N,                       # global sample indices are 0..N-1 (memory-bank rows)
-      "classes": ["cat", "dog", ...],         # class names in label order (label = position)
-      "sample_members": ["jpg", "cls", "idx", "lbl"],   # + "crc" when every sample has a checksum member,
-                                              # + "mlb" (last) in multi-label shards
-      "label_kind": "multi",                  # only in multi-label shards (absent: "single"; then
-                                              # cls/lbl are -1 and KEY.mlb holds the classes)
-      "shards": [{"name": "shard-000000.tar", "index_name": "shard-000000.idx",
-                  "samples": n0, "bytes": ..., "sha256": "...",
-                  "first_index": 0,           # shard k holds indices first_index..first_index+samples-1
-                  "inputs": m0,               # input files planned for this shard (samples + skipped)
-                  "inputs_sha256": "..."},    # fingerprint of those inputs and options (for --resume)
-                 ...],
-      "skipped": [{"path": "dog/x.jpg", "reason": "...", "shard": "shard-000000.tar"}, ...],
-      "options": {"src": ..., "seed": ..., "samples_per_shard": ..., "max_side": ..., "quality": ...,
-                  "split": "val"},            # split: only in a dataset root's shards (DST/<split>/)
-      "labels": {"file": ..., "format": "kaggle", "rows": ..., "header": null, "labelled_images": ...,
-                 "without_image": n, "without_image_examples": [...]},   # a flat folder or multi-label tree
-      "plan_sha256": "..."                    # fingerprint of all inputs and options (a re-run of the
-    }                                         # same plan is a no-op; a different one is refused)
-
-A dataset root's shards are one such directory per split (DST/train/, DST/val/, ...), all with the
-same `classes`; splits.py says which of them a path means.
+shards/README.md ("What a shard directory holds", "Multi-label shards") specifies all of it: the
+members of each sample and their order, the fixed tar headers, the keys, the index file's lines and
+every field of manifest.json. Loaders and the trainer read a shard directory only through
+`load_manifest`, which checks that what the manifest lists is really there, so a half-written or
+hand-edited directory fails at start-up with the fix in the message instead of deep inside a DALI
+pipeline. A dataset root's shards are one such directory per split (splits.py).
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """Decode, check and normalise one input image into bytes DALI can always decode.
 
-DALI cannot skip a bad sample (one undecodable JPEG stops the pipeline), so the sharder
-decodes every image fully here first and writes only a baseline RGB JPEG:
-    - a valid baseline RGB JPEG that needs no change is kept byte for byte (no re-encode,
-      no generation loss, and the fastest path: most of ImageNet takes it);
-    - everything else is decoded, made upright (EXIF orientation), converted to RGB the way
-      torchvision's ImageFolder loader does (`img.convert("RGB")`), downscaled so its longer
-      side is at most `max_side`, and re-encoded as a baseline JPEG at `quality`;
-    - what cannot be decoded raises UnusableImage with a short reason for the manifest.
+DALI cannot skip a bad sample, so every image is decoded fully here first: a baseline RGB JPEG that
+needs no change is kept byte for byte (no generation loss, and the fastest path: most of ImageNet
+takes it); anything else is made upright, RGB and at most `max_side`, then re-encoded as a baseline
+JPEG (shards/README.md, "What the sharder does to images"); what cannot be decoded raises UnusableImage.
 """
 
 from __future__ import annotations

@@ -1,25 +1,9 @@
 """Labels files: which class each image of a flat folder belongs to (file name -> class name).
 
-ImageNet's validation set usually arrives as one folder of 50,000 JPEGs with its labels in a
-separate file. Formats, recognised from the content (`read_labels`):
-
-    csv     two columns, file name then class name: `ILSVRC2012_val_00000001.JPEG,n01751748`;
-            comma, tab or spaces between them; an optional header row (a first row that names no
-            image of the folder is taken as the header)
-    kaggle  Kaggle's LOC_val_solution.csv: header `ImageId,PredictionString`; the class is the first
-            word of PredictionString (`n01751748 111 2 230 101 ...`: the synset, then its boxes)
-    devkit  the ILSVRC2012 devkit's data/ILSVRC2012_validation_ground_truth.txt: one ILSVRC2012_ID
-            (1..1000) per line, line i labelling ILSVRC2012_val_{i:08d}; IDs become WordNet IDs
-            (n01440764, ..., the train folder names) through the devkit's data/meta.mat, which must
-            lie beside it and is read with scipy (`pip install scipy`)
-
-File names match with or without their extension (`ILSVRC2012_val_00000001` names
-`ILSVRC2012_val_00000001.JPEG`). `match_labels` pairs a table with a folder's files:
-    - an image file without a label is reported (`unlabelled`; the sharder refuses: evaluating on a
-      subset by accident changes every number);
-    - a label whose image is not there is counted and recorded (`without_image`), not an error;
-    - a class outside the given class list (train's) is an error naming it;
-    - one file labelled twice with different classes is an error (one label per image).
+Formats, recognised from the content by `read_labels`: csv (file name, class name), Kaggle's
+LOC_val_solution.csv, and the devkit's ILSVRC2012_validation_ground_truth.txt (its meta.mat beside
+it, read with scipy). What each looks like, and how `match_labels` pairs a table with a folder's
+files: shards/README.md ("Flat folders and labels files").
 """
 
 from __future__ import annotations

@@ -1,28 +1,16 @@
 """One sharder per destination: an exclusive lock on every folder a `pirl_fast.shard` run writes.
 
-Two sharders writing one DST at once overwrite each other's temp files and shift each other's
-sample indices; without a lock the second run may even exit 0 over broken shards. So every run
-holds, for its whole length (scan, shards, manifest; with --resume too), a lock on DST and on each
-DST/<split>/ it writes or removes:
-
-    DST/.pirl_fast-shard.lock      flock(LOCK_EX) on this file; it holds the holder's pid, host,
-                                   start time and command, for the message a second run prints
-
-A run on a dataset root's shards (DST/train, DST/val) and a run on DST/train alone therefore
-exclude each other (both lock DST/train), and two runs on the same DST always do (both lock DST).
-A second run is refused at once (exit 2), naming the holder; it never waits.
-
-The lock is the kernel's (`fcntl.flock`), not a pid file: it goes away with its holder, however
-that dies (SIGKILL, OOM killer, a node reboot), and a lock file left behind by a killed run locks
-nothing. The holder removes the file when it finishes. Where flock fails (ENOSYS on Lustre mounted
-without `-o flock`, ENOLCK on NFSv3 without a reachable lock daemon, EOPNOTSUPP) the run is refused
-with the fix; `--no-lock` skips the lock for whoever knows no other sharder writes DST. What the
-lock does not do on network filesystems (`nolock` NFS mounts, Lustre `-o localflock`: locks that
-succeed but stay on one host) is said in shards/README.md.
+Two sharders writing one DST overwrite each other's temp files and shift each other's sample indices
+(the second may even exit 0 over broken shards). So every run holds, for its whole length (scan,
+shards, manifest; with --resume too), flock(LOCK_EX) on DST/.pirl_fast-shard.lock and on that file in
+each DST/<split>/ it writes or removes; a second run is refused at once (exit 2), naming the holder
+(pid, host, start time, command) the lock file records. What the kernel's lock guarantees and what it
+does not (NFS, Lustre, --no-lock): shards/README.md ("One sharder per destination").
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -91,11 +79,9 @@ def _acquire(folder: Path) -> None:
         raise
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
             "command": shlex.join(getattr(sys, "orig_argv", sys.argv))}
-    try:
+    with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, a second run just cannot name us
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-    except OSError:  # a full disk: the lock holds all the same, a second run just cannot name us
-        pass
     _held[key] = _Held(fd, 1, created)
 
 
@@ -120,11 +106,9 @@ def _lock(folder: Path, path: str) -> int:
                             "mounted without `-o flock`, NFSv3 without a reachable lock daemon?). Shard onto a local "
                             "disk and copy, mount with locking, or pass --no-lock if you are sure no other sharder "
                             "writes there") from e
-        try:
+        with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
-        except FileNotFoundError:
-            pass
         os.close(fd)  # the previous holder removed the file between our open and our flock: lock the new one
 
 
@@ -143,10 +127,8 @@ def _release(folder: Path) -> None:
     if held.count:
         return
     del _held[key]
-    try:
-        os.unlink(os.path.join(key, LOCK_NAME))  # while still holding it: a waiting opener re-checks the inode
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # unlinked while still held: a waiting opener re-checks the inode
+        os.unlink(os.path.join(key, LOCK_NAME))
     os.close(held.fd)
     _remove_empty(held.created)
 

@@ -11,10 +11,8 @@ tree (SRC/**/<image>, no class folders needed). Images are named by their path r
             a field separated by spaces or ";": `JPEGImages/000005.jpg,chair;person,bottle`.
             Comma or tab between fields; an optional header row (a first row naming no image)
 
-A class both present and difficult counts as present. An image listed with no class at all is
-kept: it is a negative for every class (VOC07 has none, COCO has some). What the shards store
-(KEY.mlb, one int8 per class: 1 present, 0 absent, -1 difficult, the reference's VOC07 targets
-in vissl `svm_trainer.py`) is in shards/README.md.
+A class both present and difficult is present; an image with no class is a negative for every class
+(VOC07 has none, COCO has some). What the shards store (KEY.mlb): shards/README.md.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ to SIGKILL them when the main process dies, so no orphan keeps writing temp file
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -30,10 +31,8 @@ class WorkerDied(Exception):
 
 
 def _die_with_parent(parent: int) -> None:
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: workers still end when their pipe closes
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: workers still end when their pipe closes
-        pass
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
@@ -76,7 +75,6 @@ def run_tasks(fn: Callable[[Any], Any], tasks: list[Any], workers: int,
             try:
                 conns[w].send((t, tasks[t]))
             except OSError:  # the worker died after its last result
-                procs[w].join()
                 raise WorkerDied(_death(procs[w], describe(t))) from None
             busy[w] = t
 
@@ -98,14 +96,12 @@ def run_tasks(fn: Callable[[Any], Any], tasks: list[Any], workers: int,
                     try:
                         t, ok, result = conns[w].recv()
                     except EOFError:  # died mid-send: its sentinel says how
-                        procs[w].join()
                         raise WorkerDied(_death(procs[w], describe(busy[w]))) from None
                     if not ok:
                         raise result
                     give(w)
                     yield t, result
                 elif procs[w].sentinel in ready:
-                    procs[w].join()
                     raise WorkerDied(_death(procs[w], describe(busy[w])))
         finished = True
     finally:  # all done: idle workers are told to exit; otherwise (an error, Ctrl-C) they are stopped now
@@ -124,6 +120,8 @@ def run_tasks(fn: Callable[[Any], Any], tasks: list[Any], workers: int,
 
 
 def _death(proc, what: str) -> str:
+    """Why the worker `proc` (dead or dying) ended, waiting for its exit status."""
+    proc.join()
     code = proc.exitcode
     if code is not None and code < 0:
         try:

@@ -1,32 +1,10 @@
 """What `python -m pirl_fast.shard SRC DST` reads: SRC's layout, and the inputs of each split.
 
-SRC is one of these (--layout auto tells them apart; --layout imagefolder|splits decides):
-
-    an ImageFolder   SRC/<class>/**/<image>: classes are the sorted sub-folder names
-    a flat folder    SRC/<image>, classes from a labels file (--labels FILE, or LOC_val_solution.csv in
-                     SRC; see labels_file.py); --classes SHARDS takes the class list of train shards
-    a dataset root   SRC/<split>/ for splits named train, val, validation, test (any case), each an
-                     ImageFolder or a flat folder with labels. Every split is sharded into DST/<split>/
-                     (lower case) with train's class list: a class of another split that train lacks is
-                     an error. `--labels val=FILE` labels a flat split (plain FILE: the only flat one);
-                     LOC_val_solution.csv in val/ or in SRC is found without --labels.
-
---layout auto: no sub-folder named like a split -> an ImageFolder (or a flat folder); every sub-folder
-named like a split and one of them holding class folders or labelled -> a dataset root. Anything else
-with a split name among the sub-folders is never guessed at (an ImageFolder with classes cat, dog,
-test; train/ and val/ holding images directly; splits beside other folders such as a devkit):
-refused, naming --layout imagefolder|splits. With --layout splits other folders are left out, and the
-output names them.
-
-A dataset root is refused before anything is written, with every problem in one message, when it
-has no train split, a split folder is empty, a flat split has no labels file, or an image of a flat
-split has no label. `--splits train,val` shards only those splits (train's classes are used all the
-same). A root with only train/ is sharded into DST/train; eval then needs --val-shards.
-
-Keys and order come from each image's path in ImageFolder layout, relative to SRC
-(`val/n01751748/ILSVRC2012_val_00000001.JPEG` in a dataset root), also when the image lies flat in
-val/ and its class comes from a labels file. So keys stay unique across splits and say which split
-and class they are, and a flat split gives byte-identical shards to the same images in class folders.
+SRC is an ImageFolder (SRC/<class>/**/<image>, classes = the sorted sub-folder names), a flat folder
+of images with a labels file (labels_file.py), a multi-label image tree (multi_labels.py), or a
+dataset root (SRC/<split>/, each split an ImageFolder or a flat folder, all with train's class list).
+How --layout auto tells them apart, what is refused, and how keys and order follow each image's path
+in ImageFolder layout: shards/README.md ("Dataset roots", "Flat folders and labels files").
 """
 
 from __future__ import annotations
@@ -34,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from pirl_fast.shard.format import CHECKSUM_MEMBERS, ShardError, sample_key
@@ -119,6 +98,12 @@ def _input(src: Path, path: Path, relpath: str, label: int) -> Input:
     return Input(relpath, label, sample_key(relpath), size, mtime, "" if file == relpath else file)
 
 
+def _unreadable(src: Path, skipped: list[dict], e: OSError) -> None:
+    """os.walk's onerror: a folder it cannot list holds files nobody knows of, so say so in `skipped`."""
+    skipped.append({"path": Path(e.filename).relative_to(src).as_posix(),
+                    "reason": f"unreadable folder: {e.strerror or e}"})
+
+
 def _check_keys(inputs: list[Input]) -> None:
     keys = {}
     for i in inputs:
@@ -145,13 +130,8 @@ def scan_imagefolder(src: Path, folder: Path, prefix: str = "", classes: list[st
     skipped = [{"path": p.relative_to(src).as_posix(), "reason": "not inside a class folder"}
                for p in sorted(folder.iterdir()) if p.is_file()]
     inputs = []
-
-    def walk_error(e: OSError) -> None:  # folders os.walk cannot list: their files are unknown, so say so
-        skipped.append({"path": Path(e.filename).relative_to(src).as_posix(),
-                        "reason": f"unreadable folder: {e.strerror or e}"})
-
     for cls in found:
-        for dirpath, dirnames, filenames in os.walk(folder / cls, onerror=walk_error):
+        for dirpath, dirnames, filenames in os.walk(folder / cls, onerror=partial(_unreadable, src, skipped)):
             dirnames.sort()
             for fname in filenames:
                 path = Path(dirpath) / fname
@@ -203,12 +183,7 @@ def scan_multi(src: Path, table: MultiLabelTable, classes: list[str] | None = No
     """The image tree SRC (any folders) labelled by a multi-label table: inputs at their own path,
     label -1, KEY.mlb in `targets`. `classes` None: the table's sorted class names."""
     skipped, files = [], []
-
-    def walk_error(e: OSError) -> None:
-        skipped.append({"path": Path(e.filename).relative_to(src).as_posix(),
-                        "reason": f"unreadable folder: {e.strerror or e}"})
-
-    for dirpath, dirnames, filenames in os.walk(src, onerror=walk_error):
+    for dirpath, dirnames, filenames in os.walk(src, onerror=partial(_unreadable, src, skipped)):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fname in filenames:
             path = Path(dirpath) / fname
@@ -336,7 +311,7 @@ def parse_labels_args(values: list[str]) -> tuple[list[Path], dict[str, Path]]:
 
 def read_source(src: str | os.PathLike, layout: str = "auto", labels: list[str] = (), splits: list[str] | None = None,
                 classes: list[str] | None = None, multi_label: bool = False) -> Source:
-    """Scan SRC as the module doc says; raises SourceError (exit 2) with every problem found.
+    """Scan SRC (its layouts: shards/README.md); raises SourceError (exit 2) with every problem found.
     multi_label: SRC is one image tree labelled by a multi-label file (multi_labels.py)."""
     src = Path(src)
     if layout not in LAYOUTS:

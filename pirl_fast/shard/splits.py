@@ -99,8 +99,6 @@ def eval_split_beside(shards: ShardPath) -> ShardPath | None:
         return None
     candidates = {name: p for name, p in split_folders(shards.root).items()
                   if name in EVAL_SPLITS and p.resolve() != shards.dir.resolve()}
-    if not candidates:
-        return None
     for name in EVAL_SPLITS:
         if name in candidates:
             if not (candidates[name] / MANIFEST_NAME).is_file():

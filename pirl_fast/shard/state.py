@@ -17,6 +17,7 @@ differs", and --resume knows which finished shards to keep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -49,17 +50,12 @@ def is_temp(p: Path) -> bool:
     return p.name.startswith((".shard-", f".{MANIFEST_NAME}.")) and p.name.endswith(".tmp")
 
 
-def remove_temp_files(dst: Path) -> int:
-    """Delete the sharder's temp files in `dst` (left by a killed or failed run); returns their bytes."""
-    freed = 0
-    for p in our_files(dst):
-        if is_temp(p):
-            try:
-                freed += p.stat().st_size
-                p.unlink()
-            except FileNotFoundError:
-                pass
-    return freed
+def remove_temp_files(dst: Path) -> None:
+    """Delete the sharder's temp files in `dst` (left by a killed or failed run)."""
+    with contextlib.suppress(OSError):  # a filesystem gone read-only: the next --resume or --overwrite sweeps them
+        for p in our_files(dst):
+            if is_temp(p):
+                p.unlink(missing_ok=True)
 
 
 @dataclass

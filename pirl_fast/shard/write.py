@@ -8,11 +8,8 @@
                                   append the shard to the journal (state.py)
     last                          re-check every shard against its record, then manifest.json
 
-What can stop a run, and what is left: a dead worker (shard_pool.WorkerDied), a full or
-read-only DST, Ctrl-C or SIGTERM stop the workers at once and remove this run's temp files; the
-finished shards and the journal stay, so `--resume` continues where it stopped. Free space is
-checked against the expected size of what is left after every shard (and before the first write
-on --resume), so a run that will not fit stops early with "need about N MB, have M".
+What stops a run (a dead worker: pool.WorkerDied; a full or read-only DST; Ctrl-C, SIGTERM), what
+it leaves for --resume, and the free-space check: shards/README.md ("Crash safety").
 """
 
 from __future__ import annotations
@@ -125,14 +122,9 @@ def _identity(path: Path) -> tuple[int, int]:
 def _clear(plan: Plan, resume: bool, overwrite: bool) -> _Done:
     """Empty DST of the sharder's files but a matching finished prefix (--resume); start the journal."""
     dst = Path(plan.opts.dst)
-    existing = our_files(dst)
-    if existing and overwrite:
-        for p in existing:
-            p.unlink()
-        existing = []
-    found = read_found(dst) if existing else Found()
+    found = read_found(dst) if resume and not overwrite else Found()  # --overwrite: nothing is kept
     dst.mkdir(parents=True, exist_ok=True)
-    kept = finished_prefix(dst, found.records, plan.fingerprints) if resume else []
+    kept = finished_prefix(dst, found.records, plan.fingerprints)
     kept_names = {r["name"] for r in kept} | {r["index_name"] for r in kept}
     for p in our_files(dst):  # temp files, stale shards beyond the kept prefix, old manifest and journal
         if p.name not in kept_names:
@@ -187,10 +179,10 @@ def write_plan(plan: Plan, resume: bool, overwrite: bool, progress: bool) -> dic
                   "images over --max-side shrink); checked again after each shard", file=sys.stderr)
         _write_shards(plan, done, input_bytes, progress)
     except (WorkerDied, OSError) as e:
-        _remove_temp_files(dst)
+        remove_temp_files(dst)
         raise SourceError(_failure(e, plan, done, input_bytes)) from e
     except BaseException:
-        _remove_temp_files(dst)
+        remove_temp_files(dst)
         raise
 
     skipped_all = split.skipped + sum((done.skipped[r["name"]] for r in done.records), [])
@@ -256,13 +248,6 @@ def _write_shards(plan: Plan, done: _Done, input_bytes: list[int], progress: boo
                 need, measured = _space_needed(plan, done, input_bytes)
                 if measured and len(done.records) < len(shards):
                     require_free_space(dst, need)
-
-
-def _remove_temp_files(dst: Path) -> None:
-    try:
-        remove_temp_files(dst)
-    except OSError:  # a filesystem gone read-only: the next --resume or --overwrite sweeps them
-        pass
 
 
 def _failure(e: BaseException, plan: Plan, done: _Done, input_bytes: list[int]) -> str:
