@@ -21,6 +21,7 @@ sample (any of 9!, or one of a fixed max-Hamming set) and applies it as one gath
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -111,7 +112,10 @@ def replace_corrupt(bad: list[int], where: list[str], *rows: torch.Tensor) -> tu
     """data.on_corrupt=skip: batch rows `bad` of every tensor in `rows` (dim 0 = the batch) become
     copies of the batch's good rows, taken in turn; new tensors, the inputs are left alone.
 
-    `where` describes the bad samples (shard and key) for the error raised when no row is good."""
+    `where` describes the bad samples (shard and key): one warning each, and the error raised when no
+    row is good."""
+    for w in where:  # stacklevel 3: past the loader's generator, to the code that asked for the batch
+        warnings.warn(f"skipping a corrupt sample (data.on_corrupt=skip): {w}", RuntimeWarning, stacklevel=3)
     batch = rows[0].shape[0]
     good = [b for b in range(batch) if b not in set(bad)]
     if not good:

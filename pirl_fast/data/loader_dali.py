@@ -9,13 +9,10 @@ epoch boundary (reader_meta("Reader") confirms N at start).
 Hand-over without a sync or a copy. On CUDA the pipeline runs ordered with torch's current
 stream: `pipe.run(stream)` returns outputs bound to that stream instead of waiting on the host
 for them, and `torch.from_dlpack` gives torch the same buffers (DALI makes the stream wait for
-its work if needed). Every output, index and label included, is on the GPU (they are copied there
-inside the pipeline); Batch.images is a view of DALI's buffer, Batch.patches a new tensor (the
-patch-order gather). Buffer lifetime: the dynamic executor (exec_dynamic, DALI 2.x's default,
-pinned below) never reuses an output buffer that a DLPack consumer still references, so a batch
-stays valid for as long as torch holds it (tests/test_loaders.py: batches outlive the next
-iterations); DALI's own PyTorch iterator skips its copy on the same grounds
-(nvidia/dali/plugin/pytorch/__init__.py, `copy = not is_exec_dynamic`).
+its work if needed). Every output, index and label included, is on the GPU (copied there inside
+the pipeline); Batch.images is a view of DALI's buffer, Batch.patches a new tensor (the
+patch-order gather). A batch stays valid for as long as torch holds it (exec_dynamic, below;
+tests/test_loaders.py: batches outlive the next iterations).
 
 Corrupt samples (pirl_fast/shard/corrupt.py): the pipeline's gate checks the crc members on the host
 before decoding and records which samples it handed on; `_run` acts on what it found (an error
@@ -84,7 +81,8 @@ class DaliLoader:
             prefetch_queue_depth=cfg.prefetch,
             # The dynamic executor (DALI 2.x default, pinned here) never reuses an output buffer that
             # a DLPack consumer still references (the legacy one overwrites it on the next run), and
-            # it alone can return outputs bound to a CUDA stream.
+            # it alone can return outputs bound to a CUDA stream. DALI's own PyTorch iterator skips
+            # its copy on the same grounds (nvidia/dali/plugin/pytorch/__init__.py, `copy = not is_exec_dynamic`).
             exec_dynamic=True,
         )
         self.pipe.build()
@@ -110,9 +108,6 @@ class DaliLoader:
             images, patches, index, label = (self._to_torch(out) for out in outputs)
             bad, where = self._corrupt_in(index)
             if bad:  # data.on_corrupt=skip: the gate fed the decoder a placeholder for these
-                for w in where:
-                    warnings.warn(f"skipping a corrupt sample (data.on_corrupt=skip): {w}", RuntimeWarning,
-                                  stacklevel=2)
                 images, patches, index, label = replace_corrupt(bad, where, images, patches, index, label)
             yield make_batch(images, patches, index, label, self.order, corrupt=len(bad))
 
@@ -149,9 +144,7 @@ class DaliLoader:
     @staticmethod
     def _to_torch(tensor_list) -> torch.Tensor:
         """One DALI output batch as a torch tensor, on the host or the GPU: a zero-copy DLPack view
-        that keeps DALI's buffer alive for as long as torch holds it (exec_dynamic: DALI allocates
-        new output buffers instead of recycling referenced ones). For a GPU buffer, from_dlpack
-        passes torch's current stream to DALI, which orders its work before it without a host wait."""
+        that keeps DALI's buffer alive for as long as torch holds it (see the module docstring)."""
         return torch.from_dlpack(tensor_list.as_tensor())  # (B, ...) uniform shape
 
     def close(self) -> None:

@@ -48,7 +48,6 @@ import bisect
 import functools
 import itertools
 import math
-import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -254,9 +253,6 @@ class TorchLoader:
             count += 1
             if corrupt:  # data.on_corrupt=skip (with error, the worker raised)
                 bad, where = [b for b, _ in corrupt], [w for _, w in corrupt]
-                for w in where:
-                    warnings.warn(f"skipping a corrupt sample (data.on_corrupt=skip): {w}", RuntimeWarning,
-                                  stacklevel=2)
                 views, patches, index, label = replace_corrupt(bad, where, views, patches, index, label)
             yield make_batch(views.to(**to), patches.to(**to), index.to(**to), label.to(**to), self.order,
                              corrupt=len(corrupt))

@@ -1,36 +1,19 @@
 """Stopping on a signal: SIGTERM, SIGINT or SIGUSR1 become one checkpoint at a step boundary on every rank.
 
-How a stop request travels:
-    1. Any process of the job receives the signal: a rank (kill PID, a cluster agent), the whole
-       process group (Ctrl-C in a terminal, `kill -TERM -PGID`), every process of the job (SLURM
-       with cgroup process tracking), or torchrun. torchrun (torch 2.14) starts each rank in a
-       session of its own, so a signal to torchrun's group reaches torchrun alone; it forwards
-       SIGTERM, SIGINT, SIGHUP and SIGQUIT to each rank's process group (the rank and its DataLoader
-       workers: `os.killpg`), waits --shutdown-timeout seconds (default 30, or
-       TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and then sends SIGKILL. SIGUSR1 is forwarded only with
-       --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1; otherwise torchrun dies of it,
-       and `stop_with_launcher` turns that into a SIGTERM for each rank (torch/distributed/elastic/
-       multiprocessing/api.py and subprocess_handler/subprocess_handler.py in this torch version).
-    2. `StopRequest.handler`, on the main thread of a rank, only records the signal. DataLoader
+Who receives what (a rank, the process group, every process of a SLURM job, torchrun and what it
+forwards) and the exit statuses (128 + the signal: 143, 130, 138): README.md, "Signals" and "SLURM";
+torchrun's side was read in torch 2.14's torch/distributed/elastic/multiprocessing/api.py,
+subprocess_handler/subprocess_handler.py and agent/server/api.py. How a stop request travels:
+    1. `StopRequest.handler`, on the main thread of a rank, only records the signal. DataLoader
        workers ignore the stop signals (`shield_worker`): the rank that owns them decides, and shuts
        them down after its checkpoint, instead of dying under it ("DataLoader worker is killed by
-       signal"). DALI's threads never run Python signal handlers.
-    3. The next `train_step` all-reduces one flag per stop signal together with the losses, so every
+       signal"). DALI's threads never run Python signal handlers. Under torchrun a rank also gets a
+       SIGTERM when torchrun dies (`stop_with_launcher`), e.g. of a SIGUSR1 it does not handle.
+    2. The next `train_step` all-reduces one flag per stop signal together with the losses, so every
        rank learns at the same step that some rank was asked to stop, even a rank that got no signal.
-    4. Every rank finishes that step, takes part in the checkpoint (its RNG states are gathered),
+    3. Every rank finishes that step, takes part in the checkpoint (its RNG states are gathered),
        rank 0 writes it, and every rank exits with 128 + the signal number (`STOP_SIGNALS` order
-       decides when ranks got different signals).
-
-Exit statuses of `python -m pirl_fast.train` (and of each rank under torchrun or srun):
-    143 (128 + SIGTERM)  pre-emption, scancel, the end of a SLURM time limit, kill
-    130 (128 + SIGINT)   Ctrl-C; a second Ctrl-C aborts without a checkpoint. Not under torchrun:
-                         there a rank can get one signal twice (from SLURM directly and forwarded
-                         by torchrun), and torchrun's SIGKILL after --shutdown-timeout is the hard stop
-    138 (128 + SIGUSR1)  "checkpoint, then exit so the job can be requeued": SLURM's
-                         `--signal=USR1@120` warning before the time limit (README, SLURM)
-torchrun itself exits 1 whenever a rank exits non-zero or it handled a signal (torch 2.14,
-torch/distributed/elastic/agent/server/api.py: SignalException / ChildFailedError), and dies of a
-signal it does not handle; the run's summary.json records `stopped_by` for scripts that need to know.
+       decides when ranks got different signals); summary.json records `stopped_by`.
 """
 
 from __future__ import annotations

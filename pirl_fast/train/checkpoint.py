@@ -3,20 +3,10 @@
 Layout: run_dir/checkpoints/step_000001234.pt, one file per save, the newest `keep` kept. A
 checkpoint is a dict of named values (state dicts, numbers, strings, tensors, lists): the caller
 decides what goes in and what loading it means (the trainer: pirl_fast/train/loop.py `save_checkpoint`,
-`resume`); this module writes, finds, checks and reads the files.
-
-A save writes a temporary file in the same folder, fsyncs it, renames it over the final name
-(atomic on POSIX) and fsyncs the folder, so a reader sees either the previous set of files or the
-new complete one, never half a file. Before writing, the free space is checked against the
-checkpoint's size (the bytes of its tensors' storages, plus a margin): a full disk gives
-"no space left on device: need about N MB in DIR, have M" (NoSpaceError), not torch's "unexpected
-pos". Temp files of killed saves are removed at the next start (`remove_stale_temps`).
-Loading uses `torch.load(weights_only=True)`: only tensors, numbers, strings, lists, tuples and
-dicts are accepted, so configs are stored as YAML text and RNG states as tensors and lists (see
-`rng_state`).
-
-`load_latest` walks the checkpoints newest first and returns the first one that loads and has
-every required key; a corrupt or truncated newest file is skipped with a warning naming it.
+`resume`); this module writes (`save_atomic`: pirl_fast/runtime/atomic.py, after a free-space check),
+finds, checks and reads the files (`load_latest` falls back past a corrupt newest one). Loading uses
+`torch.load(weights_only=True)`, so configs are stored as YAML text and RNG states as tensors and
+lists (`rng_state`).
 """
 
 from __future__ import annotations

@@ -1,28 +1,11 @@
 """The run's configuration: dataclass schemas, registered in Hydra's ConfigStore.
 
 `pirl_fast/train/conf/config.yaml` starts its defaults list with `pirl_schema` (the `Config` below), so
-the composed tree is typed: a misspelt key (`optim.lrr=0.1`) or a wrong type (`optim.lr=fast`)
-fails at composition, before anything is built. The component schemas live beside their code
-(`DataConfig` in data/config.py, `ModelConfig` in model/network.py, `LossConfig` in model/loss.py,
-`BankConfig` in model/memory_bank.py, `OptimConfig` in train/optim.py); this file composes them and
-adds the trainer's own `TrainerConfig`. Each default exists once, as a dataclass field with its
-tuning advice beside it: the yaml files under conf/ hold only what differs (the other group options,
-the experiments). A new option is a field with its default, its use site, and its key in
-run_dirs.HARMLESS_CHANGES when a resumed run may change it; no yaml.
+a misspelt key (`optim.lrr=0.1`) or a wrong type (`optim.lr=fast`) fails at composition. The component
+schemas live beside their code; this file composes them and adds `TrainerConfig` and the top-level
+keys. Where each default lives and how to add an option: README.md, "Configuration".
 
     python -m pirl_fast.train experiment=smoke data.shards=demo/shards trainer.max_steps=20
-
-Top-level keys:
-    method    "pirl" | "jigsaw" (the Jigsaw baseline, pirl_fast/model/jigsaw.py; experiment=jigsaw_in1k_r50)
-    name      names the default run directory runs/${name} (hydra.run.dir overrides it)
-    run_dir   filled in by main() from hydra.run.dir; set it only when calling train() yourself
-    num_samples  0 (default): the bank gets one row per sample of the shard manifest; N > 0: the
-              run refuses to start unless the shards hold exactly N samples
-    resume    "auto": continue the run directory's run from its newest valid checkpoint, when it is the
-              same run (same data, same settings less run_dirs.HARMLESS_CHANGES)
-              "none": start from scratch (the next free runs/NAME-K; refused in a named directory
-              that already holds checkpoints)
-              a path: continue from that checkpoint file
 """
 
 from __future__ import annotations
@@ -76,9 +59,11 @@ class TrainerConfig:
 
 @dataclass
 class Config:
-    method: str = "pirl"
-    name: str = "${method}_${model.arch}"
-    run_dir: str = ""
+    method: str = "pirl"  # "pirl" | "jigsaw" (the baseline, pirl_fast/model/jigsaw.py; experiment=jigsaw_in1k_r50)
+    name: str = "${method}_${model.arch}"  # names the default run directory runs/${name}
+    run_dir: str = ""  # filled in by main() from hydra.run.dir; set it only when calling train() yourself
+    # "auto": continue the run directory's run from its newest valid checkpoint, when it is the same run
+    # (pirl_fast/train/run_dirs.py); "none": start from scratch; a path: continue from that checkpoint file
     resume: str = "auto"
     num_samples: int = 0  # 0: the shard manifest's count; > 0: asserted equal to it (the bank has one row each)
     data: DataConfig = field(default_factory=DataConfig)

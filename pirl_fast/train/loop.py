@@ -10,24 +10,10 @@ One step, top to bottom, in `train_step`: LR, forward under autocast, loss, fini
 backward, optimiser step, bank update. The loop around it (`fit`) fetches batches, checkpoints,
 logs, and stops on max_steps, the last epoch, a signal (pirl_fast/runtime/signals.py), or a non-finite loss.
 
-Run directory: runs/${name}, or runs/${name}-2, -3, ... when runs/${name} holds a different run
-(pirl_fast/train/run_dirs.py: resume=auto only continues the same run), unless hydra.run.dir=DIR says
-otherwise; rank 0 decides it and broadcasts it, so every rank reads checkpoints from the same place
-(multi-node: a shared filesystem). Only rank 0 writes there: run.json, checkpoints/, metrics.jsonl,
-tb/, config.yaml, summary.json.
-
-Checkpoints (`save_checkpoint`): every trainer.ckpt_every steps, at epoch ends (trainer.ckpt_epoch_end),
-at the end, and at the step boundary after SIGTERM / SIGINT; never after a non-finite loss.
-Resume (`resume`) is bit-for-bit the run that was not interrupted when (a) the world size is the
-same, (b) the backend's batches depend only on its seed, the epoch and the restored RNGs:
-`synthetic` always; `torch` always (the loader's `set_epoch` makes the shard order, split and
-shuffle a function of (seed, epoch), augmentation runs on the restored global torch RNG with
-data.workers=0, and each worker reseeds from (seed, epoch, rank, worker) at every epoch start
-with workers > 0; data.workers must be the same as before); and (c) kernels are deterministic
-(always on CPU; on CUDA, trainer.deterministic=true). With `dali` the resumed run skips the same
-number of batches of the epoch (a fresh shuffle and fresh augmentations, since DALI keeps RNG
-state we cannot save): the LR schedule, epoch boundaries, bank, Z, negatives and weights
-continue exactly; the data order does not.
+The run directory (pirl_fast/train/run_dirs.py) is chosen by rank 0 and broadcast; only rank 0 writes
+there. Checkpoints (`save_checkpoint`): every trainer.ckpt_every steps, at epoch ends, at the end and
+at the step boundary after a stop signal; never after a non-finite loss. When `resume` is bit-for-bit
+exact (same world size, a replayable backend, deterministic kernels): README.md, "Resume is exact".
 """
 
 from __future__ import annotations
@@ -231,7 +217,7 @@ def resume(run: Run, path: Path) -> None:
     Loader position: the loader is set to the checkpoint's epoch (when it has `set_epoch`) and the
     batches already consumed in that epoch are drawn and dropped (with DALI this decodes them:
     at worst one epoch of loading, no compute), then every RNG is restored, since the skipping
-    consumed random numbers. Exactness conditions: see the module docstring.
+    consumed random numbers. Exactness conditions: README.md, "Resume is exact".
     """
     state = run_dirs.load_training(path)
     if state["num_samples"] != run.loader.num_samples:

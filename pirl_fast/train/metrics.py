@@ -19,15 +19,10 @@ scalars in TensorBoard (run_dir/tb), and a tqdm bar on a terminal; a plain line 
 instead when stderr is a file or a pipe (a SLURM log) or with trainer.progress=false. On other
 ranks every method is a no-op, so the loop calls it unconditionally.
 
-metrics.jsonl fields: step (optimiser steps done), epoch (fractional), loss / loss_jigsaw /
-loss_image (mean over the interval's steps, averaged over ranks), lr (of the last step),
-samples_per_s (global samples over the interval's wall time), data_wait_share (time blocked on
-the loader / wall time), step_time_s, gpu_mem_gb (peak allocated in the interval; 0 on CPU),
-corrupt_skipped (corrupt samples replaced since this process started, over all ranks; data.on_corrupt=skip),
-and the collapse diagnostics of pirl_fast/model/diagnostics.py (PIRL: cos_f_g, pos_/neg_jigsaw,
-pos_/neg_image, bank_cos; Jigsaw: acc_jigsaw).
-A resumed run appends: steps logged after the last checkpoint of a crashed run appear twice
-(the later line is the one the resumed run computed).
+metrics.jsonl fields: README.md (the run directory's files) and loop.py `log_interval`. The losses
+are means over the interval's steps, averaged over ranks; lr is the last step's; corrupt_skipped
+counts since this process started. A resumed run appends: steps logged after the last checkpoint of
+a crashed run appear twice (the later line is the one the resumed run computed).
 """
 
 from __future__ import annotations
@@ -213,7 +208,7 @@ class MetricsLogger:
         if self.plain:
             print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
                   f"{record['samples_per_s']:.1f} samples/s  data wait {record['data_wait_share']:.0%}", flush=True)
-        elif self.bar is not None:
+        else:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
                                  samples_s=f"{record['samples_per_s']:.1f}", refresh=False)
 
@@ -225,7 +220,7 @@ class MetricsLogger:
         """A line for people, printed without breaking the progress bar (rank 0 only)."""
         if not self.enabled:
             return
-        if self.bar is not None and not self.plain:
+        if self.bar is not None:
             self.bar.write(text)
         else:
             print(text, flush=True)

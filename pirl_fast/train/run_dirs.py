@@ -1,34 +1,13 @@
 """Which directory a training run writes to, and whether it continues the run already there.
 
-A run is identified by its data and the settings that change what it computes:
-  - data: the shard manifest's content (sample count, classes, every shard's samples, bytes and
-    SHA-256), so a moved or re-linked copy of the same shards is the same data and shards re-made
-    at the same path from other images are not; with data.backend=synthetic, its sample count;
-  - settings: the resolved config less HARMLESS_CHANGES (max_steps, logging, checkpoint
-    cadence, workers, ...) and the keys that only name or place the run (IGNORED).
-Rank 0 records the identity in RUN_DIR/run.json when a run first uses the directory, before any
-checkpoint exists; `resume=auto` continues a directory's run only when the identities match.
-
-The default directory (no hydra.run.dir): runs/${name}, then runs/${name}-2, runs/${name}-3, ... in
-that order; a run continues the first one that holds the same run, else takes the first that holds
-none. The same command therefore always lands in the same directory, on every rank (rank 0 decides),
-with no timestamp in the path: a SLURM requeue or a re-run resumes where it stopped, and a different
-run never picks up another run's checkpoints.
-
-    python -m pirl_fast.train experiment=smoke data.shards=demo/shards   # runs/smoke
-    python -m pirl_fast.train experiment=smoke data.backend=synthetic    # runs/smoke-2 (another run)
-    python -m pirl_fast.train experiment=smoke data.shards=demo/shards   # continues runs/smoke
-
-A directory named explicitly (hydra.run.dir=DIR, a multirun job's folder, run_dir=DIR given to
-train()) is used as given: a DIR whose checkpoints belong to another run is refused in one line
-naming what differs, since continuing it would mix two runs and pruning would delete the other
-run's checkpoints.
-
-resume=none starts from scratch: in the default series, in the first directory holding no run; in an
-explicit DIR, only when it holds no checkpoints. resume=PATH loads that checkpoint into a directory
-chosen as for resume=auto (the run continues in place when the directory holds the same run).
-A directory written before run.json existed is identified by its newest checkpoint's config (or
-config.yaml), comparing data.shards by path.
+The rules, for users: README.md, "The run directory". A run is its data (the shard manifest's
+content; with data.backend=synthetic, its sample count) and its resolved config less
+HARMLESS_CHANGES and IGNORED. Rank 0 records that identity in RUN_DIR/run.json before any checkpoint
+exists, and `resume=auto` continues a directory's run only when the identities match. The default
+series runs/${name}, runs/${name}-2, ... is searched in order (`choose`); a directory named
+explicitly is used as given, and refused when it holds another run (`_explicit`: continuing it would
+mix two runs, and pruning would delete the other run's checkpoints). A directory written before
+run.json existed is identified by its newest checkpoint's config (or config.yaml), data.shards by path.
 """
 
 from __future__ import annotations
@@ -170,13 +149,12 @@ def shown(path: str | os.PathLike) -> str:
 def record(run_dir: Path, identity: dict[str, Any], exclusive: bool) -> bool:
     """Write run.json; with exclusive=True only if no run recorded one first (False then): two jobs
     starting at once cannot both take the same directory."""
-    path = run_dir / IDENTITY_NAME
+    path, text = run_dir / IDENTITY_NAME, json.dumps(identity, indent=1) + "\n"
     run_dir.mkdir(parents=True, exist_ok=True)
     if not exclusive:
         with atomic_write(path, "w") as f:
-            f.write(json.dumps(identity, indent=1) + "\n")
+            f.write(text)
         return True
-    text = json.dumps(identity, indent=1) + "\n"
     tmp = run_dir / f".{IDENTITY_NAME}.{os.getpid()}.tmp"
     tmp.write_text(text)
     try:
