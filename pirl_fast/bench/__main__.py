@@ -22,12 +22,10 @@ NOT_IN_ALL = ("learn",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pirl_fast.bench",
-        description="Throughput benchmarks, each side by side with its baseline, and `learn`, the learning "
-        "benchmark (PIRL vs Jigsaw vs untrained on Fashion-MNIST). Every command prints a table; --json PATH also "
-        "writes the figures (rates named *_per_s).",
-    )
+    parser = argparse.ArgumentParser(prog="python -m pirl_fast.bench", description="Throughput benchmarks, each side "
+                                     "by side with its baseline, and `learn`, the learning benchmark (PIRL vs Jigsaw "
+                                     "vs untrained on Fashion-MNIST). Every command prints a table; --json PATH also "
+                                     "writes the figures (rates named *_per_s).")
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, module_name in BENCHMARKS.items():
         module = importlib.import_module(module_name)
@@ -48,14 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine_description()}")
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
-        if args.bench == "all":  # each benchmark with its own defaults
-            sub_args = build_parser().parse_args([name])
-        else:
-            sub_args = args
+        sub_args = build_parser().parse_args([name]) if args.bench == "all" else args  # all: each with its defaults
         print(f"\n== {name}")
-        rows = module.run(sub_args)
-        results[name] = rows
-        print(format_table(rows))
+        results[name] = module.run(sub_args)
+        print(format_table(results[name]))
     if args.json:
         write_json(args.json, results, "python -m pirl_fast.bench " + shlex.join(argv))
         print(f"\nwrote {args.json}")

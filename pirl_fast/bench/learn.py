@@ -11,10 +11,8 @@ which nothing else in pirl_fast needs. Install it with `sudo apt-get install dat
 
   1. data      IDX -> ImageFolder of JPEGs (pirl_fast.idx_folder): a class-balanced subset of
                --train-images from the training split (pre-training, and the kNN / probe
-               training set) and --test-images from the test split (every reported accuracy).
-               With --eval-on val the accuracies are measured instead on --test-images held-out
-               images of the *training* split, disjoint from the pre-training ones: choose recipes
-               there, and report the test split once
+               training set) and --test-images from the test split (every reported accuracy;
+               --eval-on val: held-out training images instead, to choose recipes on)
   2. shard     both through `python -m pirl_fast.shard`, the product's path
   3. train     per seed, `experiment=fmnist` (pirl_fast/train/conf/experiment/fmnist.yaml, where the
                choices are explained): PIRL, then Jigsaw (method=jigsaw, P=100 permutations) with
@@ -29,9 +27,8 @@ which nothing else in pirl_fast needs. Install it with `sudo apt-get install dat
   5. report    one table (mean over seeds and the spread, max - min), one plot (kNN top-1 over
                training, the untrained network as a line), the targets met or not, JSON
 
-(*) Measured 2026-11-30 on 2 idle AMD EPYC cores: 13 min 13 s for the 4 runs of 320 steps (80-100
-samples/s) and every evaluation (BENCHMARKS.md). On a machine shared with other jobs it takes far
-longer: shrink it with --seeds 0 --train-images 500 --epochs 8 and say so beside any figure.
+(*) BENCHMARKS.md (2026-11-30). On a machine shared with other jobs it takes far longer: shrink
+it with --seeds 0 --train-images 500 --epochs 8 and say so beside any figure.
 
 Every network is evaluated with the same views, layer (res5 average-pooled; the probes also at
 conv1..res4) and protocol. On CUDA the defaults grow (the whole dataset, the small stem, more

@@ -9,9 +9,6 @@ once per --hw-decoder-loads value (data.hw_decoder_load: the share of JPEGs for 
 decoder of A100/H100/H200; DataConfig in data/config.py): the sweep that picks it for a machine. On a
 CPU-only machine there is nothing to sweep (the CPU graph decodes with libjpeg-turbo): it says so.
 
-Without --shards, ~1000 synthetic images of ImageNet-like size (400-500 px sides, baseline JPEG)
-are generated and sharded in a temporary directory first.
-
 Both backends run the same augmentation, DataConfig's defaults (the paper's recipe with the
 reference's photometric ops) unless --data changes it, e.g.
     --data photometric_p=0                                  without the photometric ops
@@ -45,7 +42,8 @@ SWEEP_NEEDS_GPU = ("hw_decoder_load sweep: needs a GPU (the hardware JPEG decode
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", metavar="DIR", help="shard directory to read (default: generate one in a temp dir)")
+    p.add_argument("--shards", metavar="DIR", help="shard directory to read (default: generate one "
+                   "in a temp dir: --images ImageNet-like baseline JPEGs, 400-500 px sides)")
     p.add_argument("--images", type=int, default=1000, help="images to generate without --shards (default 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="per-process batch (default 64)")
     p.add_argument("--workers", type=int, default=cpus_per_rank(),

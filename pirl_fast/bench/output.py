@@ -57,10 +57,5 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_json(path: str | os.PathLike, results: dict[str, list[dict[str, Any]]], command: str) -> None:
     """Write {"date", "machine", "command", "results": {bench: rows}} atomically to `path`."""
-    payload = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": machine_description(),
-        "command": command,
-        "results": results,
-    }
-    atomic.write_json(path, payload, indent=2)
+    atomic.write_json(path, {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_description(),
+                             "command": command, "results": results}, indent=2)

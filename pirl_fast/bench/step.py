@@ -11,17 +11,12 @@ images and the patches, NCE against the memory bank, backward, SGD, bank update)
 vs_synthetic = backend samples/s / synthetic samples/s: near 1.0 means data loading keeps up
 with the GPU; well below 1.0 (with a high data_wait_share) means the loader limits training.
 Figures leave out the first --warmup steps (cuDNN autotuning, torch.compile, prefetch fill) and
-the end-of-run checkpoint. Defaults: on CUDA, ResNet-50 at the paper's crop sizes (224 / 255 /
-64 px), batch 256; on the CPU, the smoke experiment's ResNet-18 at 64 / 63 / 16 px, batch 8,
-a few steps (2-3 minutes on a laptop-class CPU).
+the end-of-run checkpoint. On CUDA, ResNet-50 at the paper's crop sizes (224 / 255 / 64 px); on
+the CPU, the smoke experiment's ResNet-18 at 64 / 63 / 16 px (2-3 minutes on a laptop-class CPU).
 
-Without --shards, sample shards of ImageNet-like images (400-500 px sides) are generated in a
-temporary directory first (pirl_fast.sample_data + pirl_fast.shard).
-
-The memory bank: --bank-rows (default on CUDA 1,281,167, ImageNet-1k's size; on the CPU 4,096)
-rows, whatever the number of images, so the figure pays the real bank's memory traffic (a bank
-sized to 1,024 generated images, 0.5 MB, would sit in L2). The negatives are drawn from all its
-rows; positives and updates touch the images' rows. 0: one row per image.
+The memory bank has --bank-rows rows whatever the number of images, so the figure pays the real
+bank's memory traffic (a bank sized to 1,024 generated images, 0.5 MB, would sit in L2). The
+negatives are drawn from all its rows; positives and updates touch the images' rows.
   bank_ms     the bank's work per step timed alone after the run, on the same bank: both loss
               terms (negatives gathered and scored, loss, backward) and the bank update, at the
               run's batch (CUDA synchronised around it; median of --bank-repeats)
@@ -54,7 +49,8 @@ CPU_BANK_ROWS = 4096
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
-    p.add_argument("--shards", metavar="DIR", help="shard directory (default: generate sample shards in a temp dir)")
+    p.add_argument("--shards", metavar="DIR", help="shard directory (default: generate sample shards of "
+                   "ImageNet-like images, 400-500 px sides, in a temp dir)")
     p.add_argument("--images", type=int, default=1024 if cuda else 96,
                    help="images to generate without --shards (default: 1024 on CUDA, 96 on CPU)")
     p.add_argument("--steps", type=int, default=40 if cuda else 6, help="timed steps per backend (default 40 / 6)")

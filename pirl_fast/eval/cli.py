@@ -1,24 +1,10 @@
-"""python -m pirl_fast.eval {export,knn,linear,svm,finetune,invariance,import-vissl} CHECKPOINT ... : is the
-representation good, and is it invariant?
+"""Is the representation good, and is it invariant? (README.md, "Evaluation")
 
 CHECKPOINT is a checkpoint file (run_dir/checkpoints/step_*.pt) or a run directory (its newest
-checkpoint). Every command writes its numbers as JSON into --out, by default the run directory
-(the folder holding checkpoints/), where `python -m pirl_fast.report` finds them.
-
-    export      trunk as a torchvision ResNet state dict + the heads, separately
-    knn         weighted kNN (k=200, tau=0.07, NPID) on res5 features, train shards -> val shards
-    linear      linear classifiers on conv1, res2..res5 of the frozen trunk, trained together
-    svm         one-vs-rest linear SVMs on one frozen stage (VOC07-style mAP, top-1, low-shot)
-    finetune    the whole network fine-tuned on a class-balanced 1% / 10% of the labels
-    invariance  distance between the representation of an image and of its jigsaw-shuffled version
-    import-vissl  a reference (facebookresearch/vissl) checkpoint converted into this layout, so that
-                every command above runs on the published models
-
-Shards: the train shards default to the checkpoint's data.shards. When those are a split of a
-dataset root's shards (`python -m pirl_fast.shard /imagenet shards/in1k` writes shards/in1k/train and
-shards/in1k/val), the validation shards default to the split beside them: val, else validation,
-else test. --train-shards / --val-shards (invariance: --shards) override them, and may themselves
-name a dataset root's shards (train: its train split; val: its val, validation or test split).
+checkpoint). Every command writes its numbers as JSON into --out, by default the run directory,
+where `python -m pirl_fast.report` finds them. The validation shards default to the val, validation
+or test split beside the checkpoint's data.shards; --train-shards / --val-shards (invariance:
+--shards) override them.
 """
 
 from __future__ import annotations
@@ -137,13 +123,18 @@ def open_splits(args, train_view, val_view, multi_label_ok: bool = False):
     val_dir = val_shards_of(args.val_shards, shards)
     train = ShardImageDataset(shards.dir, train_view(size), limit=args.limit)
     val = ShardImageDataset(val_dir, val_view(size), limit=args.limit)
-    check_same_classes(train.classes, val.classes, val_dir)
+    if train.classes != val.classes:
+        raise SystemExit(f"the val shards {val_dir} have classes {val.classes[:5]}... but the train shards "
+                         f"{train.classes[:5]}...: shard both splits from ImageFolders with the same class folders")
     multi = [str(d.manifest.root) for d in (train, val) if d.manifest.multi_label]
     if multi and not multi_label_ok:
         raise SystemExit(f"{' and '.join(multi)} hold multi-label samples (several classes per image, "
                          f"KEY.mlb): `eval {args.cmd}` scores one class per image. Use `python -m pirl_fast.eval "
                          "svm` (mean AP over classes) on multi-label shards")
-    reestimate_bn(args, net, train.with_transform(eval_transform(size)), device)
+    if args.reestimate_bn:  # BatchNorm running statistics recomputed on the training images (evaluation view)
+        images = (x for x, _, _ in progress(make_loader(train.with_transform(eval_transform(size)), args.batch_size,
+                                                        args.workers), desc="BN statistics", unit="batch"))
+        net.model = reestimate_running_stats(net.model, lambda m, x: m.features(x), images, device)
     return device, net, size, train, val
 
 
@@ -299,14 +290,6 @@ def cmd_invariance(args) -> int:
     return 0
 
 
-def reestimate_bn(args, net: Pretrained, train: ShardImageDataset, device) -> None:
-    """--reestimate-bn: BatchNorm running statistics recomputed on the training images (evaluation view)."""
-    if args.reestimate_bn:
-        images = (x for x, _, _ in progress(make_loader(train, args.batch_size, args.workers), desc="BN statistics",
-                                            unit="batch"))
-        net.model = reestimate_running_stats(net.model, lambda m, x: m.features(x), images, device)
-
-
 def cmd_svm(args) -> int:
     device, net, size, train, val = open_splits(args, svm_transform, svm_transform, multi_label_ok=True)
     if train.multi_label != val.multi_label:
@@ -403,13 +386,16 @@ def cmd_import_vissl(args) -> int:
     return 0
 
 
-def check_same_classes(train: list[str], val: list[str], val_dir: str) -> None:
-    if train != val:
-        raise SystemExit(f"the val shards {val_dir} have classes {val[:5]}... but the train shards "
-                         f"{train[:5]}...: shard both splits from ImageFolders with the same class folders")
-
-
 # ---- argument parsing --------------------------------------------------------------------------
+
+CKPT_HELP = "checkpoint file or run directory (its newest checkpoints/step_*.pt)"
+
+
+def _command(sub, name: str, fn, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(fn=fn)
+    return p
+
 
 def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda[:N]")
@@ -428,6 +414,7 @@ def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
                         "so seeds never overwrite each other; report averages them")
     p.add_argument("--out", default=None, help="folder for the JSON (default: the checkpoint's run directory)")
     if shards:
+        p.add_argument("checkpoint", nargs="?", default=None, help=CKPT_HELP)
         p.add_argument("--train-shards", default=None, help="train shard dir (default: the checkpoint's data.shards; "
                        "a dataset root's shards mean their train split)")
         p.add_argument("--val-shards", default=None,
@@ -445,25 +432,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pirl_fast.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    ckpt_help = "checkpoint file or run directory (its newest checkpoints/step_*.pt)"
 
-    p = sub.add_parser("export", help="trunk as a torchvision ResNet .pth + heads.pth")
-    p.add_argument("checkpoint", help=ckpt_help)
+    p = _command(sub, "export", cmd_export, "trunk as a torchvision ResNet .pth + heads.pth")
+    p.add_argument("checkpoint", help=CKPT_HELP)
     p.add_argument("--out", default=None, help="folder for the .pth files (default: the run directory)")
-    p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("knn", help="weighted kNN top-1/top-5 on frozen res5 features (NPID protocol)")
-    p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)
+    p = _command(sub, "knn", cmd_knn, "weighted kNN top-1/top-5 on frozen res5 features (NPID protocol)")
     p.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours (default 200, NPID's best on ImageNet)")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                    help="tau in the weight exp(sim/tau) (default 0.07, the pre-training NCE temperature)")
     _common(p)
-    p.set_defaults(fn=cmd_knn)
 
     d = lp.ProbeConfig()
-    p = sub.add_parser("linear", help="linear classifiers on conv1, res2..res5 (+res5avg), trained together",
-                       description=lp.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)
+    p = _command(sub, "linear", cmd_linear, "linear classifiers on conv1, res2..res5 (+res5avg), trained together",
+                 lp.__doc__)
     p.add_argument("--protocol", choices=lp.PROTOCOLS, default=d.protocol,
                    help="goyal (default): each stage average-pooled to ~9k dims + BatchNorm + Linear, as the "
                         "reference's benchmark; gap: global-average-pooled stages (quick, not comparable)")
@@ -482,11 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=ftd.BACKENDS, default="auto",
                    help="training images: auto (DALI when installed, else torch) | dali | torch")
     _common(p)
-    p.set_defaults(fn=cmd_linear)
 
-    p = sub.add_parser("svm", help="one-vs-rest linear SVMs on a frozen stage: mAP / top-1, or low-shot",
-                       description=svm.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)
+    p = _command(sub, "svm", cmd_svm, "one-vs-rest linear SVMs on a frozen stage: mAP / top-1, or low-shot",
+                 svm.__doc__)
     p.add_argument("--feature", choices=lp.GOYAL_HEADS[:-1], default="res5",
                    help="stage, Goyal-pooled as in the reference (res5: 2048x2x2 = 8192 dims on a ResNet-50 at "
                         "224 px; res5avg: the 2048-d global pool, the one to use at ImageNet scale); default res5")
@@ -503,13 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Newton otherwise), true (always dual, the reference's setting), false (always primal)")
     p.add_argument("--no-normalize", action="store_true", help="skip the per-sample L2 normalisation")
     _common(p)
-    p.set_defaults(fn=cmd_svm)
 
     d = ft.FinetuneConfig()
-    p = sub.add_parser("finetune", help="fine-tune the whole network on a 1%% / 10%% labelled subset",
-                       description=ft.__doc__ + "\n" + ftd.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", default=None, help=ckpt_help)
+    p = _command(sub, "finetune", cmd_finetune, "fine-tune the whole network on a 1%% / 10%% labelled subset",
+                 ft.__doc__ + "\n" + ftd.__doc__)
     p.add_argument("--fraction", type=float, default=None, help="class-balanced subset of this fraction, e.g. 0.01")
     p.add_argument("--subset", default=None, help="the reference's subset list (.txt of paths or .npy)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
@@ -523,27 +500,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=ftd.BACKENDS, default="auto",
                    help="auto (DALI when installed, else torch) | dali | torch")
     _common(p)
-    p.set_defaults(fn=cmd_finetune)
 
-    p = sub.add_parser("import-vissl", help="convert a reference (vissl) checkpoint into this project's layout",
-                       description=vissl_import.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "import-vissl", cmd_import_vissl,
+                 "convert a reference (vissl) checkpoint into this project's layout", vissl_import.__doc__)
     p.add_argument("checkpoint", help="the reference's checkpoint file (model_final_checkpoint_phase*.torch)")
     p.add_argument("--out", required=True, help="run directory to create: OUT/checkpoints/step_*.pt + config.yaml")
     p.add_argument("--trunk-only", action="store_true",
                    help="import the trunk even when the heads have no counterpart here (e.g. MLP heads)")
     p.add_argument("--overwrite", action="store_true", help="replace checkpoints already in --out")
-    p.set_defaults(fn=cmd_import_vissl)
 
-    p = sub.add_parser("invariance", help="||f(v_I) - g(v_It)|| and res5 distances, checkpoints side by side",
-                       description=inv.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "invariance", cmd_invariance,
+                 "||f(v_I) - g(v_It)|| and res5 distances, checkpoints side by side", inv.__doc__)
     p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (e.g. a PIRL run and a Jigsaw run)")
     p.add_argument("--shards", default=None, help="shard dir whose images are measured (default: the val, "
                    "validation or test split beside the first checkpoint's train shards, as --val-shards)")
     p.add_argument("--labels", nargs="+", default=None, help="a label per checkpoint (default method:run-name)")
     p.add_argument("--random-init", action="store_true", help="add the untrained network as a third column")
     _common(p, shards=False)
-    p.set_defaults(fn=cmd_invariance)
     return parser
 
 

@@ -8,10 +8,8 @@ in a fixed order, with its label, and the standard deterministic view:
     resize the shorter side to image_size * 256/224, centre-crop image_size, ImageNet mean/std
 
 (the 256 -> 224 centre crop of every ImageNet evaluation; image_size defaults to the size the
-checkpoint was pre-trained at, `data.image_size`). Per sample the shards hold KEY.jpg (RGB JPEG),
-KEY.lbl (int64 LE label) and KEY.idx (int64 LE global index); see pirl_fast/shard/format.py.
-Multi-label shards (`shard --multi-label`, shards/README.md) add KEY.mlb: C signed bytes, 1 = the class
-is present, 0 = absent, -1 = present but "difficult" (VOC), read into `ShardImageDataset.targets`.
+checkpoint was pre-trained at, `data.image_size`). The sample members (KEY.jpg, KEY.lbl and, in
+multi-label shards, KEY.mlb, read into `ShardImageDataset.targets`): pirl_fast/shard/format.py.
 """
 
 from __future__ import annotations

@@ -42,27 +42,17 @@ class KNNResult:
         return dict(self.__dict__)
 
 
-def knn_scores(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    query_features: torch.Tensor,
-    num_classes: int,
-    k: int = DEFAULT_K,
-    temperature: float = DEFAULT_TEMPERATURE,
-    chunk_size: int = 1024,
-) -> torch.Tensor:
+def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
+               num_classes: int, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
+               chunk_size: int = 1024) -> torch.Tensor:
     """Class scores (M, C) for each query: the sum of exp(sim/τ) over its k nearest training samples
     of that class. Features are L2-normalised here, so callers may pass raw features."""
     if train_features.ndim != 2 or query_features.ndim != 2:
-        raise ValueError(
-            f"knn_scores: features must be 2-D (num_samples, dim); got train {tuple(train_features.shape)} "
-            f"and query {tuple(query_features.shape)}"
-        )
+        raise ValueError(f"knn_scores: features must be 2-D (num_samples, dim); got train "
+                         f"{tuple(train_features.shape)} and query {tuple(query_features.shape)}")
     if train_features.shape[1] != query_features.shape[1]:
-        raise ValueError(
-            f"knn_scores: feature dims differ: train {train_features.shape[1]} vs query {query_features.shape[1]}; "
-            "extract both with the same network"
-        )
+        raise ValueError(f"knn_scores: feature dims differ: train {train_features.shape[1]} vs query "
+                         f"{query_features.shape[1]}; extract both with the same network")
     if train_labels.shape != (train_features.shape[0],):
         raise ValueError(f"knn_scores: train_labels {tuple(train_labels.shape)} must be ({train_features.shape[0]},)")
     if train_features.shape[0] == 0:
@@ -70,10 +60,8 @@ def knn_scores(
     if k < 1 or temperature <= 0:
         raise ValueError(f"knn_scores: need k >= 1 and temperature > 0; got k={k}, temperature={temperature}")
     if int(train_labels.max()) >= num_classes or int(train_labels.min()) < 0:
-        raise ValueError(
-            f"knn_scores: train labels span [{int(train_labels.min())}, {int(train_labels.max())}] "
-            f"but num_classes={num_classes}"
-        )
+        raise ValueError(f"knn_scores: train labels span [{int(train_labels.min())}, {int(train_labels.max())}] "
+                         f"but num_classes={num_classes}")
     k = min(k, train_features.shape[0])
     keys = F.normalize(train_features.float(), dim=1)  # (N, D)
     labels = train_labels.long().to(keys.device)  # (N,)
@@ -101,24 +89,11 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     return [hits[:, : min(k, scores.shape[1])].any(dim=1).float().mean().item() for k in ks]
 
 
-def knn_evaluate(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_features: torch.Tensor,
-    val_labels: torch.Tensor,
-    num_classes: int,
-    k: int = DEFAULT_K,
-    temperature: float = DEFAULT_TEMPERATURE,
-) -> KNNResult:
+def knn_evaluate(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
+                 val_labels: torch.Tensor, num_classes: int, k: int = DEFAULT_K,
+                 temperature: float = DEFAULT_TEMPERATURE) -> KNNResult:
     """Top-1 / top-5 of the weighted kNN classifier, training set -> validation set."""
     scores = knn_scores(train_features, train_labels, val_features, num_classes, k, temperature)
     top1, top5 = topk_accuracy(scores, val_labels, (1, 5))
-    return KNNResult(
-        top1=top1,
-        top5=top5,
-        k=min(k, train_features.shape[0]),
-        temperature=temperature,
-        num_train=train_features.shape[0],
-        num_val=val_features.shape[0],
-        num_classes=num_classes,
-    )
+    return KNNResult(top1=top1, top5=top5, k=min(k, train_features.shape[0]), temperature=temperature,
+                     num_train=train_features.shape[0], num_val=val_features.shape[0], num_classes=num_classes)

@@ -1,10 +1,5 @@
-"""python -m pirl_fast.report RUN_DIR [RUN_DIR ...] [--out DIR] [--x KEY]
-
-Gathers the evaluation JSON of several runs (an ablation sweep, or any runs to compare) into one
-markdown table and one PNG plot, written beside the runs (--out: where, printed at the end):
-    one RUN_DIR, or one sweep folder     inside it: RUN_DIR/report.md, report.png, layerwise.png
-    several                              in their common folder, as report_<run>+<run>+.../; in
-                                         ./reports/ when that folder is the current one (or above it)
+"""The evaluation JSON of several runs (an ablation sweep, or any runs to compare) as one markdown
+table (report.md), one plot (report.png) and the layer-wise plot (layerwise.png); README.md, "Evaluation".
 
 A RUN_DIR is a training run directory (it holds config.yaml and/or checkpoints/ and the JSON
 written by `python -m pirl_fast.eval`); a folder that is not a run itself but holds runs, such as
@@ -22,16 +17,10 @@ Per run it reads:
     invariance  invariance.json -> invariance_<pirl_head|trunk>_mean (this run's checkpoint)
     training    summary.json -> steps (the steps actually run; else the newest checkpoint's step);
                 metrics.jsonl -> final_loss (the last logged loss)
-Results of other seeds (`eval ... --seed S` writes NAME_seedS.json beside NAME.json) are averaged
-with them: the table shows "mean ± std (n seeds)", the plot the mean.
-trainer.max_steps is not shown as a setting (it is only where a run was told to stop): `steps` is.
-
-The plot has one panel per metric family; x is the swept key (--x, default: the first key that
-varies), as a line over sorted numeric values or as bars otherwise.
-
-layerwise.png (whenever a run has linear.json): the paper's layer-wise comparison, linear top-1 of
-conv1, res2 .. res5 with one line per run, labelled by method (PIRL against the Jigsaw baseline is
-the paper's figure; run `eval linear` on both runs with the same --protocol, goyal by default).
+Results of other seeds (NAME_seedS.json beside NAME.json) are averaged with them: "mean ± std
+(n seeds)" in the table, the mean in the plot. The plot has one panel per metric family over the
+swept key (--x); layerwise.png has one line per run with linear.json over conv1 .. res5 (run
+`eval linear` on each run with the same --protocol).
 """
 
 from __future__ import annotations
