@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job end to end on a small sample, on whatever machine this is (CPU is fine: 1 min 11 s
+# The main job end to end on a small sample, on whatever machine this is (CPU is fine: 1 min 8 s
 # on 2 idle cores after the first set-up, with Fashion-MNIST, 2026-11-30):
 #   sample ImageFolders -> shards -> verify -> PIRL pre-training on the main data path (DALI: its
 #   GPU graph on CUDA, its CPU graph here; torch only where DALI is missing, said so) -> kNN

@@ -5,7 +5,7 @@
 # statistics as they are and re-estimated on the training images (`--reestimate-bn`, the stronger
 # untrained baseline). Exits 1 unless training gained at least MARGIN points over both.
 #
-#   bash scripts/learn_check.sh                      # 4.5 min on 2 idle CPU cores (Fashion-MNIST, 2026-11-30)
+#   bash scripts/learn_check.sh                      # 4.5-5.5 min on 2 idle CPU cores (Fashion-MNIST, 2026-11-30)
 #   STEPS=600 MARGIN=10 bash scripts/learn_check.sh  # longer run, stricter bar
 #
 # Data: Fashion-MNIST (real photographs, 28 px) when it is installed (`sudo apt-get install
