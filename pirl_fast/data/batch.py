@@ -117,7 +117,8 @@ def replace_corrupt(bad: list[int], where: list[str], *rows: torch.Tensor) -> tu
     for w in where:  # stacklevel 3: past the loader's generator, to the code that asked for the batch
         warnings.warn(f"skipping a corrupt sample (data.on_corrupt=skip): {w}", RuntimeWarning, stacklevel=3)
     batch = rows[0].shape[0]
-    good = [b for b in range(batch) if b not in set(bad)]
+    skipped = set(bad)
+    good = [b for b in range(batch) if b not in skipped]
     if not good:
         raise ShardError(f"every sample of a batch is corrupt ({'; '.join(where)}): the shards are damaged beyond "
                          "skipping a few samples; check them with `python -m pirl_fast.shard --verify DIR`")

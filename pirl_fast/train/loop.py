@@ -250,7 +250,7 @@ def resume(run: Run, path: Path) -> None:
         warnings.warn(f"data.backend={data.backend} (data.workers={data.workers}) cannot restore its exact data "
                       f"stream: epoch {run.epoch} continues after the {run.batches_in_epoch} batches it had consumed, "
                       "but with a fresh sample order and fresh augmentations (everything else resumes exactly; "
-                      "see pirl_fast/train/loop.py)", RuntimeWarning, stacklevel=2)
+                      "see README.md, \"Resume is exact\")", RuntimeWarning, stacklevel=2)
     if run.batches_in_epoch:
         run.batches = iter(run.loader)
         for _ in range(run.batches_in_epoch):  # read and drop: the checkpointed run had consumed these
