@@ -32,6 +32,7 @@ from torchvision import transforms as T
 from dali_pipelines import IMAGENET_MEAN, IMAGENET_STD  # no DALI import
 from pirl_fast.model.jigsaw import JigsawModel
 from pirl_fast.model.network import ModelConfig, PIRLModel, memory_format_for
+from pirl_fast.model.supervised import SupervisedModel
 from pirl_fast.runtime.progress import progress
 from pirl_fast.shard.format import ShardError, decode_int64, iter_samples, load_manifest
 from pirl_fast.train.checkpoint import list_checkpoints, load_latest
@@ -192,7 +193,9 @@ def build_model(method: str, config: dict) -> nn.Module:
         return PIRLModel(model_cfg)
     if method == "jigsaw":
         return JigsawModel(model_cfg, int(config.get("data", {}).get("num_permutations", 0)))
-    raise ValueError(f"checkpoint config has method={method!r}; evaluation knows 'pirl' and 'jigsaw'")
+    if method == "supervised":
+        return SupervisedModel(model_cfg, model_cfg.num_classes)
+    raise ValueError(f"checkpoint config has method={method!r}; evaluation knows 'pirl', 'jigsaw' and 'supervised'")
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict, dict]:

@@ -53,6 +53,7 @@ class ModelConfig:
     jigsaw_head: str = "light"  # method=jigsaw only: light | reference (pirl_fast/model/jigsaw.py)
     # linear (the paper's) | mlp (the reference's improved recipe, experiment=pirl_mlp_in1k_r50; projection_heads)
     head: str = "linear"
+    num_classes: int = 0  # method=supervised only: the classifier's classes (the shards' manifest count)
 
 
 def apply_stem(resnet: nn.Module, stem: str) -> nn.Module:

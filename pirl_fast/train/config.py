@@ -24,7 +24,7 @@ from pirl_fast.model.memory_bank import BankConfig
 from pirl_fast.model.network import ModelConfig
 from pirl_fast.train.optim import SCHEDULES, OptimConfig
 
-METHODS = ("pirl", "jigsaw")
+METHODS = ("pirl", "jigsaw", "supervised")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
 

@@ -42,10 +42,11 @@ from pirl_fast.model.jigsaw import JigsawLoss, JigsawModel, JigsawObjective
 from pirl_fast.model.loss import PIRLCriterion, PIRLObjective
 from pirl_fast.model.memory_bank import MemoryBank
 from pirl_fast.model.network import PIRLModel, memory_format_for
+from pirl_fast.model.supervised import SupervisedModel, SupervisedObjective
 from pirl_fast.runtime import dist, host_read
 from pirl_fast.runtime.atomic import atomic_write, write_json
 from pirl_fast.runtime.signals import STOP_SIGNALS, StopRequest, exit_status, stop_with_launcher
-from pirl_fast.shard.format import ShardError
+from pirl_fast.shard.format import ShardError, load_manifest
 from pirl_fast.shard.splits import resolve_shards, shard_splits
 from pirl_fast.train import checkpoint, run_dirs
 from pirl_fast.train.checkpoint import CheckpointError
@@ -72,9 +73,9 @@ class Run:
     loader: Any  # a pirl_fast.data.batch.PIRLLoader
     module: PIRLModel  # the bare model: state_dict, parameter groups
     model: nn.Module  # what the step calls: `module`, wrapped in DDP and/or torch.compile
-    criterion: PIRLCriterion | JigsawLoss
+    criterion: PIRLCriterion | JigsawLoss | nn.CrossEntropyLoss
     bank: MemoryBank
-    objective: PIRLObjective | JigsawObjective  # the method: model inputs, loss terms, bank update
+    objective: PIRLObjective | JigsawObjective | SupervisedObjective  # the method: inputs, loss terms, bank update
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     stop_at: int  # the loop ends once `step` reaches this (epochs * batches per epoch, or max_steps)
@@ -288,17 +289,12 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, resume_path: Path | N
     if len(set(lengths)) != 1:
         raise RuntimeError(f"ranks disagree on batches per epoch ({lengths}): every rank must run the same "
                            "number of steps; this is a loader bug")
-    # Same seed on every rank: identical initial weights. method=jigsaw keeps the (unused) bank so that
-    # checkpoints and resume stay one format.
-    jigsaw = cfg.method == "jigsaw"
-    module = (JigsawModel(cfg.model, cfg.data.num_permutations) if jigsaw else PIRLModel(cfg.model))
-    module.to(device, memory_format=memory_format_for(device))  # channels-last on CUDA only (see model/network.py)
     if 0 < bank_rows < loader.num_samples:
         raise ValueError(f"bank_rows={bank_rows} is below the {loader.num_samples} samples the loader indexes")
     rows = bank_rows or loader.num_samples
-    bank = MemoryBank(rows, cfg.model.embed_dim, cfg.bank).to(device)
-    criterion = (JigsawLoss() if jigsaw else PIRLCriterion(cfg.loss, rows)).to(device)
-    objective = JigsawObjective(criterion) if jigsaw else PIRLObjective(criterion, bank)
+    # Same seed on every rank: identical initial weights. Jigsaw and supervised keep the (unused) bank so
+    # that checkpoints and resume stay one format.
+    module, criterion, objective, bank = build_method(cfg, loader, rows, device)
     torch.manual_seed(cfg.trainer.seed + 1_000_003 * (info.rank + 1))  # from here on, each rank its own stream
     steps_per_epoch = len(loader)
     total = cfg.trainer.epochs * steps_per_epoch
@@ -326,6 +322,32 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, resume_path: Path | N
     if cfg.trainer.compile:
         run.model = torch.compile(run.model)
     return run
+
+
+def build_method(cfg: Config, loader, rows: int, device: torch.device):
+    """(model, criterion, objective, bank) of cfg.method, on `device`; the trunk is built first, from the
+    seeded generator, so every method starts from the same trunk weights."""
+    if cfg.method == "supervised":
+        classes = (None if cfg.data.backend == "synthetic"
+                   else len(load_manifest(resolve_shards(cfg.data.shards, "train").dir).classes))
+        if classes is not None and classes != cfg.model.num_classes:
+            raise ConfigError(f"method=supervised: model.num_classes={cfg.model.num_classes} but the shards in "
+                              f"{cfg.data.shards} have {classes} classes: set model.num_classes={classes}")
+        module = SupervisedModel(cfg.model, cfg.model.num_classes)
+    elif cfg.method == "jigsaw":
+        module = JigsawModel(cfg.model, cfg.data.num_permutations)
+    else:
+        module = PIRLModel(cfg.model)
+    module.to(device, memory_format=memory_format_for(device))  # channels-last on CUDA only (see model/network.py)
+    bank = MemoryBank(rows, cfg.model.embed_dim, cfg.bank).to(device)
+    if cfg.method == "pirl":
+        criterion = PIRLCriterion(cfg.loss, rows).to(device)
+        return module, criterion, PIRLObjective(criterion, bank), bank
+    if cfg.method == "jigsaw":
+        criterion = JigsawLoss().to(device)
+        return module, criterion, JigsawObjective(criterion), bank
+    criterion = nn.CrossEntropyLoss().to(device)  # no state: the checkpoint's "criterion" entry stays empty
+    return module, criterion, SupervisedObjective(criterion), bank
 
 
 def seed_everything(seed: int, rank: int, deterministic: bool, device: torch.device) -> None:
