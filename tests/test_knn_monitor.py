@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -154,18 +155,19 @@ def test_off_without_labels_or_validation_split_said_once(sample_shards, tmp_pat
         run_training(compose_config("data.backend=synthetic", "trainer.knn_every=-1", f"run_dir={tmp_path / 'd'}"))
 
 
-def test_two_processes_score_the_same_top1_as_one(split_root, tmp_path):
+def test_two_processes_score_the_same_top1_as_one(split_root, tmp_path, monkeypatch):
     """gloo, 2 ranks: each embeds half of the validation split; one all-reduce of the counts gives the
-    one-process figure exactly."""
+    one-process figure (the same worker, run in this process) exactly."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
     worker = str(REPO / "tests" / "knn_monitor_worker.py")
     torchrun = Path(sys.executable).parent / "torchrun"
-    for cmd in ([sys.executable, worker, str(one), str(split_root)],
-                [str(torchrun), "--standalone", "--nproc_per_node=2", worker, str(two), str(split_root)]):
-        result = subprocess.run(cmd, cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", worker, str(two), str(split_root)],
+                            cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", [worker, str(one), str(split_root)])
+    runpy.run_path(worker, run_name="__main__")
     single = json.loads((one / "rank0.json").read_text())
     r0, r1 = (json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1))
     assert single["embedded"] == 48 and r0["embedded"] == r1["embedded"] == 24
