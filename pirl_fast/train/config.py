@@ -57,7 +57,7 @@ class TrainerConfig:
     timing_warmup_steps: int = 2  # first steps left out of samples/s (cuDNN autotune, compile, prefetch)
     # epochs between kNN top-1 scores of the val split beside data.shards against the memory bank, and at
     # the end (pirl_fast/train/knn_monitor.py); 0: off. Each costs one eval-mode forward of the val split:
-    # measured at experiment=fmnist on a CPU in BENCHMARKS.md ("kNN monitor"). ImageNet: 50k val images
+    # 7-10% of an epoch at experiment=fmnist on a CPU (BENCHMARKS.md, "kNN monitor"). ImageNet: 50k val images
     # against 1.28M training images, each a forward + backward of the image and 9 patches per epoch: about
     # 1% of an epoch by that count (not measured on a GPU); every 5 epochs gives 160 points over 800 epochs
     # for ~0.2%. Small experiments (smoke) set 1.

@@ -64,8 +64,8 @@ class KNNMonitor:
     last_top1: float | None = None  # the last score, for the run's summary
 
     def due(self, epoch_done: bool, epoch: int, finished: bool) -> bool:
-        """After a step: at the end of every `every`-th epoch, and at the end of training (`finished`:
-        the last step ran, not a stop signal)."""
+        """After a step: at the end of every `every`-th epoch, and at the end of training (`finished`: the
+        last step ran). The loop does not ask after a stop signal: a preempted job should not wait for it."""
         return finished or (epoch_done and epoch % self.every == 0)
 
     @torch.no_grad()

@@ -168,7 +168,7 @@ def fit(run: Run) -> str:
                 save_checkpoint(run)
         run.clock.end_step(run.global_batch)
         knn = {}
-        if run.knn is not None and run.knn.due(epoch_done, run.epoch, stop is None and run.step >= run.stop_at):
+        if run.knn is not None and stop is None and run.knn.due(epoch_done, run.epoch, run.step >= run.stop_at):
             knn = run.knn.score(run.module, run.bank.bank, run.device, run.autocast_dtype)
             run.clock.restart()  # the monitor's time is no step's
         run.interval_losses.append(values[:3])
