@@ -55,6 +55,13 @@ class TrainerConfig:
     # DALI's prefetch). pirl_fast/train/metrics.py explains both.
     sync_timing: bool = False
     timing_warmup_steps: int = 2  # first steps left out of samples/s (cuDNN autotune, compile, prefetch)
+    # epochs between kNN top-1 scores of the val split beside data.shards against the memory bank, and at
+    # the end (pirl_fast/train/knn_monitor.py); 0: off. Each costs one eval-mode forward of the val split:
+    # 7-10% of an epoch at experiment=fmnist on a CPU (BENCHMARKS.md, "kNN monitor"). ImageNet: 50k val images
+    # against 1.28M training images, each a forward + backward of the image and 9 patches per epoch: about
+    # 1% of an epoch by that count (not measured on a GPU); every 5 epochs gives 160 points over 800 epochs
+    # for ~0.2%. Small experiments (smoke) set 1.
+    knn_every: int = 5
 
 
 @dataclass
@@ -141,6 +148,8 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0 (0 means: run all epochs)")
     if cfg.trainer.log_every < 1:
         raise ConfigError(f"trainer.log_every={cfg.trainer.log_every} must be >= 1")
+    if cfg.trainer.knn_every < 0:
+        raise ConfigError(f"trainer.knn_every={cfg.trainer.knn_every} must be >= 0 (0: no kNN monitor)")
     if cfg.trainer.ckpt_every < 0 or cfg.trainer.keep_checkpoints < 1:
         raise ConfigError(f"trainer.ckpt_every ({cfg.trainer.ckpt_every}) must be >= 0 and trainer.keep_checkpoints "
                           f"({cfg.trainer.keep_checkpoints}) >= 1")

@@ -48,7 +48,7 @@ from pirl_fast.runtime.atomic import atomic_write, write_json
 from pirl_fast.runtime.signals import STOP_SIGNALS, StopRequest, exit_status, stop_with_launcher
 from pirl_fast.shard.format import ShardError, load_manifest
 from pirl_fast.shard.splits import resolve_shards, shard_splits
-from pirl_fast.train import checkpoint, run_dirs
+from pirl_fast.train import checkpoint, knn_monitor, run_dirs
 from pirl_fast.train.checkpoint import CheckpointError
 from pirl_fast.train.config import Config, ConfigError, to_dataclass, to_yaml, validate
 from pirl_fast.train.metrics import MetricsLogger, StepClock, format_summary, gpu_memory_gb
@@ -92,6 +92,7 @@ class Run:
     last_checkpoint: Path | None = None
     interval_losses: list = field(default_factory=list)
     diagnostics: IntervalMeans = field(default_factory=IntervalMeans)  # on-device sums, read at log intervals
+    knn: knn_monitor.KNNMonitor | None = None  # trainer.knn_every's kNN top-1 of the val split; None: off
 
 
 # ---------------------------------------------------------------------------------------------- the step
@@ -167,16 +168,20 @@ def fit(run: Run) -> str:
             with run.clock.phase("checkpoint"):
                 save_checkpoint(run)
         run.clock.end_step(run.global_batch)
+        knn = {}
+        if run.knn is not None and stop is None and run.knn.due(epoch_done, run.epoch, run.step >= run.stop_at):
+            knn = run.knn.score(run.module, run.bank.bank, run.device, run.autocast_dtype)
+            run.clock.restart()  # the monitor's time is no step's
         run.interval_losses.append(values[:3])
         run.logger.advance()
-        if run.step % run.cfg.trainer.log_every == 0 or stopping:
-            log_interval(run)
+        if run.step % run.cfg.trainer.log_every == 0 or stopping or knn:
+            log_interval(run, knn)
         if stop is not None:
             return stop.name
     return "max_steps" if run.cfg.trainer.max_steps and run.step >= run.cfg.trainer.max_steps else "epochs"
 
 
-def log_interval(run: Run) -> None:
+def log_interval(run: Run, knn: dict[str, float] | None = None) -> None:
     losses = np.mean(np.array(run.interval_losses), axis=0)  # mean over the interval's steps
     run.interval_losses.clear()
     timing = run.clock.take_interval()
@@ -187,6 +192,7 @@ def log_interval(run: Run) -> None:
         "lr": lr_at(run.step - 1, run.schedule), "samples_per_s": timing["samples_per_s"],
         "data_wait_share": timing["data_wait_share"], "step_time_s": timing["step_time_s"],
         "gpu_mem_gb": gpu_memory_gb(run.device), "corrupt_skipped": run.corrupt_skipped, **diagnostics,
+        **(knn or {}),  # knn_top1, knn_time_s: at the steps the kNN monitor scored
     })
 
 
@@ -431,6 +437,9 @@ def run_training(cfg: DictConfig | Config, default_dir: bool = False,
         run.logger.message(f"data.shards={config.data.shards} is a dataset root with the splits "
                            f"{', '.join(shard_splits(shards.root))}: training on its train split, {shards.dir} "
                            f"({run.loader.num_samples} samples)")
+    run.knn, line = knn_monitor.build(config, shards, run.loader.num_samples, run.rank, run.world_size, run.device)
+    if line:
+        run.logger.message(line)
     if run.last_checkpoint is not None:
         run.logger.message(f"resumed from {run.last_checkpoint}: step {run.step}, epoch {run.epoch}, "
                            f"batch {run.batches_in_epoch} of {len(run.loader)}")
@@ -463,6 +472,7 @@ def make_summary(run: Run, stopped_by: str) -> dict[str, Any]:
         "world_size": run.world_size, "global_batch": run.global_batch, "device": str(run.device),
         "backend": run.cfg.data.backend, "arch": run.cfg.model.arch,
         "precision": "bf16" if run.autocast_dtype is not None else "fp32", "corrupt_skipped": run.corrupt_skipped,
+        "knn_top1": run.knn.last_top1 if run.knn is not None else None,  # the last kNN monitor score
         **timing,
     }
 

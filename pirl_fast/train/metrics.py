@@ -19,7 +19,8 @@ scalars in TensorBoard (run_dir/tb), and a tqdm bar on a terminal; a plain line 
 instead when stderr is a file or a pipe (a SLURM log) or with trainer.progress=false. On other
 ranks every method is a no-op, so the loop calls it unconditionally.
 
-metrics.jsonl fields: README.md (the run directory's files) and loop.py `log_interval`. The losses
+metrics.jsonl fields: README.md (the run directory's files) and loop.py `log_interval`; knn_top1 and
+knn_time_s only in the lines of the steps the kNN monitor scored (pirl_fast/train/knn_monitor.py). The losses
 are means over the interval's steps, averaged over ranks; lr is the last step's; corrupt_skipped
 counts since this process started. A resumed run appends: steps logged after the last checkpoint of
 a crashed run appear twice (the later line is the one the resumed run computed).
@@ -190,6 +191,7 @@ class MetricsLogger:
 
         self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=initial_step or None)
         self.total_steps = total_steps
+        self.knn = ""  # the last kNN top-1 (trainer.knn_every), shown on the progress line until the next one
         # A bar only where it can redraw in place; otherwise (trainer.progress=false, a pipe, a SLURM log)
         # one plain line per log interval, so a run is never silent until its end.
         if progress and is_terminal():
@@ -205,12 +207,17 @@ class MetricsLogger:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(f"train/{key}", value, step)
+        if "knn_top1" in record:
+            self.knn = f"{record['knn_top1']:.2%}"
         if self.plain:
+            knn = f"  knn top-1 {self.knn}" if "knn_top1" in record else ""
             print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
-                  f"{record['samples_per_s']:.1f} samples/s  data wait {record['data_wait_share']:.0%}", flush=True)
+                  f"{record['samples_per_s']:.1f} samples/s  data wait {record['data_wait_share']:.0%}{knn}",
+                  flush=True)
         else:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
-                                 samples_s=f"{record['samples_per_s']:.1f}", refresh=False)
+                                 samples_s=f"{record['samples_per_s']:.1f}", **({"knn": self.knn} if self.knn else {}),
+                                 refresh=False)
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
