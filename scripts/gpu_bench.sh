@@ -88,11 +88,11 @@ row() {  # row STEP STATUS RC SECONDS: the step's own line in stageN.jsonl
 step() {
   local name="$1" limit="${limit_override[$1]:-$2}"; shift 2
   local left=$(( budget - VERDICT_RESERVE - ($(date +%s) - start) ))
+  if [ "$left" -lt 5 ]; then say "== $name: skipped, the ${budget}s budget is spent"; row "$name" skipped null 0; return 0; fi
   if [ "$left" -lt "$limit" ] && [ -n "${optional:-}" ]; then
     say "== $name: skipped, its ${limit}s do not fit the ${left}s left"; row "$name" skipped null 0; return 0
   fi
   [ "$limit" -gt "$left" ] && limit=$left
-  if [ "$limit" -lt 5 ]; then say "== $name: skipped, the ${budget}s budget is spent"; row "$name" skipped null 0; return 0; fi
   say "== $name (at most ${limit}s): $*"
   local t0; t0=$(date +%s)
   timeout --signal=TERM --kill-after=5 "$limit" "$@" >>"$log" 2>&1
