@@ -149,9 +149,9 @@ def test_the_runbook_budget_adds_up_with_four_minutes_of_slack():
         assert f"STAGE{stage}_BUDGET {budget}" in row["where the figure comes from"]  # the figure is the script's
         assert budget < int(row["seconds"]) and budget + 30 <= int(row["timeout_s"]) <= 600  # room for the verdict
         assert f"--stage {stage} --out $OUT" in row["command"]
-    parts = [r["carry"].strip("`") for r in calls if r["carry"]]
-    assert parts == [f".whl/part-0{i}" for i in range(4)]  # every part carried once, in order
+    carried = [r["carry"].replace("`", "").split() for r in calls if r["carry"]]
+    assert [paths[0] for paths in carried] == [f".whl/part-0{i}" for i in range(4)]  # each part once, in order
+    assert all(paths[1:] == [".whl/SHA256SUMS"] for paths in carried)  # what receive checks the part against
     for r in calls:
         if r["carry"]:
-            assert f"receive {r['carry'].strip('`')}" in r["command"]
-            assert r["where the figure comes from"]
+            assert f"receive {r['carry'].split('`')[1]}" in r["command"]
