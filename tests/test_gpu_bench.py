@@ -6,8 +6,8 @@ all). The target verdicts are checked on hand-made GPU rows (no timing asserted)
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

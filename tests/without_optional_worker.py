@@ -27,7 +27,8 @@ def main(out: Path) -> None:
     for name in [m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED)]:
         del sys.modules[name]
     sys.meta_path.insert(0, Block())
-    from pirl_fast.bench.__main__ import BENCHMARKS, main as bench
+    from pirl_fast.bench.__main__ import BENCHMARKS
+    from pirl_fast.bench.__main__ import main as bench
 
     found = {"help": {}, "runs": {}}
     for name in BENCHMARKS:

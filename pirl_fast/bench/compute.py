@@ -108,9 +108,6 @@ def measure(args, compiled: bool) -> dict:
            "channels_last": memory_format_for(device) == torch.channels_last}
     if cuda:
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del model, module, bank, optimizer, batches
-    if cuda:
-        torch.cuda.empty_cache()
     return row
 
 
@@ -124,5 +121,7 @@ def run(args, rec: Recorder | None = None) -> list[dict]:
                        "patch_size": args.patch_size, "bank_rows": args.bank_rows, "negatives": args.negatives,
                        "compile": mode == "on", "device": args.device}
         print(f"-- compile {mode}: {args.warmup} + {args.steps} steps of {args.arch}, batch {args.batch}", flush=True)
-        rec.guarded(description, lambda: measure(args, mode == "on"))
+        rec.guarded(description, lambda compiled=mode == "on": measure(args, compiled))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the last row's model and bank are gone: give their memory back
     return rec.rows

@@ -267,7 +267,8 @@ def run(args, rec: Recorder | None = None) -> list[dict]:
                         term = Term(bank, index, query, pos_rows, kind, args.num_samples, z, path, kernel)
                         description = {"path": path, "kernel": "naive" if path == "naive" else kernel, "loss": kind,
                                        "bank_dtype": dtype_name, "batch": b, "negatives": k}
-                        row = rec.guarded(description, lambda: measure_row(term, args, base, peak_bw, copy_bw))
+                        row = rec.guarded(description,
+                                          lambda term=term, base=base: measure_row(term, args, base, peak_bw, copy_bw))
                         if path == "naive" and "error" not in row:
                             base = (row["fwd_bwd_ms"], row["peak_extra_mib"] * 2**20)
                         bar.update(1)

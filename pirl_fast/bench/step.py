@@ -166,8 +166,8 @@ def run(args, rec: Recorder | None = None) -> list[dict]:
             print(f"-- {backend}: {args.warmup} + {args.steps} steps of {args.arch}, global batch {args.batch}",
                   flush=True)
             row = rec.guarded({"backend": backend, "compile": args.compile},
-                              lambda: measure(args, backend, shards or "???", num_samples, tmp / f"run_{backend}",
-                                              base))
+                              lambda backend=backend, base=base: measure(args, backend, shards or "???", num_samples,
+                                                                         tmp / f"run_{backend}", base))
             if backend == "synthetic" and "error" not in row:
                 base = row["samples_per_s"]
     return rec.rows
