@@ -3,7 +3,7 @@
 # README "On a GPU" is the runbook (calls, carried parts, sizes, times, the lease's budget).
 #
 #   bash scripts/gpu_bench.sh --stage 1 --out DIR     # no wheels: torch + triton of the GPU image
-#   bash scripts/gpu_bench.sh --stage 2 --out DIR     # with DALI, WebDataset, Hydra (wheels, scripts/pack_wheels.sh)
+#   bash scripts/gpu_bench.sh --stage 2 --out DIR     # with DALI, WebDataset, Hydra (wheels: scripts/wheel_parts.sh)
 #   bash scripts/gpu_bench.sh --cpu --stage 1 --out DIR   # the dress rehearsal: every step, CPU stand-ins, toy sizes
 #
 # Stage 1 (at most STAGE1_BUDGET s):
@@ -58,6 +58,10 @@ py="${PIRL_PYTHON:-}"
 [ -z "$py" ] && [ -x "$root/.venv/bin/python" ] && py="$root/.venv/bin/python"
 py="${py:-python3}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PIRL_TEST_TIMEOUT="${PIRL_TEST_TIMEOUT:-60}"
+if [ "$mode" = gpu ] && ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_bench.sh: no CUDA device visible to $py; on a CPU-only machine: bash scripts/gpu_bench.sh --cpu --stage $stage --out DIR" >&2
+  exit 2
+fi
 scratch="$(mktemp -d /tmp/gpu_bench.XXXXXX)"
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache}" TORCHINDUCTOR_CACHE_DIR="$scratch/inductor"
 
@@ -77,10 +81,6 @@ finish() {  # the exit trap: the verdict, whatever happened before
 trap finish EXIT
 trap 'say "== stopped by a signal"; exit 143' INT TERM
 
-if [ "$mode" = gpu ] && ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  say "gpu_bench.sh: no CUDA device visible to $py; on a CPU-only machine: bash scripts/gpu_bench.sh --cpu --stage $stage --out DIR"
-  exit 2
-fi
 row() {  # row STEP STATUS RC SECONDS: the step's own line in stageN.jsonl
   printf '{"bench": "stage%s", "kind": "row", "step": "%s", "status": "%s", "rc": %s, "seconds": %s}\n' \
     "$stage" "$1" "$2" "$3" "$4" >>"$rows"
@@ -107,6 +107,8 @@ step() {
 }
 bench=("$py" -m pirl_fast.bench)
 say "gpu_bench.sh stage $stage ($mode) $(date -u +%FT%TZ) -> $out; python: $py; budget ${budget}s"
+timeout 30 "$py" -c "import json, torch; from pirl_fast.bench.record import environment as e; print('environment:', json.dumps(e()))" \
+  2>&1 | tee -a "$log"  # versions, GPU, driver, clocks: in every file of the call (the .jsonl headers too)
 
 pytest_gpu() {  # the GPU tests of the given files; the exit status is pytest's (pipefail), the log its summary
   set -o pipefail

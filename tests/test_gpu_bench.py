@@ -53,7 +53,8 @@ def test_stage_one_survives_a_failed_row_and_a_step_out_of_time(tmp_path):
     assert {r["status"] for r in verdict["targets"].values()} == {"unmeasured"}
     assert "skipped" in verdict["gpu_tests"]  # pytest -m gpu ran: every GPU test skips without CUDA
     assert proc.stdout.strip().splitlines()[-1] == verdict["summary"]
-    assert "compute time limit" in verdict["summary"]
+    assert "compute time limit" in verdict["summary"] and verdict["environment"]["versions"]["torch"]
+    assert "environment: {" in (out / "stage1.log").read_text()  # versions and clocks in every file
 
 
 def test_stage_two_survives_a_failed_row_and_a_step_out_of_time(tmp_path):

@@ -284,6 +284,7 @@ def measure_row(term: Term, args, base: tuple[float, int] | None, peak_bw: float
                 copy_bw: float | None) -> dict:
     """The figures of one path (see the module docstring); base: naive's (ms, peak bytes) if measured."""
     device = term.query.device
+    term()  # first launch apart: Triton's compile and autotuning (its timing buffers) are not the path's memory
     peak = _peak_extra_bytes(term)
     ms = time_ms(term, device, args.repeats)
     b, k = term.index.shape

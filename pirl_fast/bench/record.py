@@ -6,9 +6,9 @@
 
 `guarded` runs one measurement. Its figures, or the error that stopped it ("error": "Type: message"),
 are written beside the row's description and flushed to disk before the next row starts, so a
-failed backend, a crashed process or a stage killed by its time limit loses at most the row in
-flight. KeyboardInterrupt and SystemExit are not caught (a stage's time limit sends SIGINT: the
-call stops, and the rows so far are on disk).
+failed backend, a crashed process or a step killed at its time limit (scripts/gpu_bench.sh sends
+SIGTERM, then SIGKILL) loses at most the row in flight. KeyboardInterrupt and SystemExit are not
+caught: they stop the call, and the rows so far are on disk.
 
 Fault injection, for the dress rehearsal (tests/test_gpu_bench.py): PIRL_BENCH_INJECT lists rows
 to fail on purpose, `BENCH:KEY=VALUE[,KEY=VALUE];...` (e.g. `membank:path=two-pass;step:backend=dali`):

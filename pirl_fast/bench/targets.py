@@ -23,7 +23,7 @@ import re
 import sys
 from pathlib import Path
 
-from pirl_fast.bench.record import read_rows
+from pirl_fast.bench.record import environment, read_rows
 from pirl_fast.runtime import atomic
 
 E2E_SAMPLES_PER_S = 3000.0
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     tests = gpu_tests(args.folder, args.stage)
     line = summary_line(args.stage, results, steps, tests)
     atomic.write_json(args.folder / f"stage{args.stage}_targets.json",
-                      {"targets": results, "steps": steps, "gpu_tests": tests, "summary": line}, indent=2)
+                      {"targets": results, "steps": steps, "gpu_tests": tests, "summary": line,
+                       "environment": environment()}, indent=2)
     print(line)
     return 0
 
