@@ -156,3 +156,15 @@ def test_the_runbook_budget_adds_up_with_four_minutes_of_slack():
     for r in calls:
         if r["carry"]:
             assert f"receive {r['carry'].split('`')[1]}" in r["command"]
+
+
+def test_a_test_past_its_time_limit_fails_and_the_next_runs(tmp_path):
+    """PIRL_TEST_TIMEOUT (tests/conftest.py): the stage's pytest does not hang on one test."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_sleep.py").write_text("import time\n\ndef test_slow():\n    time.sleep(30)\n\n"
+                                            "def test_fast():\n    pass\n")
+    env = {**os.environ, "PIRL_TEST_TIMEOUT": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "TimeoutError: test_sleep.py::test_slow ran past PIRL_TEST_TIMEOUT=1s" in proc.stdout, proc.stdout[-2000:]
+    assert "1 failed, 1 passed" in proc.stdout
