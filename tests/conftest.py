@@ -17,8 +17,10 @@ Both are read-only for tests: copy them (shutil.copytree) before changing anythi
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 
 import torch
 
@@ -44,6 +46,33 @@ from pirl_fast.shard.format import (  # noqa: E402
     sha256_file,
 )
 from pirl_fast.shard.sample_data import write_sample_folder  # noqa: E402
+
+# PIRL_TEST_TIMEOUT=SECONDS: each test's call is stopped after that long (scripts/gpu_bench.sh sets 60), so one
+# hanging test (a deliberate nvJPEG failure, a deadlocked loader) costs its limit, not the stage. A TimeoutError
+# is raised in the test (SIGALRM); a hang inside C code that never returns to Python ends the process 30 s
+# later with every thread's traceback (faulthandler), and the stage goes on.
+TEST_TIMEOUT = float(os.environ.get("PIRL_TEST_TIMEOUT") or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if TEST_TIMEOUT <= 0:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran past PIRL_TEST_TIMEOUT={TEST_TIMEOUT:g}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT)
+    faulthandler.dump_traceback_later(TEST_TIMEOUT + 30, exit=True)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        faulthandler.cancel_dump_traceback_later()
+
 
 SAMPLE_CLASSES = 4
 SAMPLE_PER_CLASS = 12

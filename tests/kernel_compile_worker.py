@@ -56,13 +56,28 @@ KERNELS = {
                            dict(D=D, NCE=False, BLOCK_K=bank_kernels.BLOCK_K, BLOCK_D=D), bank_loss.LOSS_WARPS,
                            bank_kernels.BLOCK_K),
 }
+# Every other config triton.autotune may choose on the card (bank_kernels.tuned): "NAME@BLOCK_Kxnum_warps".
+TUNED = {"_scores_fwd": bank_kernels.SCORES_FWD_CONFIGS, "_scores_bwd": bank_kernels.SPLIT_K_CONFIGS,
+         "_loss_fwd": bank_loss.LOSS_CONFIGS}
+for _name, (_module, _signature, _constexprs, _warps, _rows) in list(KERNELS.items()):
+    for _config in TUNED.get(_name.split("[")[0], [])[1:]:  # the first is the default, listed above
+        _block_k = _config.kwargs.get("BLOCK_K", _constexprs["BLOCK_K"])
+        KERNELS[f"{_name}@{_block_k}x{_config.num_warps}"] = (
+            _module, _signature, {**_constexprs, "BLOCK_K": _block_k}, _config.num_warps, _block_k)
+
+
+def base_name(name: str) -> str:
+    """'_loss_fwd[nce]@32x4' -> '_loss_fwd': the kernel's function."""
+    return re.split(r"[\[@]", name)[0]
+
+
 LOAD = re.compile(r"\bld\.global(?:\.\w+)*?(?:\.v(\d))?\.b(\d+)\b")  # ld.global[.nc...][.vN].bBITS
 
 
 def compile_kernel(name: str, bank_type: str, arch: int, cache_dir: Path):
     """-> (compiled kernel, ptxas's report) for the kernel `name` with the bank pointer of type bank_type."""
     module, signature, constexprs, num_warps, _ = KERNELS[name]
-    fn = JITFunction(getattr(module, name.split("[")[0]))
+    fn = JITFunction(getattr(module, base_name(name)))
     signature = {k: bank_type if v == "BANK" else v for k, v in signature.items()}
     signature.update({k: "constexpr" for k in constexprs})
     assert list(signature) == fn.arg_names, \

@@ -45,6 +45,6 @@ def test_hw_decoder_sweep_on_a_gpu_only(monkeypatch, capsys):
         loader.contenders(parser.parse_args(["--hw-decoder-loads", "1.5"]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert [b for b, _, _ in loader.contenders(args)] == ["dali", "torch"]
-    monkeypatch.setattr(loader, "measure", lambda shards, args: [])
+    monkeypatch.setattr(loader, "measure", lambda shards, args, rec=None: [])
     loader.run(parser.parse_args(["--shards", "unused"]))
     assert "hw_decoder_load sweep: needs a GPU" in capsys.readouterr().out

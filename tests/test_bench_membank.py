@@ -20,8 +20,9 @@ def test_rows_compare_three_paths_per_loss_and_dtype(monkeypatch):
     b, k, d = 4, 2000, 16
     monkeypatch.setattr(bank_kernels, "CHUNK_ELEMENTS", b * d * 100)  # chunks of 100 negatives: memory shows
     args = parse("--batch", str(b), "--negatives", str(k), "--num-samples", "500", "--dim", str(d), "--repeats", "1",
-                 "--device", "cpu")
-    rows = membank.run(args)
+                 "--device", "cpu", "--copy-mib", "4")
+    copy, *rows = membank.run(args)
+    assert copy["path"] == "copy" and copy["copy_gb_per_s"] > 0  # the device's copy bandwidth, measured first
     assert [(r["bank_dtype"], r["loss"], r["path"]) for r in rows] == [
         (dtype, loss, path) for dtype in ("float32", "bfloat16") for loss in ("nce", "infonce")
         for path in ("naive", "two-pass", "fused")]
@@ -39,7 +40,10 @@ def test_rows_compare_three_paths_per_loss_and_dtype(monkeypatch):
             assert row["speedup"] == pytest.approx(naive["fwd_bwd_ms"] / row["fwd_bwd_ms"])
             # fused: a chunk of 100 of the 2000 negatives; two-pass also keeps (B, K) scores and gradients
             assert row["memory_ratio"] > (10 if row["path"] == "fused" else 2), row
-        assert ("target" in row) == (row["path"] == "fused")
+        assert ("target" in row) == (row["path"] == "fused") and "error" not in row
+        if row["path"] == "fused":  # the gather pass alone: bank rows and index read, against the copy bandwidth
+            assert row["kernel_bytes"] == b * k * (d * elem + 8)
+            assert row["frac_of_copy"] == pytest.approx(row["kernel_gb_per_s"] / copy["copy_gb_per_s"])
 
 
 def test_peak_bandwidth_from_device_properties(monkeypatch):

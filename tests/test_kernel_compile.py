@@ -27,7 +27,7 @@ import pytest
 
 pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_compile_worker import ARCHS, BANK, KERNELS, D  # noqa: E402
+from kernel_compile_worker import ARCHS, BANK, KERNELS, D, base_name  # noqa: E402
 
 from pirl_fast.model import bank_kernels  # noqa: E402
 
@@ -46,10 +46,11 @@ def compiled(tmp_path_factory) -> dict:
 
 
 def test_every_triton_kernel_is_covered():
-    """A kernel launched through bank_kernels.jit anywhere in the package must appear in KERNELS."""
+    """A kernel launched through bank_kernels.jit or .tuned anywhere in the package must appear in KERNELS."""
     package = Path(bank_kernels.__file__).parent
-    launched = {m for path in package.rglob("*.py") for m in re.findall(r"\bjit\((_\w+)\)", path.read_text())}
-    assert launched == {name.split("[")[0] for name in KERNELS}
+    launched = {m for path in package.rglob("*.py")
+                for m in re.findall(r"\b(?:jit|tuned)\((_\w+)", path.read_text())}
+    assert launched == {base_name(name) for name in KERNELS}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

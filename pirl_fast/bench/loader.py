@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pirl_fast.bench.record import Recorder
 from pirl_fast.data.config import DataConfig
 from pirl_fast.data.loaders import build_loader
 from pirl_fast.runtime.cpus import cpus_per_rank
@@ -102,7 +103,10 @@ def timed(stream, warmup: int, batches: int, device: torch.device) -> float:
 
 
 def data_settings(items: list[str]) -> dict:
-    """KEY=VALUE strings -> DataConfig fields, typed by the schema (a misspelt key or bad value fails)."""
+    """KEY=VALUE strings -> DataConfig fields, typed by the schema (a misspelt key or bad value fails).
+    OmegaConf (Hydra's) only when there are settings to type: the defaults need none."""
+    if not items:
+        return {}
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -126,26 +130,51 @@ def contenders(args) -> list[tuple[str, torch.device, dict]]:
     return found
 
 
-def measure(shards: str, args) -> list[dict]:
+def measure(shards: str, args, rec: Recorder | None = None) -> list[dict]:
+    """Build each contender, then time them in alternating rounds. Everything is guarded (rec.guarded):
+    a loader that fails to build or to deliver is a row with its error and leaves the rounds; every
+    round's figure is written the moment it is measured (row "round": r), the medians at the end
+    (row "round": "median")."""
+    rec = rec or Recorder("loader")
     runs = contenders(args)
     settings = data_settings(args.data)
-    streams, seconds = [], []
-    for backend, device, extra in runs:
-        cfg = DataConfig(shards=shards, backend=backend, batch_size=args.batch_size, workers=args.workers,
-                         **{**settings, **extra})
-        streams.append(endless(build_loader(cfg, device=device)))
-        seconds.append([])
-    for _ in progress(range(args.rounds), desc="loader rounds", unit="round"):  # alternate: noise hurts all alike
-        for k, (_, device, _) in enumerate(runs):
-            seconds[k].append(timed(streams[k], args.warmup, args.batches, device))
-    rates = [args.batch_size * args.batches / statistics.median(times) for times in seconds]
-    torch_rate = rates[[backend for backend, _, _ in runs].index("torch")]
+    data = " ".join(args.data) or "defaults"
+    streams, seconds = {}, {}
+    for k, (backend, device, extra) in enumerate(runs):
+        def build(backend=backend, device=device, extra=extra, k=k):
+            cfg = DataConfig(shards=shards, backend=backend, batch_size=args.batch_size, workers=args.workers,
+                             **{**settings, **extra})
+            streams[k] = endless(build_loader(cfg, device=device))
+            return {}
+
+        described = describe(backend, device, extra, args, data)
+        if "error" in rec.guarded({**described, "round": "build"}, build):
+            continue
+        seconds[k] = []
+    for r in progress(range(args.rounds), desc="loader rounds", unit="round"):  # alternate: noise hurts all alike
+        for k in list(seconds):
+            backend, device, extra = runs[k]
+
+            def one_round(k=k, device=device):
+                s = timed(streams[k], args.warmup, args.batches, device)
+                seconds[k].append(s)
+                return {"samples_per_s": args.batch_size * args.batches / s}
+
+            if "error" in rec.guarded({**describe(backend, device, extra, args, data), "round": r}, one_round):
+                del seconds[k], streams[k]  # a loader that failed once is not timed again
+    rates = {k: args.batch_size * args.batches / statistics.median(times) for k, times in seconds.items() if times}
+    torch_rate = next((rates[k] for k in rates if runs[k][0] == "torch"), None)
     rows = []
-    for (backend, device, extra), rate in zip(runs, rates):
-        rows.append({"backend": backend, "device": device.type, "threads": args.workers,
-                     "batch": args.batch_size, "samples_per_s": rate, "vs_torch": rate / torch_rate,
-                     **extra, "data": " ".join(args.data) or "defaults"})
+    for k, rate in rates.items():
+        row = {**describe(*runs[k], args, data), "round": "median", "samples_per_s": rate,
+               "vs_torch": rate / torch_rate if torch_rate else float("nan")}
+        rows.append(rec.add(row))
     return rows
+
+
+def describe(backend: str, device: torch.device, extra: dict, args, data: str) -> dict:
+    return {"backend": backend, "device": device.type, "threads": args.workers, "batch": args.batch_size, **extra,
+            "data": data}
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -169,12 +198,13 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def run(args) -> list[dict]:
+def run(args, rec: Recorder | None = None) -> list[dict]:
+    """The median rows (rec holds every round's row too, and the errors)."""
     if not torch.cuda.is_available():
         print(SWEEP_NEEDS_GPU, flush=True)
     with tempfile.TemporaryDirectory(prefix="pirl_bench_loader_") as tmp:
         shards = args.shards or make_bench_shards(Path(tmp), args.images)
-        rows = measure(shards, args)
+        rows = measure(shards, args, rec)
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}")

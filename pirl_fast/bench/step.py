@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
 
+from pirl_fast.bench.record import Recorder
 from pirl_fast.runtime.cpus import cpus_per_rank
 
 BACKENDS = ("synthetic", "dali", "torch")
@@ -84,6 +84,8 @@ def step_config(args, backend: str, shards: str, num_samples: int, run_dir: Path
         "trainer.log_every=1000000", "trainer.sync_timing=false", "resume=none", f"run_dir={run_dir}",
         *[f"data.{item}" for item in args.data],
     ]
+    from hydra import compose, initialize_config_module  # here: the module imports without Hydra (bench compute)
+
     with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         return compose("config", overrides=overrides)
 
@@ -109,7 +111,8 @@ def bank_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(args, backend: str, shards: str, num_samples: int, run_dir: Path) -> dict:
+def measure(args, backend: str, shards: str, num_samples: int, run_dir: Path, base: float | None) -> dict:
+    """One backend's row; vs_synthetic against `base`, synthetic's samples/s when measured before it."""
     from pirl_fast.train.loop import run_training
 
     run, s = run_training(step_config(args, backend, shards, num_samples, run_dir), bank_rows=args.bank_rows)
@@ -120,7 +123,7 @@ def measure(args, backend: str, shards: str, num_samples: int, run_dir: Path) ->
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {
+    row = {
         "backend": backend, "arch": args.arch, "global_batch": args.batch, "device": s["device"],
         "precision": s["precision"], "steps_timed": s["steps_timed"], "bank_rows": args.bank_rows or num_samples,
         "samples_per_s": s["samples_timed"] / busy if busy > 0 else 0.0,
@@ -129,15 +132,20 @@ def measure(args, backend: str, shards: str, num_samples: int, run_dir: Path) ->
         "bank_update_share": s["time_s"]["bank"] / busy if busy > 0 else 0.0,
         "bank_ms": bank_s * 1e3, "bank_share": bank_s / step_s,
     }
+    row["vs_synthetic"] = row["samples_per_s"] / base if base else (1.0 if backend == "synthetic" else float("nan"))
+    return row
 
 
-def run(args) -> list[dict]:
+def run(args, rec: Recorder | None = None) -> list[dict]:
+    """One row per backend, each guarded (rec.guarded): a backend that fails is a row with its error."""
+    rec = rec or Recorder("step")
     from pirl_fast.shard.format import load_manifest
     from pirl_fast.shard.splits import resolve_shards
 
     if args.bank_rows < 0 or args.bank_repeats < 1:
         raise SystemExit(f"--bank-rows ({args.bank_rows}) must be >= 0 and --bank-repeats ({args.bank_repeats}) >= 1")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends.sort(key=lambda b: b != "synthetic")  # synthetic first: the others' vs_synthetic needs it
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise SystemExit(f"--backends: unknown {unknown}; choose from {', '.join(BACKENDS)}")
@@ -153,15 +161,16 @@ def run(args) -> list[dict]:
         if 0 < args.bank_rows < num_samples:
             raise SystemExit(f"--bank-rows {args.bank_rows} is below the {num_samples} images: the bank needs a row "
                              "per image at least (0: exactly one per image)")
-        rows = []
+        base = None
         for backend in backends:
             print(f"-- {backend}: {args.warmup} + {args.steps} steps of {args.arch}, global batch {args.batch}",
                   flush=True)
-            rows.append(measure(args, backend, shards or "???", num_samples, tmp / f"run_{backend}"))
-    base = next((r["samples_per_s"] for r in rows if r["backend"] == "synthetic"), None)
-    for row in rows:
-        row["vs_synthetic"] = row["samples_per_s"] / base if base else float("nan")
-    return rows
+            row = rec.guarded({"backend": backend, "compile": args.compile},
+                              lambda backend=backend, base=base: measure(args, backend, shards or "???", num_samples,
+                                                                         tmp / f"run_{backend}", base))
+            if backend == "synthetic" and "error" not in row:
+                base = row["samples_per_s"]
+    return rec.rows
 
 
 if __name__ == "__main__":  # python -m pirl_fast.bench.step also works

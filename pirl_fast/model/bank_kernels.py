@@ -25,6 +25,9 @@ for the duplicate rule). The fused loss term (scores, loss and query gradient in
 in pirl_fast.model.bank_loss and shares the helpers here (kernel choice, index check, gather, split-K).
 """
 
+import inspect
+import os
+
 import torch
 from torch import Tensor
 
@@ -253,6 +256,33 @@ if triton is not None:
 
 
 _JITTED: dict = {}
+_TUNED: dict = {}
+# triton.autotune on CUDA: the first launch at a new key (the split's length) times every config on the card and
+# keeps the fastest; with cache_results (Triton >= 3.3) the choice is saved under TRITON_CACHE_DIR, so later
+# processes skip the search. A small set: warps (4 or 8; the fp32 NCE loss kernel takes ~101 registers at 256
+# threads, 2 programs per SM, tests/test_kernel_compile.py) and, for the split-K kernels, BLOCK_K 32 or 64 (both
+# divide a split, which holds whole blocks of BLOCK_K = 64). The first config of each list is the untuned choice,
+# used by Triton's interpreter and with PIRL_TRITON_AUTOTUNE=0.
+AUTOTUNE = os.environ.get("PIRL_TRITON_AUTOTUNE", "1") != "0"
+
+
+def configs(*choices: tuple[int | None, int]) -> list:
+    """triton.Config per (BLOCK_K, num_warps); BLOCK_K None: the caller passes it itself. The first: the default."""
+    if triton is None:
+        return []
+    return [triton.Config({} if bk is None else {"BLOCK_K": bk}, num_warps=w) for bk, w in choices]
+
+
+def tuned(fn, choices: list, key: list[str]):
+    """(launchable, meta): fn autotuned over `choices` by `key` (compiled kernels, AUTOTUNE on), meta {} as the
+    configs supply their settings; else jit(fn) and meta = the first config's settings, passed by the caller."""
+    if interpreted() or not AUTOTUNE:
+        first = choices[0]
+        return jit(fn), {**first.kwargs, "num_warps": first.num_warps}
+    if fn not in _TUNED:
+        extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+        _TUNED[fn] = triton.autotune(configs=choices, key=key, **extra)(JITFunction(fn))
+    return _TUNED[fn], {}
 
 
 def jit(fn):
@@ -266,6 +296,10 @@ def jit(fn):
     return _JITTED[fn]
 
 
+SCORES_FWD_CONFIGS = configs((None, 4), (None, 8))  # BLOCK_K sets the grid: fixed; warps tuned
+SPLIT_K_CONFIGS = configs((BLOCK_K, 4), (BLOCK_K // 2, 4), (BLOCK_K, 8))
+
+
 class _TritonScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: Tensor, bank: Tensor, index: Tensor) -> Tensor:
@@ -277,8 +311,8 @@ class _TritonScores(torch.autograd.Function):
         if triton.cdiv(k, BLOCK_K) > 65535:  # CUDA's limit on grid dimension 1
             raise ValueError(f"K={k} negatives exceed the Triton kernel's limit of {65535 * BLOCK_K}; "
                              "use kernel='torch' or fewer negatives")
-        jit(_scores_fwd)[(b, triton.cdiv(k, BLOCK_K))](q, bank, index, out, k, D=d, BLOCK_K=BLOCK_K,
-                                                       BLOCK_D=block_d)
+        kernel, meta = tuned(_scores_fwd, SCORES_FWD_CONFIGS, key=["K"])
+        kernel[(b, triton.cdiv(k, BLOCK_K))](q, bank, index, out, k, D=d, BLOCK_K=BLOCK_K, BLOCK_D=block_d, **meta)
         ctx.save_for_backward(bank, index)
         ctx.query_dtype = query.dtype
         return out
@@ -291,8 +325,8 @@ class _TritonScores(torch.autograd.Function):
         grad = grad.contiguous()
         splits, k_per_split = split_k(b, k, grad.device)  # split K so B*splits fills the GPU
         part = torch.empty(b, splits, d, device=grad.device, dtype=torch.float32)  # (B, S, D)
-        jit(_scores_bwd)[(b, splits)](grad, bank, index, part, k, k_per_split, D=d, BLOCK_K=BLOCK_K,
-                                      BLOCK_D=triton.next_power_of_2(d))
+        kernel, meta = tuned(_scores_bwd, SPLIT_K_CONFIGS, key=["K", "K_PER_SPLIT"])
+        kernel[(b, splits)](grad, bank, index, part, k, k_per_split, D=d, BLOCK_D=triton.next_power_of_2(d), **meta)
         return part.sum(1).to(ctx.query_dtype), None, None  # (B, D), a fixed-order (deterministic) sum
 
 

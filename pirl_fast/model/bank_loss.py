@@ -46,18 +46,22 @@ from pirl_fast.model.bank_kernels import (
     BLOCK_K,
     check_shapes,
     chunk_size,
+    configs,
     gather_rows,
-    jit,
     naive_scores,
     resolve_kernel,
     split_k,
     tl,
     triton,
+    tuned,
 )
 from pirl_fast.model.bank_kernels import check_index as check_index_range
 from pirl_fast.model.loss import KINDS, info_nce_loss, nce_loss
 
-LOSS_WARPS = 8  # warps per program of the fused kernel (see _triton_partials)
+LOSS_WARPS = 8  # warps per program of the fused kernel (see _triton_partials): the untuned choice
+# autotuned on CUDA (bank_kernels.tuned): 64 rows x 8 warps (~101 registers a thread in fp32 NCE: 2 programs
+# per SM), or half the tile (fewer registers, more programs resident to hide the gather's latency)
+LOSS_CONFIGS = configs((BLOCK_K, LOSS_WARPS), (BLOCK_K // 2, LOSS_WARPS), (BLOCK_K // 2, 4))
 
 
 class BankLoss(NamedTuple):
@@ -189,9 +193,9 @@ def _triton_partials(q: Tensor, l0: Tensor, bank: Tensor, index: Tensor, shift: 
     rows = torch.empty(b, splits, d, device=q.device)  # (B, S, D)
     # 8 warps: the (64, 128) fp32 accumulator and row tile take ~100 registers a thread (4 warps: 128-185,
     # with spills for bf16 on sm_90); tests/test_kernel_compile.py checks the compiled register use
-    jit(_loss_fwd)[(b, splits)](q.contiguous(), l0.contiguous(), shift, bank.contiguous(), index, stats, rows,
-                               k, k_per_split, D=d, NCE=nce, BLOCK_K=BLOCK_K, BLOCK_D=triton.next_power_of_2(d),
-                               num_warps=LOSS_WARPS)
+    kernel, meta = tuned(_loss_fwd, LOSS_CONFIGS, key=["K", "K_PER_SPLIT", "NCE"])
+    kernel[(b, splits)](q.contiguous(), l0.contiguous(), shift, bank.contiguous(), index, stats, rows, k, k_per_split,
+                        D=d, NCE=nce, BLOCK_D=triton.next_power_of_2(d), **meta)
     return stats, rows
 
 
