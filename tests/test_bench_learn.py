@@ -37,16 +37,30 @@ def test_learn_bench_end_to_end(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "PIRL kNN top-1 >= untrained + 5 points" in printed and "Jigsaw" in printed
+    assert "PIRL kNN top-1 >= raw pixels + 3 points" in printed and "| raw pixels | 1 |" in printed
     results = json.loads((tmp_path / "learn.json").read_text())["results"]["learn"]
-    assert [r["network"] for r in results] == ["PIRL", "Jigsaw", "untrained"]
+    assert [r["network"] for r in results] == ["PIRL", "Jigsaw", "supervised", "untrained", "raw pixels"]
     for row in results:
         assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_res5_top1"] <= 100
         assert row["seeds"] == 1 and row["knn_spread"] == 0
     details = json.loads((out / "learn.json").read_text())
+    assert [s["metric"] for s in details["gap_shares"]] == ["kNN top-1", "linear res5"] * 2
+    assert details["config"]["method"] == "pirl"
+    sup = (out / "runs" / "supervised_seed0" / "config.yaml").read_text()
+    assert "method: supervised" in sup and "num_classes: 10" in sup
+    # A second invocation reruns nothing: the runs and their evaluation are reused
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "pre-train" not in again and again.count("reusing the finished run") == 3 and "reusing" in again
+    assert json.loads((out / "learn.json").read_text())["rows"] == details["rows"]
+    # `report` prints the same table from learn.json
+    from pirl_fast.report.cli import main as report_main
+    assert report_main([str(out)]) == 0
+    assert "| raw pixels | 1 |" in capsys.readouterr().out and (out / "learn.md").is_file()
     curve = details["per_seed"]["0"]["pirl"]["knn_curve"]
     assert [step for step, _ in curve] == [0, 1, 2]  # the untrained point, then every 2 steps / 2 evals
     assert curve[0][1] == details["per_seed"]["0"]["untrained"]["knn_top1"]
-    assert len(details["targets"]) == 4 and (out / "learn.png").stat().st_size > 0
+    assert len(details["targets"]) == 6 and (out / "learn.png").stat().st_size > 0
     gaps = details["per_seed"]["0"]["pirl"]["invariance_gap"]
     assert set(gaps) == {"pirl_head", "trunk"}
     assert set(details["per_seed"]["0"]["jigsaw"]["invariance_gap"]) == {"trunk"}
@@ -67,19 +81,35 @@ def test_summary_targets_and_spread():
         bn["bn_knn_top1"] = knn if bn_knn is None else bn_knn
         return {**r, **bn}
 
-    per_seed = {0: {"pirl": result(80, 82, 0.3, 0.5), "jigsaw": result(70, 75, 0.1), "untrained": result(72, 70, 0.05)},
-                1: {"pirl": result(78, 80, 0.2, 0.4), "jigsaw": result(71, 74, 0.1), "untrained": result(73, 71, 0.04)}}
+    pixels = {"knn_top1": 75.0, "linear_top1": {"res5": 80.0}, "bn_knn_top1": 75.0, "bn_linear_top1": {"res5": 80.0}}
+    per_seed = {0: {"pirl": result(80, 82, 0.3, 0.5), "jigsaw": result(70, 75, 0.1), "untrained": result(72, 70, 0.05),
+                    "supervised": result(92, 90, 0.0), "pixels": pixels},
+                1: {"pirl": result(78, 80, 0.2, 0.4), "jigsaw": result(71, 74, 0.1), "untrained": result(73, 71, 0.04),
+                    "supervised": result(93, 91, 0.0), "pixels": pixels}}
     rows = learn.summarise(per_seed)
+    assert [r["network"] for r in rows] == ["PIRL", "Jigsaw", "supervised", "untrained", "raw pixels"]
+    assert rows[-1]["knn_top1"] == 75 and rows[-1]["knn_spread"] == 0 and "trunk_inv_gap" not in rows[-1]
+    shares = learn.gap_shares(per_seed)
+    assert shares[0]["metric"] == "kNN top-1" and shares[0]["bn"] == "as is"
+    assert shares[0]["per_seed"] == pytest.approx([8 / 20, 5 / 20])  # (80-72)/(92-72), (78-73)/(93-73)
+    assert shares[0]["share"] == pytest.approx(0.325) and shares[0]["spread"] == pytest.approx(0.15)
+    assert shares[1]["per_seed"] == pytest.approx([12 / 20, 9 / 20])  # res5: (82-70)/(90-70), (80-71)/(91-71)
     pirl = rows[0]
     assert pirl["knn_top1"] == 79 and pirl["knn_spread"] == 2 and pirl["knn_per_seed"] == "80.00 78.00"
     assert pirl["trunk_inv_gap"] == pytest.approx(0.25) and pirl["head_inv_gap"] == pytest.approx(0.45)
     assert pirl["linear_best_stage"] == "res5 81.00"
     assert np.isnan(rows[1]["head_inv_gap"])
     met = [m for _, m in learn.targets(rows)]
-    assert met == [True, True, True, True]  # 79 >= 72.5 + 5, 79 > 70.5, 81 > 70.5, 0.25 > 0.1
-    per_seed[1]["pirl"]["knn_top1"] = 74  # mean 77: 4.5 points above untrained, still above Jigsaw
-    assert [m for _, m in learn.targets(learn.summarise(per_seed))] == [False, True, True, True]
+    # 79 >= 72.5 + 5, 79 > 70.5, 81 > 70.5, 0.25 > 0.1; pixels: 79 >= 75 + 3, 81 >= 80 + 1
+    assert met == [True, True, True, True, True, True]
+    per_seed[1]["pirl"]["knn_top1"] = 74  # mean 77: 4.5 points above untrained, still above Jigsaw, < pixels + 3
+    text, met = zip(*learn.targets(learn.summarise(per_seed)))
+    assert list(met) == [False, True, True, True, True, True]  # pixels: met with BN re-estimated (79 >= 78)
+    assert text[4].endswith("met with BN re-estimated")
+    per_seed[1]["pirl"]["bn_knn_top1"] = 74
+    assert not learn.targets(learn.summarise(per_seed))[4][1]
     per_seed[1]["pirl"]["knn_top1"] = 78
+    per_seed[1]["pirl"]["bn_knn_top1"] = 78
     per_seed[0]["untrained"]["bn_knn_top1"] = 76  # the untrained network gains from re-estimated statistics
     text, met = learn.targets(learn.summarise(per_seed))[0]
     assert not met and "BN re-estimated: 79.00 vs 74.50" in text
@@ -112,3 +142,19 @@ def test_validation_split_is_held_out_from_pretraining(tmp_path):
     assert per_class == [2] * 10  # balanced: 20 images over 10 classes
     with pytest.raises(SystemExit, match="only 60"):
         learn.prepare_split(args, "train", 40, tmp_path / "too_many", skip=30)
+
+
+def test_curve_of_pirl_against_pixels_by_number_of_images(tmp_path, capsys):
+    idx = write_dataset(tmp_path / "idx", n_train=60, n_test=20)
+    out = tmp_path / "bench"
+    argv = ["learn", "--idx-dir", str(idx), "--out", str(out), "--curve", "20,40", "--test-images", "20",
+            "--epochs", "1", "--batch", "20", "--seeds", "0", "--workers", "1", "--override", "bank.num_negatives=16"]
+    assert main(argv) == 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert [p["train_images"] for p in curve["points"]] == [20, 40]
+    for point in curve["points"]:
+        assert all(0 <= point[k] <= 100 for k in ("pirl_knn", "pirl_bn_knn", "pirl_linear", "pixels_knn",
+                                                 "pixels_linear"))
+    assert (out / "curve.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="at least two numbers"):
+        main([*argv[:-4], "--curve", "20"])

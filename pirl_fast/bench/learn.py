@@ -38,6 +38,8 @@ epochs): see --help for both sets.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 import os
 import shutil
@@ -49,13 +51,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pirl_fast.report.learn_table import learn_report, results_markdown
 from pirl_fast.runtime import atomic
 
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
-METHODS = ("pirl", "jigsaw")
-LABELS = {"pirl": "PIRL", "jigsaw": "Jigsaw", "untrained": "untrained"}
+METHODS = ("pirl", "jigsaw", "supervised")  # trained per seed, from the same initial weights
+NETWORKS = (*METHODS, "untrained", "pixels")  # the table's rows: the trained three and the two baselines
+LABELS = {"pirl": "PIRL", "jigsaw": "Jigsaw", "supervised": "supervised", "untrained": "untrained",
+          "pixels": "raw pixels"}
 JIGSAW_PERMUTATIONS = 100  # Noroozi & Favaro's smaller set (their best, 1000, is 1 class per image here)
 KNN_MARGIN = 5.0  # target: PIRL kNN top-1 at least this many points above the untrained network
+PIXEL_KNN_MARGIN = 3.0  # target: PIRL kNN top-1 at least this many points above kNN on raw pixels
+PIXEL_LINEAR_MARGIN = 1.0  # target: PIRL's res5 probe at least this many points above the probe on raw pixels
 PROBE_EPOCHS, PROBE_LR = 30, 0.1  # cached-feature probes on a few thousand images; lr per 256 images
 # gap: one global-pooled probe per stage (linear_probe.py: "the right probe for very small images"); the
 # Goyal pooling grids are sized for 224 px maps, which 32 px images do not have.
@@ -92,6 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data workers / sharder processes (default: the cores, at most 8)")
     p.add_argument("--plot", metavar="PATH.png", help="the kNN-over-training plot (default OUT/learn.png)")
+    p.add_argument("--curve", metavar="N,N,...", help="instead of the comparison: PIRL against raw pixels at each "
+                   "number of pre-training images (same epochs, --seeds), to see where self-supervision overtakes "
+                   "pixels; writes OUT/curve.json and OUT/curve.png")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for both trainings (repeatable), e.g. --override loss=nce")
 
@@ -150,26 +160,51 @@ def training_overrides(args, method: str, seed: int, shards: Path, run_dir: Path
         overrides += GPU_OVERRIDES
     if method == "jigsaw":
         overrides += ["method=jigsaw", f"data.num_permutations={JIGSAW_PERMUTATIONS}"]
+    if method == "supervised":  # the same trunk, views, schedule and epochs, trained with the labels
+        from pirl_fast.shard.format import load_manifest
+
+        overrides += ["method=supervised", f"model.num_classes={len(load_manifest(shards).classes)}"]
     return overrides + list(args.override)
 
 
 def pretrain(args, method: str, seed: int, shards: Path, run_dir: Path) -> dict:
+    """Train one network, unless run_dir already holds this very run, finished (the benchmark is resumable:
+    run it again after an interruption and only what is missing runs)."""
     from hydra import compose, initialize_config_module
 
     from pirl_fast.runtime.signals import STOP_SIGNALS, exit_status
     from pirl_fast.train.loop import train
 
-    shutil.rmtree(run_dir, ignore_errors=True)
     overrides = training_overrides(args, method, seed, shards, run_dir)
+    done = finished_run(run_dir, overrides)
+    if done is not None:
+        print(f"\n-- {LABELS[method]}, seed {seed}: reusing the finished run {run_dir} (step {done['step']})",
+              flush=True)
+        return done
+    shutil.rmtree(run_dir, ignore_errors=True)
     print(f"\n-- pre-train {LABELS[method]}, seed {seed}: python -m pirl_fast.train " + " ".join(overrides), flush=True)
     with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     summary = train(cfg)
     stopped_by = {s.name: s for s in STOP_SIGNALS}.get(summary["stopped_by"])
     if stopped_by is not None:  # the trainer saved a checkpoint and returned: stop the whole benchmark
-        print(f"bench learn: stopped by {stopped_by.name} during {run_dir}; nothing is reported", file=sys.stderr)
+        print(f"bench learn: stopped by {stopped_by.name} during {run_dir}; run the same command again to go on",
+              file=sys.stderr)
         raise SystemExit(exit_status(stopped_by))
+    atomic.write_json(run_dir / DONE_FILE, {"overrides": overrides, "summary": summary})
     return summary
+
+
+DONE_FILE = "bench_done.json"  # written after a run finished: its overrides and summary
+
+
+def finished_run(run_dir: Path, overrides: list[str]) -> dict | None:
+    """The summary of the run in run_dir when it finished with exactly these overrides, else None."""
+    try:
+        done = json.loads((run_dir / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return done["summary"] if done.get("overrides") == overrides else None
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -210,7 +245,27 @@ class Evaluator:
         out.update({f"bn_{k}": v for k, v in self.measure(rebn, method).items()})
         return out
 
-    def measure(self, model, method: str) -> dict:
+    def pixels(self) -> dict:
+        """Raw pixels measured as a network is: the evaluation view flattened, (N, 3*S*S); kNN (same k and
+        tau) on the pixels mean-centred by the training images' mean, and the same probe protocol
+        (PROBE_PROTOCOL's BatchNorm + linear head, epochs, lr) on the pixels. Seed-independent."""
+        from pirl_fast.eval import linear_probe as lp
+        from pirl_fast.eval.knn import knn_evaluate
+
+        def flat(loader):
+            xs, ys = zip(*((x.flatten(1), y) for x, y, _ in loader))
+            return torch.cat(xs), torch.cat(ys).long()
+
+        (train, train_y), (test, test_y) = flat(self.train), flat(self.test)
+        mean = train.mean(dim=0)  # (3*S*S,): cosine kNN on raw pixels would be dominated by the mean image
+        knn = 100 * knn_evaluate(train - mean, train_y, test - mean, test_y, self.num_classes).top1
+        probe_cfg = lp.ProbeConfig(protocol=PROBE_PROTOCOL, epochs=PROBE_EPOCHS, lr=PROBE_LR, augment=False)
+        probes, _ = lp.probe_cached({"pixels": train}, train_y, {"pixels": test}, test_y, self.num_classes,
+                                    probe_cfg, "cpu")
+        out = {"knn_top1": knn, "linear_top1": {"res5": 100 * probes["pixels"]["top1"]}}
+        return {**out, **{f"bn_{k}": v for k, v in out.items()}}  # no BatchNorm: the same either way
+
+    def measure(self, model, method: str, invariance: bool = True) -> dict:
         from pirl_fast.eval import invariance as inv
         from pirl_fast.eval import linear_probe as lp
         from pirl_fast.eval.knn import knn_evaluate
@@ -219,14 +274,16 @@ class Evaluator:
         knn = 100 * knn_evaluate(train["res5"], train_y, test["res5"], test_y, self.num_classes).top1
         probe_cfg = lp.ProbeConfig(protocol=PROBE_PROTOCOL, epochs=PROBE_EPOCHS, lr=PROBE_LR, augment=False)
         probes, _ = lp.probe_cached(train, train_y, test, test_y, self.num_classes, probe_cfg, "cpu")
-        distances = inv.invariance_distances(model, method, self.invariance, self.grid, "cpu")
-        stats = {m: inv.summarise(d) for m, d in distances.items()}
-        return {"knn_top1": knn, "linear_top1": {s: 100 * probes[s]["top1"] for s in STAGES},
-                "invariance": {m: stats[m]["mean"] for m in stats}, "invariance_gap": inv.gaps(stats)}
+        out = {"knn_top1": knn, "linear_top1": {s: 100 * probes[s]["top1"] for s in STAGES}}
+        if invariance:
+            distances = inv.invariance_distances(model, method, self.invariance, self.grid, "cpu")
+            stats = {m: inv.summarise(d) for m, d in distances.items()}
+            out.update({"invariance": {m: stats[m]["mean"] for m in stats}, "invariance_gap": inv.gaps(stats)})
+        return out
 
 
 def evaluate_seed(evaluator: Evaluator, runs: dict[str, Path], seed: int) -> dict[str, dict]:
-    """{network: results} for the PIRL run, the Jigsaw run and the untrained network of one seed."""
+    """{network: results} for the PIRL, Jigsaw and supervised runs and the untrained network of one seed."""
     from pirl_fast.eval.features import load_pretrained, random_init, read_checkpoint
     from pirl_fast.train.checkpoint import list_checkpoints
 
@@ -249,37 +306,80 @@ def evaluate_seed(evaluator: Evaluator, runs: dict[str, Path], seed: int) -> dic
     return out
 
 
+def cached_evaluation(path: Path, runs: dict[str, Path], evaluate) -> dict:
+    """evaluate(), or its stored result when it was made from these very runs (their bench_done.json)."""
+    stamp = {m: (r / DONE_FILE).read_text() for m, r in runs.items()}
+    try:
+        stored = json.loads(path.read_text())
+        if stored["runs"] == stamp:
+            print(f"reusing {path}", flush=True)
+            return stored["results"]
+    except (OSError, ValueError, KeyError):
+        pass
+    results = evaluate()
+    atomic.write_json(path, {"runs": stamp, "results": results})
+    return json.loads(path.read_text())["results"]  # as stored: the same types on a first and a resumed run
+
+
 # ---------------------------------------------------------------------------------------------- report
 def spread(values: list[float]) -> tuple[float, float]:
     return sum(values) / len(values), max(values) - min(values)
 
 
 def summarise(per_seed: dict[int, dict[str, dict]]) -> list[dict]:
-    """One row per network: means over seeds and spreads (max - min); `bn_` columns: BN statistics re-estimated."""
+    """One row per network: means over seeds and spreads (max - min); `bn_` columns: BN statistics re-estimated.
+    Raw pixels have no invariance gap and one value whatever the seed (spread 0)."""
     rows = []
-    for network in ("pirl", "jigsaw", "untrained"):
-        results = [per_seed[s][network] for s in per_seed]
+    for network in NETWORKS:
+        results = [per_seed[s][network] for s in per_seed if network in per_seed[s]]
+        if not results:
+            continue
         row = {"network": LABELS[network], "seeds": len(results)}
         for bn in ("", "bn_"):
             knn, knn_spread = spread([r[f"{bn}knn_top1"] for r in results])
             res5, res5_spread = spread([r[f"{bn}linear_top1"]["res5"] for r in results])
-            gap, gap_spread = spread([r[f"{bn}invariance_gap"]["trunk"] for r in results])
-            head = [r[f"{bn}invariance_gap"].get("pirl_head") for r in results]
             row.update({f"{bn}knn_top1": knn, f"{bn}knn_spread": knn_spread,
-                        f"{bn}linear_res5_top1": res5, f"{bn}linear_res5_spread": res5_spread,
-                        f"{bn}trunk_inv_gap": gap, f"{bn}trunk_inv_gap_spread": gap_spread,
-                        f"{bn}head_inv_gap": sum(head) / len(head) if None not in head else float("nan")})
+                        f"{bn}linear_res5_top1": res5, f"{bn}linear_res5_spread": res5_spread})
+            if network != "pixels":
+                gap, gap_spread = spread([r[f"{bn}invariance_gap"]["trunk"] for r in results])
+                head = [r[f"{bn}invariance_gap"].get("pirl_head") for r in results]
+                row.update({f"{bn}trunk_inv_gap": gap, f"{bn}trunk_inv_gap_spread": gap_spread,
+                            f"{bn}head_inv_gap": sum(head) / len(head) if None not in head else float("nan")})
         row["knn_per_seed"] = " ".join(f"{r['knn_top1']:.2f}" for r in results)
-        best = max(STAGES, key=lambda s: sum(r["linear_top1"][s] for r in results))
-        row["linear_best_stage"] = f"{best} {sum(r['linear_top1'][best] for r in results) / len(results):.2f}"
+        if network != "pixels":
+            best = max(STAGES, key=lambda s: sum(r["linear_top1"][s] for r in results))
+            row["linear_best_stage"] = f"{best} {sum(r['linear_top1'][best] for r in results) / len(results):.2f}"
         rows.append(row)
     return rows
 
 
+def metric_value(result: dict, key: str) -> float:
+    """A network's kNN top-1 or its res5 probe (the linear_top1 keys hold all five stages)."""
+    return result[key]["res5"] if key.endswith("linear_top1") else result[key]
+
+
+def gap_shares(per_seed: dict[int, dict[str, dict]]) -> list[dict]:
+    """PIRL's share of the gap from the untrained network to the supervised one, per metric and BN mode:
+    (PIRL - untrained) / (supervised - untrained) per seed, then the mean and the spread (max - min).
+    0 is no better than the untrained network, 1 as good as training with the labels."""
+    out = []
+    for bn in ("", "bn_"):
+        for metric, key in (("kNN top-1", "knn_top1"), ("linear res5", "linear_top1")):
+            shares = []
+            for results in per_seed.values():
+                pirl, low, high = (metric_value(results[n], bn + key) for n in ("pirl", "untrained", "supervised"))
+                shares.append((pirl - low) / (high - low) if high != low else float("nan"))
+            mean, width = spread(shares)
+            out.append({"metric": metric, "bn": "re-estimated" if bn else "as is", "share": mean, "spread": width,
+                        "per_seed": shares})
+    return out
+
+
 def targets(rows: list[dict]) -> list[tuple[str, bool]]:
-    """The issue's targets, each checked with the BN statistics as trained and re-estimated (met only if both)."""
+    """The targets. Against the untrained network and Jigsaw: met only if met with the BN statistics both as
+    trained and re-estimated. Against raw pixels (no BatchNorm): met if met in either mode, which is named."""
     by = {r["network"]: r for r in rows}
-    pirl, jigsaw, untrained = by["PIRL"], by["Jigsaw"], by["untrained"]
+    pirl, jigsaw, untrained, pixels = by["PIRL"], by["Jigsaw"], by["untrained"], by["raw pixels"]
     checks = [  # (what, column, the other network, the test, format)
         (f"PIRL kNN top-1 >= untrained + {KNN_MARGIN:g} points", "knn_top1", untrained,
          lambda a, b: a >= b + KNN_MARGIN, ".2f"),
@@ -292,6 +392,14 @@ def targets(rows: list[dict]) -> list[tuple[str, bool]]:
         met = all(test(pirl[bn + key], other[bn + key]) for bn in ("", "bn_"))
         out.append((f"{text}: {pirl[key]:{fmt}} vs {other[key]:{fmt}} (BN re-estimated: {pirl['bn_' + key]:{fmt}} vs "
                     f"{other['bn_' + key]:{fmt}})", met))
+    for text, key, margin in ((f"PIRL kNN top-1 >= raw pixels + {PIXEL_KNN_MARGIN:g} points", "knn_top1",
+                               PIXEL_KNN_MARGIN),
+                              (f"PIRL linear probe (res5) >= linear probe on raw pixels + {PIXEL_LINEAR_MARGIN:g} "
+                               "points", "linear_res5_top1", PIXEL_LINEAR_MARGIN)):
+        modes = [name for bn, name in (("", "BN as is"), ("bn_", "BN re-estimated"))
+                 if pirl[bn + key] >= pixels[key] + margin]
+        out.append((f"{text}: {pirl[key]:.2f} (BN re-estimated: {pirl['bn_' + key]:.2f}) vs {pixels[key]:.2f}"
+                    + (f"; met with {' and '.join(modes)}" if modes else ""), bool(modes)))
     return out
 
 
@@ -302,18 +410,21 @@ def plot(per_seed: dict[int, dict[str, dict]], path: Path, title: str, split: st
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"pirl": "tab:blue", "jigsaw": "tab:orange"}
+    colours = {"pirl": "tab:blue", "jigsaw": "tab:orange", "supervised": "tab:green"}
     for method, colour in colours.items():
         for i, seed in enumerate(per_seed):
             steps, top1 = zip(*per_seed[seed][method]["knn_curve"])
             ax.plot(steps, top1, "o-", color=colour, alpha=0.8, linewidth=1.5,
                     label=f"{LABELS[method]}" if i == 0 else None)
-    for key, style, label in (("knn_top1", "--", "untrained"), ("bn_knn_top1", ":", "untrained, BN re-estimated")):
-        untrained = [per_seed[s]["untrained"][key] for s in per_seed]
+    for network, key, style, label, colour in (
+            ("untrained", "knn_top1", "--", "untrained", "grey"),
+            ("untrained", "bn_knn_top1", ":", "untrained, BN re-estimated", "grey"),
+            ("pixels", "knn_top1", "-.", "raw pixels (mean-centred)", "black")):
+        untrained = [per_seed[s][network][key] for s in per_seed]
         mean = sum(untrained) / len(untrained)
-        ax.axhline(mean, color="grey", linestyle=style, label=f"{label} (mean {mean:.2f}%)")
-        if len(untrained) > 1:
-            ax.axhspan(min(untrained), max(untrained), color="grey", alpha=0.12)
+        ax.axhline(mean, color=colour, linestyle=style, label=f"{label} (mean {mean:.2f}%)")
+        if max(untrained) > min(untrained):
+            ax.axhspan(min(untrained), max(untrained), color=colour, alpha=0.12)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"kNN top-1 on the {split} (%)")
     ax.set_title(title, fontsize=10)
@@ -332,7 +443,13 @@ def run(args) -> list[dict]:
     if not seeds or min(args.train_images, args.test_images, args.epochs, args.batch, args.evals) < 1:
         raise SystemExit("--seeds needs at least one seed; --train-images, --test-images, --epochs, --batch and "
                          "--evals must be >= 1")
+    sizes = sorted({int(n) for n in args.curve.split(",") if n.strip()}) if args.curve else []
+    if args.curve and (len(sizes) < 2 or sizes[0] < 1):
+        raise SystemExit(f"--curve {args.curve}: give at least two numbers of images >= 1, e.g. --curve 500,1000,2000")
     check_dataset(args.idx_dir)
+    if sizes:
+        size_curve(args, sizes, seeds)
+        return []
     out = Path(args.out)
     started = time.perf_counter()
     train_shards = prepare_split(args, "train", args.train_images, out / "data" / f"train_{args.train_images}")
@@ -342,7 +459,7 @@ def run(args) -> list[dict]:
                                     skip=args.train_images)
     else:
         test_shards = prepare_split(args, "t10k", args.test_images, out / "data" / f"test_{args.test_images}")
-    per_seed, config = {}, None
+    per_seed, config, pixels = {}, None, None
     for seed in seeds:
         runs = {m: out / "runs" / f"{m}_seed{seed}" for m in METHODS}
         for method in METHODS:
@@ -351,8 +468,14 @@ def run(args) -> list[dict]:
             config = read_config(runs["pirl"])
         views = ViewConfig.from_run_config(config)
         evaluator = Evaluator(train_shards, test_shards, views.image_size, views)
-        per_seed[seed] = evaluate_seed(evaluator, runs, seed)
+        per_seed[seed] = cached_evaluation(out / f"evaluation_seed{seed}.json", runs,
+                                           functools.partial(evaluate_seed, evaluator, runs, seed))
+        if pixels is None:
+            print("\n-- evaluate raw pixels (the same kNN and probe on the evaluation view's pixels)", flush=True)
+            pixels = evaluator.pixels()
+        per_seed[seed]["pixels"] = pixels
     rows = summarise(per_seed)
+    shares = gap_shares(per_seed)
     verdicts = targets(rows)
     steps = per_seed[seeds[0]]["pirl"]["knn_curve"][-1][0]
     split = "test split" if args.eval_on == "test" else "held-out training images"
@@ -360,16 +483,99 @@ def run(args) -> list[dict]:
              f"stem={config['model']['stem']}, {steps} steps of {args.batch}, seeds {','.join(map(str, seeds))}")
     plot_path = Path(args.plot) if args.plot else out / "learn.png"
     plot(per_seed, plot_path, title, split)
-    print(f"\n{title}")
+    print(f"\n{title}\n")
+    print(results_markdown(rows, shares))
     for text, met in verdicts:
         print(f"  [{'met' if met else 'NOT met'}] {text}")
     details = {"title": title, "eval_on": args.eval_on, "seeds": seeds, "steps": steps, "config": config,
-               "per_seed": per_seed,
+               "per_seed": per_seed, "rows": rows, "gap_shares": shares,
                "targets": [{"target": t, "met": m} for t, m in verdicts], "plot": str(plot_path),
                "wall_s": time.perf_counter() - started}
     atomic.write_json(out / "learn.json", details)
+    with atomic.atomic_write(out / "learn.md", "w") as fh:
+        fh.write(learn_report(details) + "\n")
     print(f"wrote {plot_path} and {out / 'learn.json'} (per seed: kNN curves, all probe stages, distances)")
     return rows
+
+
+def size_curve(args, sizes: list[int], seeds: list[int]) -> list[dict]:
+    """PIRL (kNN and res5 probe, BN as is and re-estimated) and raw pixels at each number of pre-training
+    images, all evaluated on one set of images (the test split, or held-out training images after the
+    largest size), with the same epochs; one point per size, the mean over seeds."""
+    from pirl_fast.eval.features import load_pretrained
+    from pirl_fast.eval.invariance import ViewConfig
+
+    out = Path(args.out)
+    test_shards = (prepare_split(args, "train", args.test_images,
+                                 out / "data" / f"val_{args.test_images}_after_{max(sizes)}", skip=max(sizes))
+                   if args.eval_on == "val" else
+                   prepare_split(args, "t10k", args.test_images, out / "data" / f"test_{args.test_images}"))
+    points = []
+    for n in sizes:
+        sized = argparse.Namespace(**{**vars(args), "train_images": n})
+        train_shards = prepare_split(sized, "train", n, out / "data" / f"train_{n}")
+        per_seed = {}
+        for seed in seeds:
+            run_dir = out / "runs" / f"curve_n{n}_pirl_seed{seed}"
+            pretrain(sized, "pirl", seed, train_shards, run_dir)
+            net = load_pretrained(run_dir)
+            views = ViewConfig.from_run_config(net.config)
+            evaluator = Evaluator(train_shards, test_shards, views.image_size, views)
+            per_seed[seed] = cached_evaluation(out / f"curve_n{n}_seed{seed}.json", {"pirl": run_dir},
+                                               functools.partial(curve_point, evaluator, net.model))
+        pixels = evaluator.pixels()
+        point = {"train_images": n, "pixels_knn": pixels["knn_top1"], "pixels_linear": pixels["linear_top1"]["res5"]}
+        for key in ("knn", "bn_knn", "linear", "bn_linear"):
+            values = [r[key] for r in per_seed.values()]
+            point[f"pirl_{key}"], point[f"pirl_{key}_spread"] = spread(values)
+        points.append(point)
+        print(f"{n} images: PIRL kNN {point['pirl_knn']:.2f} (BN re-estimated {point['pirl_bn_knn']:.2f}) vs pixels "
+              f"{point['pixels_knn']:.2f}; res5 probe {point['pirl_linear']:.2f} ({point['pirl_bn_linear']:.2f}) vs "
+              f"pixels {point['pixels_linear']:.2f}", flush=True)
+    atomic.write_json(out / "curve.json", {"seeds": seeds, "epochs": args.epochs, "eval_on": args.eval_on,
+                                           "test_images": args.test_images, "points": points})
+    plot_curve(points, out / "curve.png", f"Fashion-MNIST, {args.epochs} epochs, seeds {','.join(map(str, seeds))}, "
+               f"{args.test_images} {'test' if args.eval_on == 'test' else 'held-out'} images")
+    print(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")
+    return points
+
+
+def curve_point(evaluator: Evaluator, model) -> dict:
+    """kNN and res5 probe of a trained PIRL network, BN statistics as they are and re-estimated."""
+    from pirl_fast.model.batchnorm import reestimate_running_stats
+
+    out = {}
+    rebn = reestimate_running_stats(model, lambda m, x: m.features(x), (x for x, _, _ in evaluator.train), "cpu")
+    for prefix, net in (("", model), ("bn_", rebn)):
+        measured = evaluator.measure(net, "pirl", invariance=False)
+        out[f"{prefix}knn"], out[f"{prefix}linear"] = measured["knn_top1"], measured["linear_top1"]["res5"]
+    return out
+
+
+def plot_curve(points: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [p["train_images"] for p in points]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (name, key, pixels) in zip(axes, (("kNN top-1", "knn", "pixels_knn"),
+                                              ("linear probe, res5", "linear", "pixels_linear"))):
+        ax.plot(n, [p[f"pirl_{key}"] for p in points], "o-", color="tab:blue", label="PIRL, BN as is")
+        ax.plot(n, [p[f"pirl_bn_{key}"] for p in points], "s--", color="tab:blue", alpha=0.6,
+                label="PIRL, BN re-estimated")
+        ax.plot(n, [p[pixels] for p in points], "^-.", color="black", label="raw pixels")
+        ax.set_xscale("log")
+        ax.set_xticks(n, [str(v) for v in n])
+        ax.set_xlabel("pre-training images (= kNN memory / probe training set)")
+        ax.set_ylabel(f"{name} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def read_config(run_dir: Path) -> dict:

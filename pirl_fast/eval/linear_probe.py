@@ -140,14 +140,15 @@ def stage_widths(trunk: nn.Module) -> dict[str, int]:
 # ---- heads ---------------------------------------------------------------------------------------
 
 class StageProbes(nn.Module):
-    """gap: one BatchNorm1d(affine=False) + Linear head per stage; forward({stage: (N, C)}) -> {stage: logits}."""
+    """gap: one BatchNorm1d(affine=False) + Linear head per feature; forward({name: (N, C)}) -> {name: logits}.
+    The features are the five stages, or any other flat vectors (the learning benchmark's raw pixels)."""
 
     def __init__(self, widths: dict[str, int], num_classes: int):
         super().__init__()
-        self.inputs = {s: s for s in STAGES}  # head -> the feature it reads
+        self.inputs = {s: s for s in widths}  # head -> the feature it reads
         self.heads = nn.ModuleDict({
-            s: nn.Sequential(nn.BatchNorm1d(widths[s], affine=False), nn.Linear(widths[s], num_classes))
-            for s in STAGES
+            s: nn.Sequential(nn.BatchNorm1d(width, affine=False), nn.Linear(width, num_classes))
+            for s, width in widths.items()
         })
         for head in self.heads.values():
             nn.init.normal_(head[1].weight, std=0.01)  # the usual linear-probe init
@@ -282,7 +283,9 @@ def probe_cached(train_feats: dict[str, Tensor], train_labels: Tensor, val_feats
     cache_stage_features with the same protocol) and evaluate them on the stored validation features:
     ({head: {"top1", "top5"}}, mean loss per epoch)."""
     torch.manual_seed(cfg.seed)  # the heads' initialisation
-    probes = build_probes(cfg.protocol, {s: train_feats[s].shape[1] for s in STAGES}, num_classes)  # C per stage
+    # gap: one head per stored feature (the five stages, or e.g. {"pixels": (N, 3*H*W)}); goyal: the stages
+    names = list(train_feats) if cfg.protocol == "gap" else STAGES
+    probes = build_probes(cfg.protocol, {s: train_feats[s].shape[1] for s in names}, num_classes)  # C per feature
     batches = lambda epoch: cached_batches(train_feats, train_labels, cfg.batch_size, True,  # noqa: E731
                                            cfg.seed + epoch)
     history = train_probes(probes, batches, cfg, -(-train_labels.shape[0] // cfg.batch_size), device)

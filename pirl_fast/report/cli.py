@@ -34,6 +34,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from pirl_fast.report.learn_table import learn_report
+from pirl_fast.runtime import atomic
+
 IGNORED_KEYS = ("run_dir", "name", "resume", "trainer.max_steps")  # differ between runs without being a setting
 ACCURACY_PREFIXES = ("knn_", "linear_")
 LAYERS = ("conv1", "res2", "res3", "res4", "res5")  # linear_probe.STAGES (not imported: it pulls in torch)
@@ -283,7 +286,9 @@ def plot_layerwise(runs: list[Path], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pirl_fast.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or sweep folders")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or sweep folders; a `bench "
+                        "learn --out` folder (it holds learn.json) prints the learning benchmark's table, baselines "
+                        "and targets, and writes learn.md there")
     parser.add_argument("--out", default=None, help="folder for report.md, report.png and layerwise.png (default: "
                         "beside the runs: inside a single run or sweep folder, else report_<runs>/ in their common "
                         "folder, or ./reports/ when that is the current folder)")
@@ -294,7 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--x", default=None, metavar="KEY", help="config key for the plot's x axis, e.g. loss.lam "
                                                                  "(default: the first key that varies)")
     args = parser.parse_args(argv)
-    runs = expand_runs(args.runs)
+    benches = [Path(p) for p in args.runs if (Path(p) / "learn.json").is_file()]
+    for bench in benches:  # `bench learn --out DIR`: its table, baselines and targets, from DIR/learn.json
+        text = learn_report(json.loads((bench / "learn.json").read_text()))
+        with atomic.atomic_write(bench / "learn.md", "w") as fh:
+            fh.write(text + "\n")
+        print(f"{text}\nwrote {bench / 'learn.md'}")
+    if len(benches) == len(args.runs):
+        return 0
+    runs = expand_runs([p for p in args.runs if Path(p) not in benches])
     read = [read_config(r) for r in runs]
     configs, overrides = [c for c, _ in read], [o for _, o in read]
     read_back = [read_metrics(r) for r in runs]
