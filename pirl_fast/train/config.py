@@ -55,6 +55,8 @@ class TrainerConfig:
     # DALI's prefetch). pirl_fast/train/metrics.py explains both.
     sync_timing: bool = False
     timing_warmup_steps: int = 2  # first steps left out of samples/s (cuDNN autotune, compile, prefetch)
+    # true: start even where the memory estimate (pirl_fast/train/preflight.py) says the run does not fit
+    force: bool = False
 
 
 @dataclass
@@ -123,7 +125,10 @@ def validate(cfg: Config, world_size: int) -> None:
                           "written by `python -m pirl_fast.shard SRC DIR`, or data.backend=synthetic to time compute "
                           "only")
     batch = cfg.data.batch_size
-    if batch < 1 or batch % world_size != 0:
+    if batch < 1:
+        raise ConfigError(f"data.batch_size={batch} is below 1: it is the GLOBAL batch (samples per step over all "
+                          f"{world_size} rank(s)); use e.g. data.batch_size={32 * world_size}")
+    if batch % world_size != 0:
         lower = max(world_size, batch // world_size * world_size)
         raise ConfigError(
             f"data.batch_size={batch} is the GLOBAL batch and must divide evenly over the {world_size} ranks; "
