@@ -8,8 +8,8 @@ set, so that such an error reaches it as an exception, and prints it as one line
     error: model=resnet5 is not an option of the model group; choose one of resnet18, resnet50 ...
 
 Only errors raised before the task function runs (composition, override parsing) are turned into
-one line here (and our own RuntimeWarnings are printed as one plain line each); errors of the run itself are loop.main's to report (USER_ERRORS), and anything else
-keeps its full traceback.
+one line here (and our own RuntimeWarnings print as one plain line each); errors of the run
+itself are loop.main's to report (USER_ERRORS), and anything else keeps its full traceback.
 """
 
 from __future__ import annotations

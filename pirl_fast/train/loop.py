@@ -44,11 +44,10 @@ from pirl_fast.model.loss import PIRLCriterion, PIRLObjective
 from pirl_fast.model.memory_bank import MemoryBank
 from pirl_fast.model.network import PIRLModel, memory_format_for
 from pirl_fast.runtime import dist, host_read
-from pirl_fast.runtime.atomic import atomic_write, write_json
+from pirl_fast.runtime.atomic import NoSpaceError, atomic_write, write_json
 from pirl_fast.runtime.signals import STOP_SIGNALS, StopRequest, exit_status, stop_with_launcher
 from pirl_fast.shard.format import ShardError
 from pirl_fast.shard.splits import resolve_shards, shard_splits
-from pirl_fast.runtime.atomic import NoSpaceError
 from pirl_fast.train import checkpoint, preflight, run_dirs
 from pirl_fast.train.checkpoint import CheckpointError
 from pirl_fast.train.config import Config, ConfigError, to_dataclass, to_yaml, validate

@@ -5,9 +5,9 @@ fit (naming the estimate, the free memory and what fits), unless trainer.force=t
 
     model      parameters, gradients and SGD momentum (fp32), 3 x 4 bytes per parameter
     activations  what autograd keeps for backward: the output of every leaf module (conv, BN, ReLU,
-               linear, ...; in-place ones add nothing) in one forward of this rank's batch (images and patches), counted by a
-               forward on PyTorch's meta device (shapes only, no memory), at 2 bytes under bf16
-               autocast and 4 in fp32, plus the input batch itself
+               linear, ...; in-place ones add nothing) in one forward of this rank's batch (images
+               and patches), counted by a forward on PyTorch's meta device (shapes only, no
+               memory), at 2 bytes under bf16 autocast and 4 in fp32, plus the input batch itself
     bank       rows x embed_dim at bank.dtype, and the NCE normalisers
     loader     data.prefetch batches of decoded images and patches (fp32 on the CPU)
     runtime    CPU: a fixed RUNTIME_BYTES for the interpreter, PyTorch and the data library
@@ -103,7 +103,7 @@ def estimate_memory(cfg: Config, device: torch.device, num_samples: int, world_s
         "model": 3 * 4 * params,
         "activations": activation_bytes(model, cfg, per_rank, 2 if bf16 else 4),
         "bank": num_samples * (cfg.model.embed_dim * bank_element + 1 + 4),
-        "loader": max(1, cfg.data.prefetch) * per_rank * sample if cfg.data.backend != "synthetic" else per_rank * sample,
+        "loader": (max(1, cfg.data.prefetch) if cfg.data.backend != "synthetic" else 1) * per_rank * sample,
     }
     if device.type == "cpu":
         parts["runtime"] = RUNTIME_BYTES
