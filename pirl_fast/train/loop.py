@@ -408,7 +408,7 @@ def run_training(cfg: DictConfig | Config, default_dir: bool = False,
                           "set run_dir=DIR")
     backend, backend_notice = resolve_backend(config.data.backend)  # data.backend=dali without DALI stops here
     config = replace(config, data=replace(config.data, backend=backend))
-    num_samples = preflight_memory(config, info)  # before a run folder is taken or anything is built
+    num_samples = preflight_memory(config, info, bank_rows)  # before a run folder is taken or anything is built
     choice = choose_run_dir(config, default_dir)  # rank 0's ${now:}, if any, wins
     if info.rank == 0:
         print(choice.start_line(), flush=True)
@@ -496,14 +496,14 @@ class DiskFullError(RuntimeError):
     """A checkpoint did not fit on the disk; the run stopped with the newest valid checkpoint kept."""
 
 
-def preflight_memory(cfg: Config, info: dist.DistInfo) -> int:
+def preflight_memory(cfg: Config, info: dist.DistInfo, bank_rows: int = 0) -> int:
     """Refuse a run whose peak memory estimate exceeds the free memory (pirl_fast/train/preflight.py),
     on every rank, before anything is built; returns the number of samples (the bank's rows)."""
     num_samples = run_dirs.data_identity(cfg)["num_samples"]  # reads the manifest: missing shards fail here
     device = dist.pick_device(cfg.trainer.device, info.local_rank, "trainer.device", ConfigError)
     problem = None
     try:
-        preflight.check_memory(cfg, device, num_samples, info.world_size)
+        preflight.check_memory(cfg, device, max(num_samples, bank_rows), info.world_size)
     except ConfigError as e:
         problem = str(e)
     problems = [p for p in dist.gather_objects(problem) if p]

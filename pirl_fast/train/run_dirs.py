@@ -36,8 +36,8 @@ load_training = partial(checkpoint.load, required=TRAINING_KEYS)  # path -> the 
 # Keys that may differ between runs and on resume without changing what is computed (not warned about).
 HARMLESS_CHANGES = {"resume", "run_dir", "trainer.max_steps", "trainer.progress", "trainer.log_every",
                     "trainer.ckpt_every", "trainer.ckpt_epoch_end", "trainer.keep_checkpoints", "trainer.compile",
-                    "trainer.sync_timing", "trainer.timing_warmup_steps", "data.workers", "data.prefetch",
-                    "data.hw_decoder_load", "data.device_memory_padding", "data.host_memory_padding",
+                    "trainer.sync_timing", "trainer.timing_warmup_steps", "trainer.force", "data.workers",
+                    "data.prefetch", "data.hw_decoder_load", "data.device_memory_padding", "data.host_memory_padding",
                     "data.preallocate_width_hint", "data.preallocate_height_hint"}
 # Keys that name or place a run rather than change what it computes (beside HARMLESS_CHANGES).
 # data.shards stays in the settings, for messages and for directories without a fingerprint; where both
