@@ -50,7 +50,7 @@ def test_two_nodes_on_one_machine_train_as_one_node(tmp_path, sample_shards):
     """Every sample once per epoch over the ranks, one checkpoint writer, the same bank on every rank,
     and weights bit-identical to the same global batch on one node."""
     args = [*TINY, "data.backend=torch", f"data.shards={sample_shards}", "trainer.epochs=2",
-            "trainer.ckpt_every=0", "trainer.ckpt_epoch_end=true"]
+            "trainer.ckpt_every=0", "trainer.ckpt_epoch_end=true", "trainer.keep_checkpoints=3"]
     port, nodes = free_port(), tmp_path / "nodes"
     nodes.mkdir()
     launchers = []
