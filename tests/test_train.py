@@ -235,8 +235,8 @@ def test_resuming_another_runs_checkpoint_warns_about_the_settings_that_differ(t
         train(config(tmp_path / "b", "data.backend=synthetic", "trainer.max_steps=2", "trainer.log_every=2",
                      "optim.lr=0.5", f"resume={checkpoint.checkpoint_path(tmp_path / 'a', 1)}"))
     (message,) = [str(w.message) for w in record if "different config" in str(w.message)]
-    (changed,) = message.splitlines()[1:]
-    assert changed.startswith("  optim.lr: ") and changed.endswith(" -> 0.5"), message
+    (changed,) = message.split("different config: ")[1:]  # one line: `key: old -> new; ...`
+    assert changed.startswith("optim.lr: ") and changed.endswith(" -> 0.5") and "\n" not in message, message
 
 
 def test_pick_device_names_the_setting_when_cuda_is_missing(monkeypatch):

@@ -68,6 +68,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pirl_fast.runtime.cpus import cpus_per_rank
+from pirl_fast.runtime.machine import gpu_visible
 
 # sample_key, scan_source, Options and plan_shards are used through this module by the tests and pirl_fast.bench.shard.
 from pirl_fast.shard.format import MANIFEST_NAME, ShardError, load_manifest, sample_key  # noqa: F401
@@ -192,7 +193,10 @@ def print_summary(source: Source, dst: Path, manifests: dict[str, dict]) -> None
         print(f"  left out: {what}")
     names = [s.name for s in source.splits]
     val = next((n for n in EVAL_SPLITS if n in names or (dst / n / MANIFEST_NAME).is_file()), None)
-    print(f"next: python -m pirl_fast.train data.shards={dst} (trains on {dst / 'train'}); python -m pirl_fast.eval "
+    # Without a GPU the default recipe (ResNet-50, batch 256; about 39 GB by train/preflight.py) cannot run here.
+    experiment = "" if gpu_visible() else "experiment=smoke "
+    print(f"next: python -m pirl_fast.train {experiment}data.shards={dst} (trains on {dst / 'train'}); "
+          "python -m pirl_fast.eval "
           f"knn RUN_DIR " + (f"(measures on {dst / val})" if val else "--val-shards DIR (no val split here)"))
 
 

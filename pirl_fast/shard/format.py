@@ -42,6 +42,66 @@ FORMAT_VERSION = 1
 _FIX = "run `python -m pirl_fast.shard SRC {dir}` to (re)make it, or `--resume` to finish an interrupted run"
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def holds_images(folder: Path, depth: int = 2, budget: int = 2000) -> bool:
+    """True when `folder` has image files (by suffix) within `depth` levels and none of the sharder's
+    files (`shard-*`, `.progress.jsonl`): an image folder, not an unfinished shard folder."""
+    seen = 0
+    todo = [(folder, 0)]
+    found = False
+    while todo and seen < budget:
+        here, level = todo.pop()
+        try:
+            entries = list(os.scandir(here))
+        except OSError:
+            continue
+        for e in entries:
+            seen += 1
+            if level == 0 and (e.name.startswith(("shard-", ".shard-")) or e.name == ".progress.jsonl"):
+                return False
+            if e.is_dir(follow_symlinks=False) and level + 1 < depth and not e.name.startswith("."):
+                todo.append((Path(e.path), level + 1))
+            elif e.name.lower().endswith(IMAGE_SUFFIXES):
+                found = True
+    return found
+
+
+def image_folder_advice(given: Path, folder: Path) -> str | None:
+    """The error for a folder of images given where shards are expected (`folder`: the part of
+    `given` that was looked into), or None when it holds none."""
+    if not holds_images(folder):
+        return None
+    src = given.parent if given.name.lower() in ("train", "val", "validation", "test") else given  # a split: its root
+    dst = src.parent / "shards" if src.name.lower() in ("images", "imgs", "img", "raw") else src.with_name(
+        f"{src.name}-shards")
+    return (f"{given} holds images, not shards ({folder} has image files and no manifest.json): make shards from it "
+            f"first with `python -m pirl_fast.shard {src} {dst}`, then pass data.shards={dst}")
+
+
+def nearest_existing(path: Path) -> Path | None:
+    """The existing folder closest to `path`, which does not exist: the nearest name beside its
+    first missing part (with the rest of the path when that exists too), or None."""
+    import difflib
+
+    parts = path.parts
+    for i in range(len(parts) - 1, -1, -1):
+        base = Path(*parts[:i]) if i else Path(".")
+        if not base.is_dir():
+            continue
+        try:
+            names = [p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        except OSError:
+            return None
+        near = difflib.get_close_matches(parts[i], names, n=1, cutoff=0.6)
+        if not near:
+            return None
+        guess = base / near[0] / Path(*parts[i + 1:]) if i + 1 < len(parts) else base / near[0]
+        return guess if guess.exists() else base / near[0]
+    return None
+
+
 class ShardError(Exception):
     """A shard directory is missing, incomplete or inconsistent (the message names the fix)."""
 
@@ -301,10 +361,13 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
     root = Path(shard_dir).resolve()
     fix = _FIX.format(dir=shard_dir)
     if not root.is_dir():
-        raise ShardError(f"shard directory {root} does not exist: {fix}")
+        near = nearest_existing(Path(shard_dir))
+        raise ShardError(f"shard directory {root} does not exist" + (f"; did you mean {near}?" if near else "")
+                         + f" (to make it: `python -m pirl_fast.shard SRC {shard_dir}`)")
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise ShardError(f"{path} is missing (not a finished shard directory): {fix}")
+        raise ShardError(image_folder_advice(Path(shard_dir), Path(shard_dir))
+                         or f"{path} is missing (not a finished shard directory): {fix}")
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pirl_fast.shard.format import MANIFEST_NAME, ShardError
+from pirl_fast.shard.format import MANIFEST_NAME, ShardError, image_folder_advice
 
 SPLIT_NAMES = ("train", "val", "validation", "test")
 EVAL_SPLITS = ("val", "validation", "test")  # what eval measures on, in this order of preference
@@ -83,7 +83,8 @@ def resolve_shards(path: str | os.PathLike, want: str = "train") -> ShardPath:
         if name in splits:
             folder = splits[name]
             if not (folder / MANIFEST_NAME).is_file():
-                raise ShardError(f"{folder} is the {name} split of {p} but has no {MANIFEST_NAME} (unfinished): "
+                raise ShardError(image_folder_advice(p, folder) or
+                                 f"{folder} is the {name} split of {p} but has no {MANIFEST_NAME} (unfinished): "
                                  f"finish it with `python -m pirl_fast.shard SRC {p} --resume`")
             return ShardPath(folder, p, name, chosen=True)
     raise ShardError(f"{p} is a shard root with the split(s) {', '.join(sorted(splits))} but no "

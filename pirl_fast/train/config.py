@@ -62,6 +62,8 @@ class TrainerConfig:
     # 1% of an epoch by that count (not measured on a GPU); every 5 epochs gives 160 points over 800 epochs
     # for ~0.2%. Small experiments (smoke) set 1.
     knn_every: int = 5
+    # true: start even where the memory estimate (pirl_fast/train/preflight.py) says the run does not fit
+    force: bool = False
 
 
 @dataclass
@@ -130,7 +132,10 @@ def validate(cfg: Config, world_size: int) -> None:
                           "written by `python -m pirl_fast.shard SRC DIR`, or data.backend=synthetic to time compute "
                           "only")
     batch = cfg.data.batch_size
-    if batch < 1 or batch % world_size != 0:
+    if batch < 1:
+        raise ConfigError(f"data.batch_size={batch} is below 1: it is the GLOBAL batch (samples per step over all "
+                          f"{world_size} rank(s)); use e.g. data.batch_size={32 * world_size}")
+    if batch % world_size != 0:
         lower = max(world_size, batch // world_size * world_size)
         raise ConfigError(
             f"data.batch_size={batch} is the GLOBAL batch and must divide evenly over the {world_size} ranks; "

@@ -18,6 +18,7 @@ exact (same world size, a replayable backend, deterministic kernels): README.md,
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -44,11 +45,11 @@ from pirl_fast.model.memory_bank import MemoryBank
 from pirl_fast.model.network import PIRLModel, memory_format_for
 from pirl_fast.model.supervised import SupervisedModel, SupervisedObjective
 from pirl_fast.runtime import dist, host_read
-from pirl_fast.runtime.atomic import atomic_write, write_json
+from pirl_fast.runtime.atomic import NoSpaceError, atomic_write, write_json
 from pirl_fast.runtime.signals import STOP_SIGNALS, StopRequest, exit_status, stop_with_launcher
 from pirl_fast.shard.format import ShardError, load_manifest
 from pirl_fast.shard.splits import resolve_shards, shard_splits
-from pirl_fast.train import checkpoint, knn_monitor, run_dirs
+from pirl_fast.train import checkpoint, knn_monitor, preflight, run_dirs
 from pirl_fast.train.checkpoint import CheckpointError
 from pirl_fast.train.config import Config, ConfigError, to_dataclass, to_yaml, validate
 from pirl_fast.train.metrics import MetricsLogger, StepClock, format_summary, gpu_memory_gb
@@ -206,16 +207,31 @@ def save_checkpoint(run: Run) -> None:
         raise NonFiniteLossError(non_finite_message(run, f"the weights are not finite after step {run.step}",
                                                     lr_at(run.step - 1, run.schedule)))
     rngs = dist.gather_objects(checkpoint.rng_state(loader_generators(run.loader)))  # every rank's, in rank order
-    if run.rank == 0:  # run_dirs.TRAINING_KEYS names these keys
-        run.last_checkpoint = checkpoint.save(run.run_dir, {
-            "step": run.step, "epoch": run.epoch, "batches_in_epoch": run.batches_in_epoch,  # see Run
-            "model": run.module.state_dict(), "optimizer": run.optimizer.state_dict(),  # momentum buffers
-            "criterion": run.criterion.state_dict(),  # the frozen NCE normalisers Z
-            "bank": run.bank.state_dict(),  # rows + the negative stream's position
-            "rng": rngs,  # torch / CUDA / numpy / Python states and the loader's generators
-            "config_yaml": to_yaml(run.cfg),  # text, not an object: weights_only loading stays possible
-            "world_size": run.world_size, "num_samples": run.loader.num_samples,
-        }, run.cfg.trainer.keep_checkpoints)
+    full = None
+    try:
+        if run.rank == 0:
+            write_checkpoint(run, rngs)
+    except NoSpaceError as e:  # the save left nothing behind: the newest checkpoint on disk is the last good one
+        full = str(e)
+    full = dist.broadcast_object(full)  # every rank stops at this step together
+    if full is not None:
+        kept = (f"{run_dirs.shown(run.last_checkpoint)} (step {int(run.last_checkpoint.stem.split('_')[1])})"
+                if run.last_checkpoint else "none")
+        raise DiskFullError(f"{full}; stopped at step {run.step} without its checkpoint. Newest valid checkpoint "
+                            f"kept: {kept}. Free space, then run the same command again to continue from it")
+
+
+def write_checkpoint(run: Run, rngs: list) -> None:
+    """Rank 0's part of save_checkpoint: the file, written atomically, then the old ones pruned."""
+    run.last_checkpoint = checkpoint.save(run.run_dir, {  # run_dirs.TRAINING_KEYS names these keys
+        "step": run.step, "epoch": run.epoch, "batches_in_epoch": run.batches_in_epoch,  # see Run
+        "model": run.module.state_dict(), "optimizer": run.optimizer.state_dict(),  # momentum buffers
+        "criterion": run.criterion.state_dict(),  # the frozen NCE normalisers Z
+        "bank": run.bank.state_dict(),  # rows + the negative stream's position
+        "rng": rngs,  # torch / CUDA / numpy / Python states and the loader's generators
+        "config_yaml": to_yaml(run.cfg),  # text, not an object: weights_only loading stays possible
+        "world_size": run.world_size, "num_samples": run.loader.num_samples,
+    }, run.cfg.trainer.keep_checkpoints)
 
 
 def resume(run: Run, path: Path) -> None:
@@ -233,7 +249,7 @@ def resume(run: Run, path: Path) -> None:
                           "sample. Resume with the same shards, or start a new run (another hydra.run.dir)")
     changed = run_dirs.config_changes(state["config_yaml"], to_yaml(run.cfg))  # legitimate for e.g. trainer.epochs
     if changed and run.rank == 0:
-        warnings.warn(f"resuming {path} with a different config:\n  " + "\n  ".join(changed), RuntimeWarning,
+        warnings.warn(f"resuming {path} with a different config: " + "; ".join(changed), RuntimeWarning,
                       stacklevel=2)
     try:
         run.module.load_state_dict(state["model"])
@@ -251,13 +267,7 @@ def resume(run: Run, path: Path) -> None:
     can_set_epoch = hasattr(run.loader, "set_epoch")
     if can_set_epoch:
         run.loader.set_epoch(run.epoch)
-    data = run.cfg.data
-    exact = data.backend == "synthetic" or (data.backend == "torch" and (run.epoch == 0 or can_set_epoch))
-    if not exact and run.rank == 0:
-        warnings.warn(f"data.backend={data.backend} (data.workers={data.workers}) cannot restore its exact data "
-                      f"stream: epoch {run.epoch} continues after the {run.batches_in_epoch} batches it had consumed, "
-                      "but with a fresh sample order and fresh augmentations (everything else resumes exactly; "
-                      "see README.md, \"Resume is exact\")", RuntimeWarning, stacklevel=2)
+    data_stream_notice(run)
     if run.batches_in_epoch:
         run.batches = iter(run.loader)
         for _ in range(run.batches_in_epoch):  # read and drop: the checkpointed run had consumed these
@@ -269,6 +279,19 @@ def resume(run: Run, path: Path) -> None:
                       "RNG streams start fresh (training continues correctly, but not bit for bit)",
                       RuntimeWarning, stacklevel=2)
     run.last_checkpoint = Path(path)
+
+
+def data_stream_notice(run: Run) -> None:
+    """One line when the resumed epoch cannot replay its data stream exactly, and only when batches of it
+    were consumed before the checkpoint (at an epoch boundary nothing is seen twice or missed)."""
+    data = run.cfg.data
+    exact = data.backend == "synthetic" or (data.backend == "torch" and (run.epoch == 0
+                                                                         or hasattr(run.loader, "set_epoch")))
+    if not exact and run.batches_in_epoch and run.rank == 0:
+        warnings.warn(f"data.backend={data.backend} (data.workers={data.workers}) cannot restore its exact data "
+                      f"stream: epoch {run.epoch} continues after the {run.batches_in_epoch} batches it had consumed, "
+                      "but with a fresh sample order and fresh augmentations (everything else resumes exactly; "
+                      "see README.md, \"Resume is exact\")", RuntimeWarning, stacklevel=3)
 
 
 def loader_generators(loader) -> dict[str, torch.Generator]:
@@ -412,11 +435,17 @@ def run_training(cfg: DictConfig | Config, default_dir: bool = False,
         raise ConfigError("run_dir is empty: main() fills it from hydra.run.dir; when calling train() directly, "
                           "set run_dir=DIR")
     backend, backend_notice = resolve_backend(config.data.backend)  # data.backend=dali without DALI stops here
-    choice = choose_run_dir(config, default_dir)  # rank 0's ${now:}, if any, wins
-    # What runs goes into config.yaml and the checkpoints; run.json keeps what was asked for (auto).
     config = replace(config, data=replace(config.data, backend=backend))
+    num_samples = preflight_memory(config, info, bank_rows)  # before a run folder is taken or anything is built
+    choice = choose_run_dir(config, default_dir)  # rank 0's ${now:}, if any, wins
+    if info.rank == 0:
+        print(choice.start_line(), flush=True)
+    preflight_disk(config, choice, info, num_samples)
+    # What runs goes into config.yaml and the checkpoints; run.json keeps what was asked for (auto).
     run_dir = choice.run_dir
     run = setup(config, run_dir, info, choice.checkpoint, bank_rows)
+    if run.step >= run.stop_at:
+        return run, finished(run)
     if run.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_write(run_dir / "config.yaml", "w") as f:
@@ -424,9 +453,8 @@ def run_training(cfg: DictConfig | Config, default_dir: bool = False,
     run.logger = MetricsLogger(run_dir, enabled=run.rank == 0, progress=config.trainer.progress,
                                total_steps=run.stop_at, initial_step=run.step)
     run.clock = StepClock(run.device, config.trainer.sync_timing, config.trainer.timing_warmup_steps)
-    for line in (choice.note, backend_notice):
-        if line:
-            run.logger.message(line)
+    if backend_notice:
+        run.logger.message(backend_notice)
     if run.rank == 0:
         stale = checkpoint.remove_stale_temps(run_dir)  # left by runs killed while saving
         if stale:
@@ -443,15 +471,9 @@ def run_training(cfg: DictConfig | Config, default_dir: bool = False,
     if run.last_checkpoint is not None:
         run.logger.message(f"resumed from {run.last_checkpoint}: step {run.step}, epoch {run.epoch}, "
                            f"batch {run.batches_in_epoch} of {len(run.loader)}")
-        if run.step >= run.stop_at:
-            more = ("raise trainer.max_steps to train on" if run.stop_at == config.trainer.max_steps else
-                    f"all trainer.epochs={config.trainer.epochs} are done; more epochs stretch the LR schedule, which "
-                    "makes another run (its own directory)")
-            run.logger.message(f"{run_dir} has run all {run.stop_at} steps this config asks for: nothing to do "
-                               f"({more})")
     try:
         with run.stop.installed():
-            stopped_by = fit(run) if run.step < run.stop_at else "already_done"
+            stopped_by = fit(run)
     finally:
         run.batches = None  # the epoch's iterator: loader.close() can then shut its workers down
         run.logger.close()
@@ -462,6 +484,31 @@ def run_training(cfg: DictConfig | Config, default_dir: bool = False,
         print(format_summary(summary), flush=True)
     dist.barrier()  # rank 0's last checkpoint is on disk before any rank reports success
     return run, summary
+
+
+def finished(run: Run) -> dict[str, Any]:
+    """A run whose directory already holds all its steps: says so and returns the summary of the run that
+    did them, leaving summary.json, metrics.jsonl, tb/ and config.yaml as they are."""
+    run.loader.close()
+    cfg = run.cfg
+    more = ("raise trainer.max_steps to train on" if run.stop_at == cfg.trainer.max_steps else
+            f"all trainer.epochs={cfg.trainer.epochs} are done; more epochs stretch the LR schedule, which "
+            "makes another run (its own directory)")
+    recorded = run.run_dir / "summary.json"
+    summary = None
+    if recorded.is_file():
+        try:
+            summary = json.loads(recorded.read_text())
+        except (OSError, json.JSONDecodeError):
+            summary = None
+    if run.rank == 0:
+        print(f"{run_dirs.shown(run.run_dir)} has run all {run.stop_at} steps this config asks for: nothing to do, "
+              f"its summary.json and metrics are left as they are ({more})", flush=True)
+    dist.barrier()
+    if summary is None:  # finished, but killed before its summary was written: figures unknown, nothing written
+        summary = {"stopped_by": "finished_before", "step": run.step, "epoch": run.epoch,
+                   "checkpoint": str(run.last_checkpoint), "run_dir": str(run.run_dir)}
+    return summary
 
 
 def make_summary(run: Run, stopped_by: str) -> dict[str, Any]:
@@ -477,8 +524,43 @@ def make_summary(run: Run, stopped_by: str) -> dict[str, Any]:
     }
 
 
+class DiskFullError(RuntimeError):
+    """A checkpoint did not fit on the disk; the run stopped with the newest valid checkpoint kept."""
+
+
+def preflight_memory(cfg: Config, info: dist.DistInfo, bank_rows: int = 0) -> int:
+    """Refuse a run whose peak memory estimate exceeds the free memory (pirl_fast/train/preflight.py),
+    on every rank, before anything is built; returns the number of samples (the bank's rows)."""
+    num_samples = run_dirs.data_identity(cfg)["num_samples"]  # reads the manifest: missing shards fail here
+    device = dist.pick_device(cfg.trainer.device, info.local_rank, "trainer.device", ConfigError)
+    problem = None
+    try:
+        preflight.check_memory(cfg, device, max(num_samples, bank_rows), info.world_size)
+    except ConfigError as e:
+        problem = str(e)
+    problems = [p for p in dist.gather_objects(problem) if p]
+    if problems:
+        raise ConfigError(problems[0])
+    return num_samples
+
+
+def preflight_disk(cfg: Config, choice: RunChoice, info: dist.DistInfo, num_samples: int) -> None:
+    """Refuse (on every rank) a run whose checkpoints will not fit in its run folder, before step 1."""
+    problem = None
+    if info.rank == 0:
+        per_epoch = max(1, num_samples // cfg.data.batch_size)
+        steps = min(cfg.trainer.epochs * per_epoch, cfg.trainer.max_steps or cfg.trainer.epochs * per_epoch)
+        try:
+            preflight.check_disk(cfg, choice.run_dir, num_samples, steps, per_epoch)
+        except ConfigError as e:
+            problem = str(e)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+
+
 # Errors whose message says what was wrong and the fix: one line on stderr, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, ShardError, CheckpointError, BackendUnavailable)
+USER_ERRORS = (ConfigError, ShardError, CheckpointError, BackendUnavailable, DiskFullError)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import count
 from pathlib import Path
@@ -36,9 +36,9 @@ load_training = partial(checkpoint.load, required=TRAINING_KEYS)  # path -> the 
 # Keys that may differ between runs and on resume without changing what is computed (not warned about).
 HARMLESS_CHANGES = {"resume", "run_dir", "trainer.max_steps", "trainer.progress", "trainer.log_every",
                     "trainer.ckpt_every", "trainer.ckpt_epoch_end", "trainer.keep_checkpoints", "trainer.compile",
-                    "trainer.sync_timing", "trainer.timing_warmup_steps", "trainer.knn_every", "data.workers",
-                    "data.prefetch",
-                    "data.hw_decoder_load", "data.device_memory_padding", "data.host_memory_padding",
+                    "trainer.sync_timing", "trainer.timing_warmup_steps", "trainer.knn_every", "trainer.force",
+                    "data.workers", "data.prefetch", "data.hw_decoder_load", "data.device_memory_padding",
+                    "data.host_memory_padding",
                     "data.preallocate_width_hint", "data.preallocate_height_hint"}
 # Keys that name or place a run rather than change what it computes (beside HARMLESS_CHANGES).
 # data.shards stays in the settings, for messages and for directories without a fingerprint; where both
@@ -54,6 +54,21 @@ class RunChoice:
     run_dir: Path
     checkpoint: Path | None  # to resume from; None: a fresh start
     note: str | None = None  # a line for the log when the choice needs explaining
+    # "new": a fresh run there; "continued": the same run found there; "numbered": NAME-K; "given": resume=PATH
+    kind: str = "new"
+
+    def start_line(self) -> str:
+        """Where this run's outputs go and why, for the first line a run prints."""
+        if self.kind == "numbered" and self.note:
+            return self.note
+        if self.kind == "given":
+            return f"run directory {shown(self.run_dir)}: continuing from resume={shown(self.checkpoint)}"
+        if self.kind == "continued":
+            return (f"run directory {shown(self.run_dir)}: continuing the run it holds (same data and settings) from "
+                    f"{shown(self.checkpoint)}" if self.checkpoint else
+                    f"run directory {shown(self.run_dir)}: the run it holds (same data and settings) left no "
+                    "checkpoint, so it starts from step 0")
+        return f"run directory {shown(self.run_dir)}: a new run"
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -187,6 +202,11 @@ def resume_from(cfg: Config, run_dir: Path) -> Path | None:
 
 def choose(cfg: Config, run_dir: Path, identity: dict[str, Any], default_dir: bool) -> RunChoice:
     """Where this run goes and what it resumes from (see the module docstring); rank 0 only."""
+    choice = _choose(cfg, run_dir, identity, default_dir)
+    return replace(choice, kind="given") if cfg.resume not in ("auto", "none") else choice
+
+
+def _choose(cfg: Config, run_dir: Path, identity: dict[str, Any], default_dir: bool) -> RunChoice:
     if not default_dir:
         return _explicit(cfg, run_dir, identity)
     why = ""  # why the run does not go to run_dir itself
@@ -199,12 +219,12 @@ def choose(cfg: Config, run_dir: Path, identity: dict[str, Any], default_dir: bo
                 continue
             note = None if k == 1 else (f"run directory {shown(candidate)}: a new run ({why}; hydra.run.dir=DIR picks "
                                         "a directory yourself)")
-            return RunChoice(candidate, resume_from(cfg, candidate), note)
+            return RunChoice(candidate, resume_from(cfg, candidate), note, "new" if k == 1 else "numbered")
         changed = differences(found, identity)
         if not changed and cfg.resume != "none":
             if found.get("data") is None:
                 record(candidate, identity, exclusive=False)  # a run from before run.json: record it now
-            return RunChoice(candidate, resume_from(cfg, candidate))
+            return RunChoice(candidate, resume_from(cfg, candidate), kind="continued")
         if k == 1:
             why = (f"{shown(run_dir)} holds another one: {'; '.join(changed)}" if changed else
                    f"resume=none, and {shown(run_dir)} holds this run already")
@@ -225,4 +245,5 @@ def _explicit(cfg: Config, run_dir: Path, identity: dict[str, Any]) -> RunChoice
                           "elsewhere with hydra.run.dir=ANOTHER_DIR (leave hydra.run.dir out to get a fresh "
                           "runs/NAME-K), or delete that directory to start over there")
     record(run_dir, identity, exclusive=False)
-    return RunChoice(run_dir, resume_from(cfg, run_dir) if cfg.resume != "none" else None)
+    start = resume_from(cfg, run_dir) if cfg.resume != "none" else None
+    return RunChoice(run_dir, start, kind="continued" if found is not None or start is not None else "new")

@@ -1,0 +1,114 @@
+"""More than one node, and a rank that dies, on one machine (gloo on the CPU; tests/train_nodes_worker.py).
+
+Two nodes: two `torchrun --nnodes=2 --node_rank=0|1` launchers, one rank each, meet by c10d rendezvous
+on 127.0.0.1, as two machines of a cluster meet on the first one's address, and share the run folder
+(a shared filesystem). The same global batch on one node is `torchrun --standalone --nproc_per_node=2`.
+
+A rank that dies: rank 1 SIGKILLs itself before step 5 (mid-epoch, after the checkpoint at step 3)
+under `torchrun --max-restarts=1`; torchrun stops rank 0, restarts the group, both resume from the
+newest checkpoint; the final weights are compared with an uninterrupted run of the same cadence.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pirl_fast.train import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = str(REPO / "tests" / "train_nodes_worker.py")
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+TINY = ["experiment=smoke", "trainer.progress=false", "trainer.log_every=1", "data.workers=0", "loss=nce",
+        "data.image_size=32", "data.patch_crop_size=30", "data.patch_size=8", "data.batch_size=8",
+        "bank.num_negatives=64", "trainer.max_steps=0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+TIMEOUT_S = 300  # a loaded 2-core machine; nothing here is a timing assertion
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks(out: Path, n: int) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)]
+
+
+def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_nodes_on_one_machine_train_as_one_node(tmp_path, sample_shards):
+    """Every sample once per epoch over the ranks, one checkpoint writer, the same bank on every rank,
+    and weights bit-identical to the same global batch on one node."""
+    args = [*TINY, "data.backend=torch", f"data.shards={sample_shards}", "trainer.epochs=2",
+            "trainer.ckpt_every=0", "trainer.ckpt_epoch_end=true", "trainer.keep_checkpoints=3"]
+    port, nodes = free_port(), tmp_path / "nodes"
+    nodes.mkdir()
+    launchers = []
+    for node in (0, 1):  # node 0 hosts the rendezvous store, as the first machine of a job does
+        cmd = [TORCHRUN, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}", "--rdzv_backend=c10d",
+               f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", f"--rdzv_conf=is_host={node == 0}",
+               WORKER, str(nodes), *args, f"run_dir={tmp_path / 'run_nodes'}"]
+        launchers.append(subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outputs
+    one = tmp_path / "one"
+    one.mkdir()
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", WORKER, str(one), *args,
+                           f"run_dir={tmp_path / 'run_one'}"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    two = ranks(nodes, 2)
+    assert [r["world_size"] for r in two] == [2, 2]
+    num_samples, per_epoch = 48, 6  # sample_shards: 48 images; global batch 8
+    for epoch in (0, 1):
+        indices = sorted(i for r in two for _, e, batch in r["seen"] if e == epoch for i in batch)
+        assert indices == list(range(num_samples)), f"epoch {epoch}: {indices}"
+    assert two[0]["saves"] == [per_epoch, 2 * per_epoch] and two[1]["saves"] == []  # rank 0 writes, alone
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run_nodes")] == [
+        "step_000000012.pt", "step_000000006.pt"]
+    assert torch.equal(two[0]["bank"], two[1]["bank"]) and identical(two[0]["params"], two[1]["params"])
+    single = ranks(one, 2)
+    for r in (0, 1):
+        assert two[r]["seen"] == single[r]["seen"]  # the same samples in the same order on each rank
+        assert identical(two[r]["params"], single[r]["params"]) and torch.equal(two[r]["bank"], single[r]["bank"])
+
+
+@pytest.mark.parametrize("kill", ["1:5"])
+def test_a_rank_killed_mid_epoch_restarts_and_ends_with_the_uninterrupted_weights(tmp_path, kill):
+    args = [*TINY, "data.backend=synthetic", "data.synthetic_samples=32", "trainer.epochs=3",
+            "trainer.ckpt_every=3", "trainer.ckpt_epoch_end=false", "trainer.keep_checkpoints=10"]
+    results = {}
+    for name, extra in (("straight", {}), ("killed", {"PIRL_TEST_KILL_AT": kill})):
+        out = tmp_path / name
+        out.mkdir()
+        proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                               "--monitor-interval=0.5", WORKER, str(out), *args,
+                               f"run_dir={tmp_path / f'run_{name}'}"],
+                              cwd=tmp_path, env={**ENV, **extra}, capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        results[name] = (ranks(out, 2), proc.stdout + proc.stderr)
+    (straight, _), (killed, log) = results["straight"], results["killed"]
+    assert [r["attempt"] for r in straight] == [0, 0] and [r["attempt"] for r in killed] == [1, 1], log
+    # The restarted group resumed from the newest checkpoint (step 3: rank 1 died before step 5) ...
+    assert [s for s, _, _ in killed[0]["seen"]] == list(range(4, 13)), log
+    assert f"resumed from {checkpoint.checkpoint_path(tmp_path / 'run_killed', 3)}: step 3" in log
+    # ... wrote the rest of the cadence ...
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run_killed")] == [
+        p.name for p in checkpoint.list_checkpoints(tmp_path / "run_straight")]
+    # ... and ended where the uninterrupted run did, bit for bit.
+    for r in (0, 1):
+        assert identical(killed[r]["params"], straight[r]["params"])
+        assert torch.equal(killed[r]["bank"], straight[r]["bank"])
+        assert killed[r]["seen"] == [x for x in straight[r]["seen"] if x[0] > 3]
