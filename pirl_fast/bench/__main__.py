@@ -1,4 +1,4 @@
-"""python -m pirl_fast.bench {shard,loader,membank,step,learn,all} [options] [--json PATH]"""
+"""python -m pirl_fast.bench {shard,loader,membank,step,learn,analyses,all} [options] [--json PATH]"""
 
 from __future__ import annotations
 
@@ -16,15 +16,17 @@ BENCHMARKS = {
     "membank": "pirl_fast.bench.membank",
     "step": "pirl_fast.bench.step",
     "learn": "pirl_fast.bench.learn",
+    "analyses": "pirl_fast.bench.analyses",
 }
-# Left out of `all`: learn measures quality, not speed; it needs Fashion-MNIST and ~30 CPU minutes.
-NOT_IN_ALL = ("learn",)
+# Left out of `all`: learn and analyses measure quality, not speed; they need Fashion-MNIST and CPU time
+# (learn ~15 minutes, analyses ~1.5 hours on 2 idle cores).
+NOT_IN_ALL = ("learn", "analyses")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pirl_fast.bench", description="Throughput benchmarks, each side "
                                      "by side with its baseline, and `learn`, the learning benchmark (PIRL vs Jigsaw "
-                                     "vs untrained on Fashion-MNIST). Every command prints a table; --json PATH also "
+                                     "vs untrained on Fashion-MNIST), and `analyses`, the paper's five analyses on the same data. Every command prints a table; --json PATH also "
                                      "writes the figures (rates named *_per_s).")
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, module_name in BENCHMARKS.items():
