@@ -10,7 +10,7 @@ import json
 import pytest
 from test_bench_learn import write_dataset
 
-from pirl_fast.bench import analyses
+from pirl_fast.bench import analyses, learn
 from pirl_fast.bench import analyses_report as report
 from pirl_fast.bench.__main__ import build_parser, main
 
@@ -19,8 +19,8 @@ RECIPE = {"pirl": {"loss.lam": 0.5, "data.num_permutations": 0, "bank.num_negati
 
 
 def tiny_argv(idx, out):
-    """Two points per study, one seed, 2 steps per run; K and Jigsaw's P share the recipe's run."""
-    return ["analyses", "--idx-dir", str(idx), "--out", str(out), "--train-images", "40", "--test-images", "20",
+    """Two points per study, one seed, one step per run; K and Jigsaw's P share the recipe's run."""
+    return ["analyses", "--idx-dir", str(idx), "--out", str(out), "--train-images", "20", "--test-images", "10",
             "--epochs", "1", "--batch", "20", "--seeds", "0", "--workers", "1", "--override", "bank.num_negatives=32",
             "--lambdas", "0.5,1", "--permutations", "1,0", "--jigsaw-permutations", "10,100", "--negatives", "16,32"]
 
@@ -29,8 +29,9 @@ def done_files(out):
     return {p.name: p.stat().st_mtime_ns for p in [*(out / "results").iterdir(), *(out / "runs").glob("*.json")]}
 
 
-def test_analyses_end_to_end_then_reruns_nothing(tmp_path, capsys):
-    idx, out = write_dataset(tmp_path / "idx"), tmp_path / "bench"
+def test_analyses_end_to_end_then_reruns_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(learn, "PROBE_EPOCHS", 2)  # bench learn's probes, shortened: the plumbing is under test
+    idx, out = write_dataset(tmp_path / "idx", n_train=20, n_test=10), tmp_path / "bench"
     argv = tiny_argv(idx, out)
     assert main(argv + ["--json", str(tmp_path / "a.json")]) == 0
     printed = capsys.readouterr().out
@@ -50,7 +51,7 @@ def test_analyses_end_to_end_then_reruns_nothing(tmp_path, capsys):
         ("permutations", "Jigsaw", "10"), ("permutations", "Jigsaw", "100")}
     assert len([r for r in rows if r["study"] == "layers"]) == 10  # five stages, two methods
     pirl = json.loads((out / "results" / "pirl_seed0.json").read_text())
-    assert len(pirl["bn_distances"]["trunk"]) == 20 and "bank.num_negatives=32" in pirl["overrides"]
+    assert len(pirl["bn_distances"]["trunk"]) == 10 and "bank.num_negatives=32" in pirl["overrides"]
     assert "bank.num_negatives=16" in json.loads((out / "results" / "pirl_K16_seed0.json").read_text())["overrides"]
 
     before = done_files(out)  # the second invocation trains and evaluates nothing
@@ -77,6 +78,14 @@ def test_plan_shares_the_recipe_runs():
     assert analyses.Run("pirl", (("loss.lam", 0.25),)).overrides() == ["loss.lam=0.25"]
     only = analyses.plan(argparse.Namespace(**{**vars(args), "only": ["lambda"]}), RECIPE)
     assert {p.study for p in only} == {"lambda"}
+
+
+def test_a_run_is_redone_when_its_config_changes_not_its_workers():
+    base = ["experiment=fmnist", "data.shards=x", "data.workers=2", "loss.lam=0.5"]
+    same = analyses.fingerprint(base)
+    assert analyses.fingerprint(base[:2] + ["data.workers=8", "loss.lam=0.5"]) == same
+    assert analyses.fingerprint(base[:3] + ["loss.lam=0.75"]) != same
+    assert analyses.fingerprint(base + ["trainer.epochs=3"]) != same
 
 
 def test_unknown_study_or_short_grid_is_a_usage_error(capsys):

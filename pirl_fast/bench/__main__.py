@@ -25,9 +25,10 @@ NOT_IN_ALL = ("learn", "analyses")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pirl_fast.bench", description="Throughput benchmarks, each side "
-                                     "by side with its baseline, and `learn`, the learning benchmark (PIRL vs Jigsaw "
-                                     "vs untrained on Fashion-MNIST), and `analyses`, the paper's five analyses on the same data. Every command prints a table; --json PATH also "
-                                     "writes the figures (rates named *_per_s).")
+                                     "by side with its baseline; `learn`, the learning benchmark (PIRL vs Jigsaw "
+                                     "vs untrained on Fashion-MNIST); and `analyses`, the paper's five analyses on "
+                                     "the same data. Every command prints a table; --json PATH also writes the "
+                                     "figures (rates named *_per_s).")
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, module_name in BENCHMARKS.items():
         module = importlib.import_module(module_name)

@@ -4,22 +4,24 @@
     python -m pirl_fast.bench analyses --only lambda --seeds 0          # one study, one seed: a quick look
     python -m pirl_fast.bench analyses --only invariance,layers         # the two that share their runs
 
-| study        | paper     | runs (per seed)                                   | claim tested |
-|--------------|-----------|---------------------------------------------------|--------------|
-| invariance   | Sec 5.1.1 | PIRL, Jigsaw                                      | PIRL's image vs jigsaw-shuffled image distance is smaller |
-| layers       | Sec 5.1.2 | the same two                                      | PIRL's probe rises to res5; Jigsaw's peaks earlier, falls at res5 |
-| lambda       | Sec 5.2.1 | PIRL at loss.lam 0, .25, .5, .75, 1               | best at 0.5; lambda = 1 clearly worse |
-| permutations | Sec 5.2.2 | PIRL at P = 1, 100, 9!; Jigsaw at P = 10, 1000    | PIRL gains with P, Jigsaw does not |
-| negatives    | Sec 5.2.3 | PIRL at K = K0/64, K0/8, K0 (K0: the recipe's)    | more negatives, better |
+  study         paper      runs per seed                                     the paper's claim tested
+  invariance    Sec 5.1.1  PIRL, Jigsaw                                      image vs its shuffle: PIRL closer
+  layers        Sec 5.1.2  the same two                                      PIRL best at res5; Jigsaw peaks earlier
+  lambda        Sec 5.2.1  PIRL at loss.lam 0, .25, .5, .75, 1               best at 0.5; 1 clearly worse
+  permutations  Sec 5.2.2  PIRL at P = 1, 100, 9!; Jigsaw at P = 10, 1000    PIRL gains with P, Jigsaw does not
+  negatives     Sec 5.2.3  PIRL at K = K0/64, K0/8, K0 (K0: the recipe's)    more negatives, better
 
 Everything else is the learning benchmark's (pirl_fast/bench/learn.py, `bench learn`): its data
 (`prepare_split`: class-balanced Fashion-MNIST subsets through the product's sharder), its training
-recipe (`training_overrides`: `experiment=fmnist` plus the sizes and seeds; this module only adds the
-swept key on top, the way `experiment=sweep_lambda|sweep_permutations|sweep_negatives` set only what
-they vary, with the same grids where the data allows: sweep_lambda's exactly, sweep_permutations' 1,
-100, 1000 and 0 = all 9!, sweep_negatives' decades scaled to a 1,000-image bank), its `pretrain`
+recipe (`training_overrides`: `experiment=fmnist` plus the sizes and seeds), its `pretrain`
 (PIRL and Jigsaw of a seed start from the same initial weights: trainer.seed) and its `Evaluator`
 (kNN top-1, gap linear probes on conv1..res5, the invariance analysis of pirl_fast.eval.invariance).
+The sweeps: each run adds its swept key as one more override on top of that recipe (the last value
+wins), which is what `experiment=sweep_lambda|sweep_permutations|sweep_negatives` do; those files are
+not composed because their grids live in hydra.sweeper.params, which only a `-m` multirun reads, and
+are sized for ImageNet. The grids: sweep_lambda's exactly; from sweep_permutations' (1, 10, 100, 1000,
+0 = all 9!) PIRL at 1, 100, 9! and Jigsaw at 10, 1000; sweep_negatives spans 32 to 32,000 for a
+1.28M-row bank, here two decades below the recipe's K, which is about the whole 1,000-row bank.
 A run shared by several studies (PIRL at the recipe's lambda, P and K; Jigsaw at bench learn's P) is
 trained once. Accuracies are on --eval-on's split; every verdict uses the BatchNorm statistics
 re-estimated on the training images (the fair comparison BENCHMARKS.md found for bench learn); the
@@ -29,8 +31,9 @@ evaluates; the figures also show kNN.
 Resumable: under --out, runs/<run>_seed<s>/ holds each run's checkpoints, runs/<run>_seed<s>.trained.json
 says its training finished, results/<run>_seed<s>.json (written atomically after the evaluation) says
 it is done. A rerun skips every done run and evaluates a trained one without training it again; a run
-whose training overrides changed (other sizes, another recipe) is redone. The report (report.md,
-analyses.json, one figure per study) is rebuilt from the results every time.
+whose composed training config changed (other sizes, an edited experiment=fmnist, --override) is
+redone. The report (report.md, analyses.json, one figure per study) is rebuilt from the results every
+time.
 
 (*) Budget: 12 distinct runs per seed (2 shared, 4 lambda, 4 permutations, 2 negatives), 24 with two
 seeds. BENCHMARKS.md's idle `bench learn` (the same recipe and sizes) trained and fully evaluated 4
@@ -57,7 +60,6 @@ PIRL_PERMUTATIONS = "1,100,0"  # 0: any of the 9! orders (the recipe's), as in s
 JIGSAW_PERMUTATIONS = "10,1000"  # P >= 2 (it classifies the order); 9! classes is a 418M-weight head on a CPU
 NEGATIVE_FRACTIONS = (64, 8, 1)  # default K grid: the recipe's K divided by these (16, 128, 1024 at K = 1024)
 SHORT = {"loss.lam": "lam", "data.num_permutations": "P", "bank.num_negatives": "K"}  # run names
-NOT_COMPARED = ("data.workers=",)  # overrides that do not change the result: a change does not redo a run
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,12 @@ def study_list(text: str) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     learn.add_arguments(p)  # data, sizes, seeds, workers, --override, --eval-on: bench learn's, same defaults
     p.set_defaults(out="runs/bench_analyses", evals=1)
+    helps = {"out": "working folder: data, shards, every run's checkpoints and results, the report (default "
+                    "runs/bench_analyses; a rerun skips the runs done there)",
+             "evals": "checkpoints saved per run, one every steps/EVALS (default 1: the final one, the one evaluated)",
+             "plot": argparse.SUPPRESS}  # bench learn's kNN-over-training plot: not made here
+    for action in p._actions:  # argparse has no public way to re-word an inherited option's help
+        action.help = helps.get(action.dest, action.help)
     p.add_argument("--only", type=study_list, default=list(STUDIES),
                    help=f"studies to run, comma-separated (default all: {', '.join(STUDIES)})")
     p.add_argument("--lambdas", type=numbers, default=numbers(LAMBDAS), help=f"lambda grid (default {LAMBDAS})")
@@ -161,8 +169,16 @@ def run_args(args, run: Run) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "override": list(args.override) + run.overrides()})
 
 
-def compared(overrides: list[str]) -> list[str]:
-    return [o for o in overrides if not o.startswith(NOT_COMPARED)]
+def fingerprint(overrides: list[str]) -> str:
+    """The composed training config as YAML, less what does not change the result (data.workers): a run is
+    redone when this changes (other sizes, a changed experiment=fmnist, another swept value)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    cfg.data.workers = 0
+    return OmegaConf.to_yaml(cfg)
 
 
 def read_json(path: Path) -> dict | None:
@@ -179,6 +195,7 @@ class Runner:
         self.args, self.out, self.train_shards, self.test_shards = args, out, train_shards, test_shards
         self.evaluator = None
         self.trained = self.evaluated = 0
+        self.fingerprints: dict[tuple[Run, int], str] = {}
 
     def paths(self, run: Run, seed: int) -> tuple[Path, Path, Path]:
         stem = f"{run.name}_seed{seed}"
@@ -189,9 +206,15 @@ class Runner:
         run_dir = self.paths(run, seed)[0]
         return learn.training_overrides(run_args(self.args, run), run.method, seed, self.train_shards, run_dir)
 
-    def is_done(self, run: Run, seed: int) -> bool:
-        done = read_json(self.paths(run, seed)[2])
-        return done is not None and compared(done["overrides"]) == compared(self.overrides(run, seed))
+    def fingerprint(self, run: Run, seed: int) -> str:
+        if (run, seed) not in self.fingerprints:
+            self.fingerprints[(run, seed)] = fingerprint(self.overrides(run, seed))
+        return self.fingerprints[(run, seed)]
+
+    def is_done(self, run: Run, seed: int, marker: int = 2) -> bool:
+        """Its evaluation (marker 2) or its training (marker 1) finished with the config it would have now."""
+        done = read_json(self.paths(run, seed)[marker])
+        return done is not None and done.get("config") == self.fingerprint(run, seed)
 
     def result(self, run: Run, seed: int) -> dict:
         """The run's evaluation: read if done, else trained (unless its training finished) and evaluated."""
@@ -201,20 +224,19 @@ class Runner:
         overrides = self.overrides(run, seed)
         if self.is_done(run, seed):
             return read_json(result_path)
-        trained = read_json(trained_path)
-        if (trained is None or compared(trained["overrides"]) != compared(overrides)
-                or not list_checkpoints(run_dir)):
+        if not (self.is_done(run, seed, marker=1) and list_checkpoints(run_dir)):
             trained_path.unlink(missing_ok=True)
             started = time.perf_counter()
             learn.pretrain(run_args(self.args, run), run.method, seed, self.train_shards, run_dir)
-            trained = {"overrides": overrides, "train_s": time.perf_counter() - started}
-            atomic.write_json(trained_path, trained)
+            atomic.write_json(trained_path, {"config": self.fingerprint(run, seed), "overrides": overrides,
+                                             "train_s": time.perf_counter() - started})
             self.trained += 1
+        trained = read_json(trained_path)
         print(f"\n-- evaluate {run.name}, seed {seed}", flush=True)
         started = time.perf_counter()
         result = self.evaluate(run, run_dir)
         result.update(run=run.name, method=run.method, seed=seed, overrides=overrides, train_s=trained["train_s"],
-                      eval_s=time.perf_counter() - started)
+                      eval_s=time.perf_counter() - started, config=trained["config"])
         atomic.write_json(result_path, result)  # the done-marker: written last
         self.evaluated += 1
         return result

@@ -15,6 +15,7 @@ there is no spread: the verdict is then that seed's sign, and the text says so.
 from __future__ import annotations
 
 import math
+import textwrap
 import time
 from pathlib import Path
 
@@ -64,11 +65,12 @@ def decide(difference: float, *compared: Values) -> tuple[str, str]:
     threshold = max(v.spread for v in compared)
     seeds = min(len(v.values) for v in compared)
     fmt = ".2f" if compared[0].unit == "%" else ".3f"
+    sign = "agrees" if difference > 0 else "does not agree"
     if seeds == 1:
-        return ("agrees" if difference > 0 else "does not agree"), f"difference {difference:+{fmt}} (one seed: no spread)"
+        return sign, f"difference {difference:+{fmt}} (one seed: no spread)"
     if abs(difference) <= threshold:
         return "undecided", f"difference {difference:+{fmt}} is within the seed spread {threshold:{fmt}}"
-    return ("agrees" if difference > 0 else "does not agree"), f"difference {difference:+{fmt}} > spread {threshold:{fmt}}"
+    return sign, f"difference {difference:+{fmt}} > spread {threshold:{fmt}}"
 
 
 def combine(verdicts: list[str]) -> str:
@@ -178,7 +180,7 @@ def figure(study: str, points, results, seeds, path: Path, title: str) -> None:
     colours = {"pirl": "tab:blue", "jigsaw": "tab:orange"}
     panels = [("linear probe top-1 (%)", None)] if study == "layers" else [("res5 linear probe top-1 (%)", res5),
                                                                            ("kNN top-1 (%)", knn)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8, 6 * len(panels)), 4.4), squeeze=False)
     for ax, (ylabel, metric) in zip(axes[0], panels):
         if study == "layers":
             runs = base_results(points, results, seeds, study)
@@ -201,7 +203,7 @@ def figure(study: str, points, results, seeds, path: Path, title: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -275,7 +277,8 @@ def write(args, out: Path, points, seeds, results, wall_s: float, all_runs: int)
         "title": title, "seeds": seeds, "studies": studies, "time": times,
         "verdicts": {s: {"claim": PAPER[s][1], "verdict": v, "numbers": why} for s, (v, why) in verdicts.items()},
         "figures": {s: str(p) for s, p in figures.items()}, "table": rows,
-        "runs": {f"{n}_seed{s}": {k: v for k, v in r.items() if k != "bn_distances"} for (n, s), r in results.items()}})
+        "runs": {f"{n}_seed{s}": {k: v for k, v in r.items() if k not in ("bn_distances", "config")}
+                 for (n, s), r in results.items()}})
     print(f"\n{title}")
     for study, (verdict, why) in verdicts.items():
         print(f"  [{verdict}] {study} (Sec. {PAPER[study][0]}): {why}")
