@@ -111,3 +111,39 @@ def test_a_difference_decides_only_beyond_the_seed_spread(a, b, expected):
     assert report.combine(["agrees", "undecided"]) == "undecided"
     assert report.combine(["agrees", "does not agree"]) == "does not agree"
     assert report.combine(["agrees", "agrees"]) == "agrees"
+
+
+def fake_results(points, res5_of, seeds=(0, 1), stages_of=None):
+    """Evaluation results by (run, seed) with the res5 probe res5_of(point, seed) (stages: stages_of(run, seed))."""
+    out = {}
+    for p in points:
+        for s in seeds:
+            stages = stages_of(p.run, s) if stages_of else {st: 50.0 for st in learn.STAGES}
+            if p.study != "layers":
+                stages = {**stages, "res5": res5_of(p, s)}
+            out.setdefault((p.run.name, s), {"bn_linear_top1": stages, "bn_knn_top1": 60.0})
+    return out
+
+
+def test_lambda_and_layer_verdicts_from_two_seeds():
+    args = build_parser().parse_args(["analyses", "--only", "lambda"])
+    points = analyses.plan(args, RECIPE)
+    peak = {0: 70, 0.25: 74, 0.5: 78, 0.75: 75, 1: 65}  # the paper's shape; seeds 1 point apart
+    results = fake_results(points, lambda p, s: peak[p.x] + s)
+    verdict, numbers = report.verdict_lambda(points, results, [0, 1])
+    assert verdict == "agrees" and "lambda 0.75" in numbers  # the best other value is named
+    peak[0.75] = 78.5  # within the seeds' spread of 0.5's: 'best at 0.5' is undecided, the whole claim too
+    verdict = lambda: report.verdict_lambda(points, fake_results(points, lambda p, s: peak[p.x] + s), [0, 1])[0]  # noqa: E731
+    assert verdict() == "undecided"
+    peak[1] = 85  # lambda = 1 clearly better: the claim does not hold
+    assert verdict() == "does not agree"
+
+    args = build_parser().parse_args(["analyses", "--only", "layers"])
+    points = analyses.plan(args, RECIPE)
+    paper = {"pirl": [40, 50, 60, 70, 80], "jigsaw": [40, 55, 65, 75, 60]}
+    results = fake_results(points, None, stages_of=lambda run, s: dict(zip(learn.STAGES, paper[run.method])))
+    verdict, numbers = report.verdict_layers(points, results, [0, 1])
+    assert verdict == "agrees" and "Jigsaw: res5 60.00%" in numbers and "res4, 75.00%" in numbers
+    paper["pirl"] = [40, 50, 60, 85, 80]  # PIRL peaking at res4 too
+    results = fake_results(points, None, stages_of=lambda run, s: dict(zip(learn.STAGES, paper[run.method])))
+    assert report.verdict_layers(points, results, [0, 1])[0] == "does not agree"

@@ -227,8 +227,12 @@ def table(points, results, seeds) -> list[dict]:
             v = Values(values)
             rows.append({"study": study, "network": learn.LABELS[method], "x": str(x_value(study, x)),
                          "quantity": quantity, "mean": v.mean, "spread": v.spread, "run": run.name,
-                         "per_seed": " ".join(f"{a:.3f}" if a < 2 else f"{a:.2f}" for a in values)})
+                         "per_seed": " ".join(f"{a:{fmt(study)}}" for a in values)})
     return rows
+
+
+def fmt(study: str) -> str:
+    return ".3f" if study == "invariance" else ".2f"  # distances in [0, 2]; accuracies in %
 
 
 def timing(results, wall_s: float, distinct: int) -> dict:
@@ -246,7 +250,7 @@ def write(args, out: Path, points, seeds, results, wall_s: float, all_runs: int)
     `all_runs`: distinct runs per seed of all five studies with these grids (for the time estimate)."""
     studies = list(dict.fromkeys(p.study for p in points))
     split = "test split" if args.eval_on == "test" else "held-out training images"
-    config = results[next(iter(results))]["overrides"]
+    config = results.get(("pirl", seeds[0]), results[next(iter(results))])["overrides"]
     title = (f"Fashion-MNIST, {args.train_images} train / {args.test_images} {split}, {args.epochs} epochs of "
              f"batch {args.batch}, seeds {','.join(map(str, seeds))}; BN re-estimated")
     verdicts, figures = {}, {}
@@ -265,7 +269,8 @@ def write(args, out: Path, points, seeds, results, wall_s: float, all_runs: int)
         lines += [f"## {study} (Sec. {section})", "", f"Paper: {claim}.", "", f"**Verdict: {verdict}.** {why}", "",
                   f"![{study}]({figures[study].name})", "", "| network | x | quantity | mean | spread | per seed |",
                   "|---|---|---|---:|---:|---|"]
-        lines += [f"| {r['network']} | {r['x']} | {r['quantity']} | {r['mean']:.3f} | {r['spread']:.3f} | "
+        lines += [f"| {r['network']} | {r['x']} | {r['quantity']} | {r['mean']:{fmt(study)}} | "
+                  f"{r['spread']:{fmt(study)}} | "
                   f"{r['per_seed']} |" for r in rows if r["study"] == study] + [""]
     lines += ["## Time", "", f"{times['runs']} runs reported, mean {times['mean_run_s'] / 60:.1f} min each "
               f"(training {times['mean_train_s'] / 60:.1f}, evaluation {times['mean_eval_s'] / 60:.1f}, as measured "
