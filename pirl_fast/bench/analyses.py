@@ -55,6 +55,7 @@ from pirl_fast.bench import learn
 from pirl_fast.runtime import atomic
 
 STUDIES = ("invariance", "layers", "lambda", "permutations", "negatives")
+METHODS = ("pirl", "jigsaw")  # the paper's two (bench learn may compare more networks)
 LAMBDAS = "0,0.25,0.5,0.75,1"  # sweep_lambda.yaml's grid
 PIRL_PERMUTATIONS = "1,100,0"  # 0: any of the 9! orders (the recipe's), as in sweep_permutations.yaml
 JIGSAW_PERMUTATIONS = "10,1000"  # P >= 2 (it classifies the order); 9! classes is a 418M-weight head on a CPU
@@ -134,7 +135,7 @@ def recipe_values(args, shards: Path) -> dict[str, dict[str, float]]:
 
     out = {}
     with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
-        for method in learn.METHODS:
+        for method in METHODS:
             cfg = compose("config", overrides=learn.training_overrides(args, method, 0, shards, Path("unused")))
             out[method] = {k: OmegaConf.select(cfg, k) for k in SHORT}
     return out
@@ -151,7 +152,7 @@ def plan(args, recipe: dict[str, dict[str, float]]) -> list[Point]:
     points = []
     for study in args.only:
         if study in ("invariance", "layers"):
-            points += [Point(study, m, "-", run(m)) for m in learn.METHODS]
+            points += [Point(study, m, "-", run(m)) for m in METHODS]
         elif study == "lambda":
             points += [Point(study, "pirl", v, run("pirl", "loss.lam", v)) for v in args.lambdas]
         elif study == "permutations":
