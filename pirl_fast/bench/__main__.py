@@ -1,4 +1,4 @@
-"""python -m pirl_fast.bench {shard,loader,membank,compute,step,learn,all} [options] [--json PATH] [--jsonl PATH]"""
+"""python -m pirl_fast.bench {shard,loader,membank,compute,step,learn,analyses,all} [options] [--json PATH] [--jsonl PATH]"""
 
 from __future__ import annotations
 
@@ -25,11 +25,15 @@ BENCHMARKS = {
                 "compute ceiling, optionally with torch.compile"),
     "step": ("pirl_fast.bench.step", "the full training step (pirl_fast.train) with synthetic data vs each real "
              "loader (needs hydra-core)"),
-    "learn": ("pirl_fast.bench.learn", "does PIRL learn? PIRL vs Jigsaw vs untrained on Fashion-MNIST"),
+    "learn": ("pirl_fast.bench.learn", "does PIRL learn? PIRL vs raw pixels, untrained, Jigsaw and supervised on "
+              "Fashion-MNIST"),
+    "analyses": ("pirl_fast.bench.analyses", "the paper's five analyses (invariance, layers, lambda, P, K) on "
+                 "Fashion-MNIST"),
 }
-# Left out of `all`: learn measures quality, not speed; it needs Fashion-MNIST and ~30 CPU minutes.
-# compute is step's synthetic row without the trainer; step measures it too.
-NOT_IN_ALL = ("learn", "compute")
+# Left out of `all`: learn and analyses measure quality, not speed; they need Fashion-MNIST and CPU time
+# (learn ~25 minutes, analyses ~1.5 hours on 2 idle cores). compute is step's synthetic row without the
+# trainer; step measures it too.
+NOT_IN_ALL = ("learn", "analyses", "compute")
 
 
 def load(name: str):
@@ -45,10 +49,11 @@ def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the sub-commands in `names` (default: all) get their options (and import their module)."""
     names = list(BENCHMARKS) if names is None else names
     parser = argparse.ArgumentParser(prog="python -m pirl_fast.bench", description="Throughput benchmarks, each side "
-                                     "by side with its baseline, and `learn`, the learning benchmark (PIRL vs Jigsaw "
-                                     "vs untrained on Fashion-MNIST). Every command prints a table; --json PATH also "
-                                     "writes the figures (rates named *_per_s) at the end, --jsonl PATH appends each "
-                                     "row the moment it is measured.")
+                                     "by side with its baseline; `learn`, the learning benchmark (PIRL vs raw "
+                                     "pixels, the untrained network, Jigsaw and supervised on Fashion-MNIST); and "
+                                     "`analyses`, the paper's five analyses on the same data. Every command prints a "
+                                     "table; --json PATH also writes the figures (rates named *_per_s) at the end, "
+                                     "--jsonl PATH appends each row the moment it is measured.")
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, (_, help_line) in BENCHMARKS.items():
         p = sub.add_parser(name, help=help_line, formatter_class=argparse.RawDescriptionHelpFormatter)
