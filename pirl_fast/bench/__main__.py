@@ -1,4 +1,5 @@
-"""python -m pirl_fast.bench {shard,loader,membank,compute,step,learn,analyses,all} [options] [--json PATH] [--jsonl PATH]"""
+"""python -m pirl_fast.bench {shard,loader,membank,compute,step,learn,analyses,all} [options] [--json PATH]
+[--jsonl PATH]"""
 
 from __future__ import annotations
 
