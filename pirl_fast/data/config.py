@@ -169,7 +169,8 @@ def check_config(cfg: DataConfig, world_size: int) -> int:
 # (key, lowest, highest, an example of a valid value) checked by check_config; sizes are pixels.
 SIZES_AND_RATES = (
     ("image_size", 1, math.inf, "224 in the paper"), ("patch_crop_size", 1, math.inf, "255: a 3x3 grid of 85 px"),
-    ("grid", 1, math.inf, "3 for the 3x3 jigsaw"), ("patch_resize", 1, math.inf, "256 for a 255 px crop"), ("patch_size", 1, math.inf, "64: one patch per 85 px cell"),
+    ("grid", 1, math.inf, "3 for the 3x3 jigsaw"), ("patch_resize", 1, math.inf, "256 for a 255 px crop"),
+    ("patch_size", 1, math.inf, "64: one patch per 85 px cell"),
     ("shuffle_buffer", 1, math.inf, "4096"), ("prefetch", 1, math.inf, "2"),
     ("synthetic_samples", 1, math.inf, "10000"),
     ("num_permutations", 0, math.inf, "0: any order, or 1000"),
