@@ -139,6 +139,38 @@ def grid_cells(crop, cfg):
     return fn.reshape(blocks, shape=[g * g, cell, cell, 3], layout="FHWC")  # (9, c, c, 3)
 
 
+def offset_slack(cfg) -> int:
+    """Offsets of a patch in its cell are U{0..slack}: c - P (data.patch_offsets=full) or c - P - 1 (reference:
+    vissl img_patches_tensor.py's np.random.randint(0, patch_jitter), patch_jitter = c - P)."""
+    slack = cfg.patch_crop_size // cfg.grid - cfg.patch_size
+    return slack - 1 if cfg.patch_offsets == "reference" else slack
+
+
+def jigsaw_crop(images, jpegs, cfg):
+    """data.patch_view=jigsaw: the reference's Resize(R) + RandomCrop(C) (R = patch_resize, C = patch_crop_size;
+    vissl configs/config/pretrain/jigsaw/jigsaw_8gpu_resnet.yaml) -> (C, C, 3) uint8.
+
+    Resize follows torchvision's size rule: the shorter side becomes R, the longer int(R * long / short),
+    computed here from the JPEG's header (peek_image_shape, on the host in both graphs). The crop's corner
+    is an integer uniform in U{0..H'-C} x U{0..W'-C}, as RandomCrop draws it."""
+    shape = fn.peek_image_shape(jpegs, dtype=types.INT64)  # (H, W, 3)
+    h, w = shape[0], shape[1]
+    r = types.Constant(cfg.patch_resize, dtype=types.INT64)
+    wide = fn.cast(h <= w, dtype=types.INT64)  # 1: the height is the shorter side
+    out_h = wide * r + (1 - wide) * (r * h // w)
+    out_w = wide * (r * w // h) + (1 - wide) * r
+    resized = fn.resize(images, resize_y=fn.cast(out_h, dtype=types.FLOAT), resize_x=fn.cast(out_w, dtype=types.FLOAT),
+                        interp_type=types.INTERP_LINEAR, antialias=True)
+
+    def corner(extent):  # U{0..extent - C}, from u ~ U[0, 1)
+        room = fn.cast(extent - cfg.patch_crop_size + 1, dtype=types.FLOAT)
+        return dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * room), room - 1.0)
+
+    start = fn.cat(fn.reshape(corner(out_h), shape=[1]), fn.reshape(corner(out_w), shape=[1]))  # (2,) y, x
+    return fn.slice(resized, start=fn.cast(start, dtype=types.INT32), shape=[cfg.patch_crop_size] * 2,
+                    axis_names="HW")
+
+
 def patch_matrices(cfg, num_cells: int):
     """Per-sample (num_cells, 2, 3) destination->source affine matrices, one per grid cell.
 
@@ -150,7 +182,7 @@ def patch_matrices(cfg, num_cells: int):
     translations and unit scale put every destination pixel centre on a source pixel centre, so
     nearest-neighbour sampling is an exact crop (and an exact mirror).
     """
-    slack = cfg.patch_crop_size // cfg.grid - cfg.patch_size  # 85 - 64 = 21: offset range in a cell
+    slack = offset_slack(cfg)  # offsets in U{0..slack}: 21 (full) or 20 (reference) for 64 px patches in 85 px cells
     base = np.zeros((num_cells, 2, 3), np.float32)
     base[:, 0, 0] = 1.0  # identity scale
     base[:, 1, 1] = 1.0
@@ -162,7 +194,7 @@ def patch_matrices(cfg, num_cells: int):
 
     offsets = fn.random.uniform(values=[float(v) for v in range(slack + 1)], shape=[num_cells, 2, 1])  # (9, 2, 1)
     matrices = types.Constant(base) + offsets * types.Constant(translation_mask)  # (9, 2, 3)
-    if cfg.flip_p > 0:
+    if cfg.flip_p > 0 and cfg.patch_view == "pirl":  # jigsaw: the crop was mirrored as a whole
         flips = fn.cast(fn.random.coin_flip(probability=cfg.flip_p, shape=[num_cells, 1, 1]),
                         dtype=types.FLOAT)  # (9,1,1)
         matrices = matrices + flips * types.Constant(flip_mask)
@@ -399,12 +431,20 @@ def pirl_pipeline(tar_paths: list[str], index_paths: list[str], cfg, shard_id: i
                                     dtype=dtype, output_layout="HWC")  # (S, S, 3)
 
     # Patch view: its own crop of the same decoded image, then 9 crops in one warp.
-    crop = fn.random_resized_crop(images, size=[cfg.patch_crop_size, cfg.patch_crop_size],
-                                  random_area=list(cfg.patch_scale), random_aspect_ratio=list(ASPECT_RATIO))
+    jigsaw = cfg.patch_view == "jigsaw"
+    if jigsaw:  # the reference's Jigsaw: colour steps and the mirror once, for the whole crop
+        crop = jigsaw_crop(images, jpegs, cfg)
+        if cfg.color_aug:
+            crop = colour_steps(crop, cfg, None, cfg.patch_crop_size)
+        if cfg.flip_p > 0:
+            crop = fn.flip(crop, horizontal=fn.random.coin_flip(probability=cfg.flip_p, dtype=types.INT32))
+    else:
+        crop = fn.random_resized_crop(images, size=[cfg.patch_crop_size, cfg.patch_crop_size],
+                                      random_area=list(cfg.patch_scale), random_aspect_ratio=list(ASPECT_RATIO))
     patches = fn.warp_affine(grid_cells(crop, cfg), matrix=fn.per_frame(patch_matrices(cfg, num_cells)),
                              size=[cfg.patch_size, cfg.patch_size],
                              interp_type=types.INTERP_NN)  # (9, P, P, 3) uint8, exact crops
-    if cfg.color_aug:
+    if cfg.color_aug and not jigsaw:
         patches = colour_steps(patches, cfg, num_cells, cfg.patch_size)
     patches = fn.crop_mirror_normalize(patches, mean=MEAN_255, std=STD_255,
                                        dtype=dtype, output_layout="FHWC")  # (9, P, P, 3)

@@ -106,12 +106,14 @@ def unit(b, d, seed):
     return torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)
 
 
-@pytest.mark.parametrize("kind", ["nce", "infonce"])
-def test_criterion_end_to_end(kind):
+@pytest.mark.parametrize("kind,z", [("nce", "per_term"), ("nce", "shared"), ("infonce", "per_term")])
+def test_criterion_end_to_end(kind, z):
+    """z=shared is the reference's (vissl/losses/nce_loss.py): one Z, estimated in the first term's first
+    forward (the patches), then found set by the image term; per_term estimates each from its own scores."""
     n, d, k, b, tau, lam = 60, 8, 17, 4, 0.1, 0.3
     cfg = BankConfig(num_negatives=k, kernel="torch", seed=9)
     bank, twin = MemoryBank(n, d, cfg), MemoryBank(n, d, cfg)  # twin replays the draws independently
-    crit = PIRLCriterion(LossConfig(kind=kind, temperature=tau, lam=lam), n)
+    crit = PIRLCriterion(LossConfig(kind=kind, temperature=tau, lam=lam, z=z), n)
     index = torch.tensor([0, 7, 7, 59])
     zs = None
     for step in range(2):
@@ -130,7 +132,8 @@ def test_criterion_end_to_end(kind):
             else:
                 if step == 0:
                     zs = zs or {}
-                    zs[name] = z_loop(pos, neg, tau, n)  # estimated on the first batch only, then frozen
+                    # estimated on the first batch only, then frozen; shared: the jigsaw term's, for both
+                    zs[name] = zs["jigsaw"] if z == "shared" and name == "image" else z_loop(pos, neg, tau, n)
                 expected[name] = nce_loop(pos, neg, tau, n, zs[name])
         assert math.isclose(terms.jigsaw.item(), expected["jigsaw"], rel_tol=1e-5)
         assert math.isclose(terms.image.item(), expected["image"], rel_tol=1e-5)
@@ -140,6 +143,7 @@ def test_criterion_end_to_end(kind):
     if kind == "nce":
         assert math.isclose(crit.z_jigsaw.item(), zs["jigsaw"], rel_tol=1e-5)
         assert math.isclose(crit.z_image.item(), zs["image"], rel_tol=1e-5)
+        assert (crit.z_image.item() == crit.z_jigsaw.item()) == (z == "shared")
     else:
         assert torch.isnan(crit.z_image) and torch.isnan(crit.z_jigsaw)
 

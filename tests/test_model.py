@@ -1,12 +1,15 @@
 """PIRLModel: shapes, normalisation, memory layout, stems, torchvision keys, and the jigsaw head's use of
 patch order."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 
 from pirl_fast.eval.linear_probe import STAGES, stage_features
+from pirl_fast.model.batchnorm import batchnorms
 from pirl_fast.model.network import ModelConfig, PIRLModel, memory_format_for, weight_layout
 
 B, P = 2, 9
@@ -132,6 +135,25 @@ def test_small_stem_keeps_resolution_and_keys(arch):
     assert set(feats) == set(STAGES) and feats["res5"].shape == (2, small.trunk_dim)
     with pytest.raises(ValueError, match="imagenet.*small"):
         PIRLModel(ModelConfig(arch=arch, stem="cifar"))
+
+
+def test_patch_bn_stats_leave_what_the_reference_forward_leaves():
+    """model.patch_bn_stats=true (experiment=pirl_in1k_r50): the running statistics are those of the reference's
+    forward (vissl/models/base_ssl_model.py multi_input_with_head_mapping_forward: the trunk in train mode on
+    the "patches" input, then on "images", MULTI_INPUT_HEAD_MAPPING's order), written here with a plain trunk."""
+    torch.manual_seed(0)
+    model = PIRLModel(ModelConfig(arch="resnet18", embed_dim=16, patch_bn_stats=True)).train()
+    plain, swapped = copy.deepcopy(model.trunk).train(), copy.deepcopy(model.trunk).train()
+    images, patches = inputs(3)
+    model(images, patches)
+    with torch.no_grad():
+        plain(patches), plain(images)
+        swapped(images), swapped(patches)
+    for ours, ref in zip(batchnorms(model.trunk), batchnorms(plain)):
+        torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ours.running_var, ref.running_var, rtol=0, atol=1e-6)
+    last, other = batchnorms(model.trunk)[-1], batchnorms(swapped)[-1]
+    assert not torch.allclose(last.running_var, other.running_var, rtol=0, atol=1e-6)  # the order is visible
 
 
 @pytest.mark.parametrize("patch_bn_stats", [False, True])

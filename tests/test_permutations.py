@@ -73,3 +73,39 @@ def test_random_permutations_valid_deterministic_uniform():
     # Birthday count: 9000 uniform draws from 9! orders repeat about 9000^2 / (2 * 9!) = 112 times
     # (standard deviation ~11); a draw from a small subset would repeat far more.
     assert len({tuple(r) for r in perms.tolist()}) > 9000 - 112 - 60
+
+
+def reference_selection(num_perms: int, num_patches: int, first: int, method: str) -> list[tuple[int, ...]]:
+    """facebookresearch/vissl extra_scripts/generate_jigsaw_permutations.py, its loop as written there (numpy,
+    np.delete of each chosen row, scipy's cdist 'hamming'), with the first permutation given instead of
+    np.random.randint(total_perms)."""
+    import numpy as np
+    from scipy.spatial.distance import cdist
+
+    all_perms = np.array(list(itertools.permutations(list(range(num_patches)))))
+    j = first
+    for idx in range(num_perms):
+        if idx == 0:
+            selected_perms = all_perms[j].reshape([1, -1])
+        else:
+            selected_perms = np.concatenate([selected_perms, all_perms[j].reshape([1, -1])], axis=0)
+        all_perms = np.delete(all_perms, j, axis=0)
+        D = cdist(selected_perms, all_perms, metric="hamming")
+        if method == "max_avg":
+            j = D.mean(axis=0).argmax()
+        else:
+            j = D.min(axis=0).argmax()
+    return [tuple(r) for r in selected_perms.tolist()]
+
+
+@pytest.mark.parametrize("rule", ["max_avg", "max_min"])
+@pytest.mark.parametrize("num_cells,P,seed", [(5, 40, 0), (5, 100, 1), (6, 60, 2), (7, 50, 3)])
+def test_the_reference_script_selects_the_same_set(rule, num_cells, P, seed):
+    ours = [tuple(r) for r in max_hamming_permutations(P, num_cells, seed, rule).tolist()]
+    first = [tuple(r) for r in all_permutations(num_cells).tolist()].index(ours[0])
+    assert ours == reference_selection(P, num_cells, first, rule)
+
+
+def test_an_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="max_avg"):
+        max_hamming_permutations(10, 4, 0, "max_sum")

@@ -70,13 +70,14 @@ def epoch_length(num_samples: int, global_batch: int) -> tuple[int, int]:
 class PatchOrder:
     """Draws a presentation order per sample and applies it to cell-ordered patches, on `device`.
 
-    grid, num_permutations, seed: data.grid, data.num_permutations, data.seed."""
+    grid, num_permutations, seed, rule: data.grid, data.num_permutations, data.seed, data.permutation_set."""
 
-    def __init__(self, grid: int, num_permutations: int, seed: int, rank: int, device: torch.device):
+    def __init__(self, grid: int, num_permutations: int, seed: int, rank: int, device: torch.device,
+                 rule: str = "max_min"):
         self.num_cells = grid * grid
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(derive_seed(seed, rank))
-        self.fixed = (max_hamming_permutations(num_permutations, self.num_cells, seed=seed).to(device)
+        self.fixed = (max_hamming_permutations(num_permutations, self.num_cells, seed, rule).to(device)
                       if num_permutations > 0 else None)  # (P, 9)
 
     def draw(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:

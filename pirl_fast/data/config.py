@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from pirl_fast.data.batch import OUTPUT_DTYPES
+from pirl_fast.data.permutations import PERMUTATION_SETS
 from pirl_fast.runtime.cpus import cpus_per_rank
 
+PATCH_VIEWS = ("pirl", "jigsaw")  # data.patch_view
+PATCH_OFFSETS = ("full", "reference")  # data.patch_offsets
 BACKENDS = ("dali", "torch", "synthetic")  # what build_loader builds; data.backend may also say "auto"
 ON_CORRUPT = ("error", "skip")
 
@@ -41,6 +44,16 @@ class DataConfig:
     patch_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     grid: int = 3  # 3x3 cells of patch_crop_size // grid (85) px
     patch_size: int = 64  # one 64x64 patch per cell at its own random offset (must be <= the 85 px cell)
+    # How the patch crop is made (the contract in dali_pipelines/pirl.py): pirl (the reference's PIRL,
+    # ImgPilToPatchesAndImage: a random resized crop of patch_scale; colour steps and mirror per patch) | jigsaw
+    # (the reference's Jigsaw, configs/config/pretrain/jigsaw/jigsaw_8gpu_resnet.yaml: Resize(patch_resize) of
+    # the shorter side, RandomCrop(patch_crop_size); colour steps and mirror once, for the whole crop)
+    patch_view: str = "pirl"
+    patch_resize: int = 256  # patch_view=jigsaw: the shorter side before the crop (the reference: 256, then 255)
+    # Offsets of a patch in its cell of c = patch_crop_size // grid px: full: U{0..c-P} (every column reachable)
+    # | reference: U{0..c-P-1}, vissl/data/ssl_transforms/img_patches_tensor.py's np.random.randint(0, patch_jitter)
+    # with patch_size = c - patch_jitter (85 - 21 = 64), in PIRL and Jigsaw alike
+    patch_offsets: str = "full"
     # The augmentation contract (dali_pipelines/pirl.py's docstring, with the ranges and the backends'
     # differences): per crop (the view and each patch), in this order, colour jitter -> photometric ->
     # greyscale -> blur -> mirror, every draw per crop. Values: vissl
@@ -65,6 +78,9 @@ class DataConfig:
     flip_p: float = 0.5  # 5. RandomHorizontalFlip (torchvision's default p)
     color_aug: bool = True  # false: none of steps 1-4 (geometry checks)
     num_permutations: int = 0  # 0: any of 9! orders per sample; P > 0: a fixed max-Hamming set of P orders
+    # P > 0: the greedy rule that picks the set (pirl_fast/data/permutations.py): max_min | max_avg (the reference's
+    # hamming_perms_2000_patches_9_max_avg.npy, vissl extra_scripts/generate_jigsaw_permutations.py --method max_avg)
+    permutation_set: str = "max_min"
     shuffle_buffer: int = 4096  # DALI / webdataset shuffle buffer, samples (the shards are shuffled when written)
     synthetic_samples: int = 10000  # dataset size the synthetic backend pretends to have
     seed: int = 0
@@ -131,6 +147,17 @@ def check_config(cfg: DataConfig, world_size: int) -> int:
     if cfg.patch_crop_size // cfg.grid < cfg.patch_size:
         raise ValueError(f"data.patch_size={cfg.patch_size} does not fit in a {cfg.patch_crop_size // cfg.grid} px "
                          f"cell (patch_crop_size / grid)")
+    for name, value, choices in (("patch_view", cfg.patch_view, PATCH_VIEWS),
+                                 ("patch_offsets", cfg.patch_offsets, PATCH_OFFSETS),
+                                 ("permutation_set", cfg.permutation_set, PERMUTATION_SETS)):
+        if value not in choices:
+            raise ValueError(f"data.{name}={value!r} is not one of {', '.join(choices)}")
+    if cfg.patch_offsets == "reference" and cfg.patch_crop_size // cfg.grid == cfg.patch_size:
+        raise ValueError(f"data.patch_offsets=reference draws offsets in U{{0..c-P-1}}, empty for a patch_size of "
+                         f"{cfg.patch_size} filling its cell: use a smaller patch_size or data.patch_offsets=full")
+    if cfg.patch_view == "jigsaw" and cfg.patch_resize < cfg.patch_crop_size:
+        raise ValueError(f"data.patch_resize={cfg.patch_resize} is below data.patch_crop_size={cfg.patch_crop_size}: "
+                         "the jigsaw view crops patch_crop_size from the image resized to patch_resize (256 and 255)")
     for name in ("image_scale", "patch_scale"):
         lo, hi = getattr(cfg, name)
         if not 0 < lo <= hi <= 1:
@@ -142,7 +169,8 @@ def check_config(cfg: DataConfig, world_size: int) -> int:
 # (key, lowest, highest, an example of a valid value) checked by check_config; sizes are pixels.
 SIZES_AND_RATES = (
     ("image_size", 1, math.inf, "224 in the paper"), ("patch_crop_size", 1, math.inf, "255: a 3x3 grid of 85 px"),
-    ("grid", 1, math.inf, "3 for the 3x3 jigsaw"), ("patch_size", 1, math.inf, "64: one patch per 85 px cell"),
+    ("grid", 1, math.inf, "3 for the 3x3 jigsaw"), ("patch_resize", 1, math.inf, "256 for a 255 px crop"),
+    ("patch_size", 1, math.inf, "64: one patch per 85 px cell"),
     ("shuffle_buffer", 1, math.inf, "4096"), ("prefetch", 1, math.inf, "2"),
     ("synthetic_samples", 1, math.inf, "10000"),
     ("num_permutations", 0, math.inf, "0: any order, or 1000"),

@@ -63,7 +63,7 @@ class DaliLoader:
         self.batch_size = per_rank
         self.num_samples = manifest.num_samples
         self._len, self.duplicates_per_epoch = epoch_length(manifest.num_samples, per_rank * world_size)
-        self.order = PatchOrder(cfg.grid, cfg.num_permutations, cfg.seed, rank, device)
+        self.order = PatchOrder(cfg.grid, cfg.num_permutations, cfg.seed, rank, device, cfg.permutation_set)
         self.skip = cfg.on_corrupt == "skip"
         if not manifest.has_checksums and rank == 0:
             warnings.warn(f"the shards in {manifest.root} carry no per-sample checksums (crc members, "

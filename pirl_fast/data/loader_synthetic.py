@@ -24,7 +24,7 @@ class SyntheticLoader:
         self.batch_size, self.rank, self.world_size = per_rank, rank, world_size
         self.num_samples = cfg.synthetic_samples
         self._len, self.duplicates_per_epoch = epoch_length(cfg.synthetic_samples, per_rank * world_size)
-        self.order = PatchOrder(cfg.grid, cfg.num_permutations, cfg.seed, rank, device)
+        self.order = PatchOrder(cfg.grid, cfg.num_permutations, cfg.seed, rank, device, cfg.permutation_set)
         self.generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, rank))
 
     def __len__(self) -> int:

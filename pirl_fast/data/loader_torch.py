@@ -216,7 +216,7 @@ class TorchLoader:
         self.batch_size = per_rank
         self.num_samples = manifest.num_samples
         self._len, self.duplicates_per_epoch = epoch_length(manifest.num_samples, per_rank * world_size)
-        self.order = PatchOrder(cfg.grid, cfg.num_permutations, cfg.seed, rank, device)
+        self.order = PatchOrder(cfg.grid, cfg.num_permutations, cfg.seed, rank, device, cfg.permutation_set)
         self.epoch = 0  # the epoch the next iter() delivers
         self.stream = ShardStream(cfg, manifest, per_rank, rank, world_size)
         self.closing = torch.zeros((), dtype=torch.bool).share_memory_()  # set by close(): workers may die now

@@ -77,19 +77,36 @@ def colour_steps(cfg: DataConfig) -> list:
     return steps
 
 
+def offset_slack(cfg: DataConfig) -> int:
+    """Offsets of a patch in its cell are U{0..slack} (data.patch_offsets: full c - P, reference c - P - 1)."""
+    slack = cfg.patch_crop_size // cfg.grid - cfg.patch_size
+    return slack - 1 if cfg.patch_offsets == "reference" else slack
+
+
 class PIRLTransform:
     """jpeg bytes -> (image view (S,S,3), patches (9,P,P,3) in cell order), normalised, HWC, in
-    data.output_dtype (float32 | float16)."""
+    data.output_dtype (float32 | float16).
+
+    The patch crop per data.patch_view: pirl, a random resized crop whose 9 patches each get their own
+    colour steps and mirror; jigsaw (the reference's Jigsaw), Resize(patch_resize) of the shorter side,
+    RandomCrop(patch_crop_size), colour steps and mirror once for the whole crop, then the 9 patches."""
 
     def __init__(self, cfg: DataConfig):
         colour, mirror = colour_steps(cfg), v2.RandomHorizontalFlip(cfg.flip_p)
         self.image_view = v2.Compose([
             v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.image_scale), ratio=ASPECT_RATIO, antialias=True),
             *colour, mirror])
-        self.patch_crop = v2.RandomResizedCrop(cfg.patch_crop_size, scale=tuple(cfg.patch_scale),
-                                               ratio=ASPECT_RATIO, antialias=True)
-        self.patch_view = v2.Compose([*colour, mirror])  # its own draws for each patch
+        if cfg.patch_view == "jigsaw":  # the reference: Resize, RandomHorizontalFlip, RandomCrop, RandomGrayscale;
+            # the mirror last here: a uniform crop of the mirrored image is the mirror of a uniform crop
+            self.patch_crop = v2.Compose([v2.Resize(cfg.patch_resize, antialias=True),
+                                          v2.RandomCrop(cfg.patch_crop_size), *colour, mirror])
+            self.patch_view = v2.Identity()
+        else:
+            self.patch_crop = v2.RandomResizedCrop(cfg.patch_crop_size, scale=tuple(cfg.patch_scale),
+                                                   ratio=ASPECT_RATIO, antialias=True)
+            self.patch_view = v2.Compose([*colour, mirror])  # its own draws for each patch
         self.grid, self.cell, self.patch = cfg.grid, cfg.patch_crop_size // cfg.grid, cfg.patch_size
+        self.slack = offset_slack(cfg)
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
         self.dtype = OUTPUT_DTYPES[cfg.output_dtype]
@@ -105,7 +122,7 @@ class PIRLTransform:
         g, c, p = self.grid, self.cell, self.patch
         crop = self.patch_crop(image)  # (3, C, C)
         cells = crop.reshape(3, g, c, g, c).permute(1, 3, 0, 2, 4).reshape(g * g, 3, c, c)  # (9, 3, c, c) row-major
-        offsets = torch.randint(0, c - p + 1, (g * g, 2)).tolist()  # (9, 2): own offset per cell
+        offsets = torch.randint(0, self.slack + 1, (g * g, 2)).tolist()  # (9, 2): own offset per cell
         patches = torch.stack([self.patch_view(cell[:, oy:oy + p, ox:ox + p])
                                for cell, (oy, ox) in zip(cells, offsets)])  # (9, 3, P, P)
         return view, self.normalise(patches)  # (S, S, 3), (9, P, P, 3)

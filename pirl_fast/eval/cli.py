@@ -22,7 +22,7 @@ from pirl_fast.eval import finetune as ft
 from pirl_fast.eval import finetune_data as ftd
 from pirl_fast.eval import invariance as inv
 from pirl_fast.eval import linear_probe as lp
-from pirl_fast.eval import svm, vissl_import
+from pirl_fast.eval import svm, vissl_import, vissl_layout
 from pirl_fast.eval.features import (
     Pretrained,
     ShardImageDataset,
@@ -166,6 +166,8 @@ def cmd_export(args) -> int:
     arch = net.config["model"]["arch"]
     out = Path(args.out) if args.out else default_out(net.path)
     out.mkdir(parents=True, exist_ok=True)
+    if args.format == "vissl":
+        return export_vissl(net, out)
     trunk = {k: v.contiguous() for k, v in net.model.trunk.state_dict().items()}  # NCHW-contiguous copies
     heads = {k: v.contiguous() for k, v in net.model.state_dict().items() if not k.startswith("trunk.")}
     # Check before writing: torchvision's own constructor (with the run's stem) must take the trunk, missing only fc.
@@ -185,6 +187,33 @@ def cmd_export(args) -> int:
     print(f"load: m = torchvision.models.{arch}(); {small}m.fc = torch.nn.Identity(); "
           f"m.load_state_dict(torch.load('{trunk_path}'))")
     save_result(out, "export.json", {**describe(net), "stem": stem, "trunk": str(trunk_path), "heads": str(heads_path)})
+    return 0
+
+
+def export_vissl(net: Pretrained, out: Path) -> int:
+    """export --format vissl: the run as the reference's checkpoint (pirl_fast/eval/vissl_layout.py)."""
+    if net.config.get("imported", {}).get("heads") is False:
+        raise SystemExit(f"{net.path} was imported without the reference's heads; its heads are a seeded "
+                         "initialisation, so export --format vissl refuses (export without --format keeps the trunk)")
+    _, ckpt, _ = read_checkpoint(net.path)
+    state = {k: v.contiguous() for k, v in net.model.state_dict().items()}
+    bank = ckpt.get("bank", {}).get("bank") if net.method == "pirl" else None
+    z = ckpt.get("criterion", {}).get("z_jigsaw")
+    try:
+        ref = vissl_layout.reference_checkpoint(net.method, net.config, state, int(ckpt.get("step", 0)), bank,
+                                                None if z is None else float(z))
+    except vissl_layout.NoReferenceLayout as e:
+        raise SystemExit(f"export: {e}") from e
+    path = out / f"vissl_{net.method}_{net.config['model']['arch']}.torch"
+    save_atomic(ref, path)
+    model = ref["classy_state_dict"]["base_model"]["model"]
+    layout = vissl_layout.layout_of(net.method, net.config["model"])
+    print(f"wrote {path}  (the reference's checkpoint layout: trunk {len(model['trunk'])} tensors under "
+          f"_feature_blocks, heads {sorted(model['heads'])} as {layout.source} names them"
+          + (f"; memory bank {tuple(bank.shape)} as loss.nce_average.memory)" if bank is not None else ")"))
+    print(f"load it in the reference: config.MODEL.WEIGHTS_INIT.PARAMS_FILE={path} "
+          "config.MODEL.WEIGHTS_INIT.STATE_DICT_KEY_NAME=classy_state_dict")
+    save_result(out, "export.json", {**describe(net), "format": "vissl", "file": str(path), "layout": layout.name})
     return 0
 
 
@@ -378,9 +407,12 @@ def cmd_import_vissl(args) -> int:
         raise SystemExit(f"import-vissl: {e}") from e
     net = load_pretrained(path, "cpu")
     report = torch.load(path, map_location="cpu", weights_only=True)["import_report"]
-    heads = report["heads"] or "none (--trunk-only: heads at a seeded init, marked imported.heads=false)"
+    heads = f"{report['layout']}: {report['heads']}" if report["heads"] else \
+        "none (heads at a seeded init, marked imported.heads=false)"
     print(f"wrote {path}\n  method {net.method}, arch {report['arch']}, trunk {report['trunk_tensors']} tensors "
           f"(torchvision keys), heads mapped: {heads}")
+    for note in report["notes"]:
+        print(f"  {note}")
     print(f"  evaluate it like any run: python -m pirl_fast.eval linear {out} --train-shards T --val-shards V")
     save_result(out, "import.json", {**describe(net), **report, "source": str(Path(args.checkpoint).resolve())})
     return 0
@@ -433,8 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    p = _command(sub, "export", cmd_export, "trunk as a torchvision ResNet .pth + heads.pth")
+    p = _command(sub, "export", cmd_export, "trunk as a torchvision ResNet .pth + heads.pth, or a vissl checkpoint")
     p.add_argument("checkpoint", help=CKPT_HELP)
+    p.add_argument("--format", choices=("torchvision", "vissl"), default="torchvision",
+                   help="torchvision (default): trunk_<arch>.pth with torchvision's keys + heads.pth; vissl: one "
+                   "checkpoint in the reference's layout (trunk, heads and PIRL's bank), which its tools and "
+                   "benchmark configs load")
     p.add_argument("--out", default=None, help="folder for the .pth files (default: the run directory)")
 
     p = _command(sub, "knn", cmd_knn, "weighted kNN top-1/top-5 on frozen res5 features (NPID protocol)")
@@ -506,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="the reference's checkpoint file (model_final_checkpoint_phase*.torch)")
     p.add_argument("--out", required=True, help="run directory to create: OUT/checkpoints/step_*.pt + config.yaml")
     p.add_argument("--trunk-only", action="store_true",
-                   help="import the trunk even when the heads have no counterpart here (e.g. MLP heads)")
+                   help="import the trunk even when the heads are of a layout not mapped here (a file without "
+                   "heads needs no flag: it imports as its trunk)")
     p.add_argument("--overwrite", action="store_true", help="replace checkpoints already in --out")
 
     p = _command(sub, "invariance", cmd_invariance,

@@ -17,22 +17,20 @@ checkpoints of its own trainer (vissl/hooks/log_hooks.py, CheckpointHook):
     heads   "<head index>.<module index>.clf.<layer index>.<param>": heads is an nn.ModuleList; a
             head of several modules is an nn.Sequential; an "mlp" keeps its layers in .clf.
 
-Heads we map (each exactly one known layout of the reference's configs; anything else is refused):
+Heads: the three layouts of pirl_fast/eval/vissl_layout.py (PIRL with linear heads, PIRL with MLP
+heads -> model.head=mlp, Jigsaw -> model.jigsaw_head=reference), matched exactly (same keys, every
+shape consistent). A file whose heads are empty (a trunk saved alone, or a feature-extraction run)
+imports as its trunk; heads of any other layout are refused unless --trunk-only. With no heads the
+network's heads keep a seeded initialisation and the config says `imported.heads: false`, so the
+commands that need heads (invariance) refuse it; linear, kNN, SVM and fine-tuning need only the trunk.
 
-    PIRL, configs/config/pretrain/pirl/pirl_jigsaw_4node_resnet50.yaml (head 0 on patches, 1 on images)
-        0.0.clf.0.{weight,bias}  (D, 2048)    -> patch_head     mlp [2048, 128]
-        0.2.clf.0.{weight,bias}  (D, 9*D)     -> jigsaw_head    mlp [1152, 128] after siamese_concat_view 9
-        1.clf.0.{weight,bias}    (D, 2048)    -> image_head     mlp [2048, 128]
-    Jigsaw, configs/config/pretrain/jigsaw/jigsaw_8gpu_resnet.yaml -> JigsawModel(jigsaw_head=reference)
-        0.0.clf.0.{weight,bias}  (1000, 2048) -> patch_head.0   mlp [2048, 1000] use_bn use_relu
-        0.0.clf.1.{weight,bias,running_mean,running_var,num_batches_tracked} -> patch_head.1 (BatchNorm1d)
-        0.2.clf.0.{weight,bias}  (P, 9000)    -> classifier     mlp [9000, P]
-
-The MLP-head PIRL models (pirl/models/resnet50_mlphead.yaml, 2048-2048-128) have no counterpart in
-this project's PIRLModel: they are refused unless --trunk-only, which keeps the trunk alone (the
-heads get a seeded initialisation and the checkpoint's config says `imported.heads: false`, so
-commands that need the heads refuse it). Every linear, kNN, SVM and fine-tuning evaluation needs
-only the trunk.
+Loss state (the checkpoint's top-level "loss", NCELossWithMemory.state_dict() in
+vissl/losses/nce_loss.py): its memory bank `nce_average.memory` (N, D) and `nce_average.params`
+= [num_negatives, temperature, Z, momentum] are kept: the bank as our MemoryBank's state ("bank":
+rows, all marked seen) and Z (when the reference had estimated it, > 0) as the criterion's two
+normalisers ("criterion"), the parameters in the config under `imported.nce_params`. The rest
+(optimizer state, meters, the alias sampler's tables, which are rebuilt from N) is ignored, and
+the import says so in one line.
 
 Loading is `torch.load(weights_only=True)`: no code from the file runs. Reference checkpoints also
 hold non-tensor data (ints, floats, lists, dicts: allowed as they are) and, in some (those
@@ -46,7 +44,6 @@ file is refused with its name; nothing is ever loaded with weights_only=False.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +52,7 @@ import torchvision
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from pirl_fast.eval import vissl_layout
 from pirl_fast.model.network import ARCHS
 from pirl_fast.runtime.atomic import atomic_write
 from pirl_fast.train.checkpoint import save_atomic
@@ -125,7 +123,8 @@ def _tensor(value, key: str) -> Tensor:
 
 def model_state(ckpt: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(trunk state, heads state) under the reference's own names, from either of its layouts:
-    classy_state_dict (what its trainer writes) or a flat model_state_dict with trunk./heads. keys."""
+    classy_state_dict (what its trainer writes, and its consolidated checkpoints: vissl/utils/checkpoint.py)
+    or a flat model_state_dict with trunk./heads. keys."""
     if not isinstance(ckpt, dict):
         raise ImportRefused(f"the file holds a {type(ckpt).__name__}, not a checkpoint dict")
     if "classy_state_dict" in ckpt:
@@ -170,66 +169,63 @@ def trunk_to_torchvision(trunk: dict[str, Tensor]) -> tuple[str, dict[str, Tenso
                         "or ResNeXt reference models cannot be evaluated here")
 
 
-@dataclass
-class HeadLayout:
-    method: str  # pirl | jigsaw
-    mapping: dict[str, str]  # our key -> the reference's key
-    model: dict = field(default_factory=dict)  # ModelConfig fields implied by the shapes
-    data: dict = field(default_factory=dict)  # DataConfig fields implied (num_permutations)
-
-
-_BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def match_heads(heads: dict[str, Tensor], trunk_dim: int) -> HeadLayout | None:
-    """The known layout `heads` is exactly (same keys, consistent shapes), or None."""
-    keys = set(heads)
-    pirl = {"patch_head.weight": "0.0.clf.0.weight", "patch_head.bias": "0.0.clf.0.bias",
-            "jigsaw_head.weight": "0.2.clf.0.weight", "jigsaw_head.bias": "0.2.clf.0.bias",
-            "image_head.weight": "1.clf.0.weight", "image_head.bias": "1.clf.0.bias"}
-    if keys == set(pirl.values()):
-        d = heads["1.clf.0.weight"].shape[0]
-        concat = heads["0.2.clf.0.weight"].shape[1]
-        if (heads["1.clf.0.weight"].shape == (d, trunk_dim) and heads["0.0.clf.0.weight"].shape == (d, trunk_dim)
-                and heads["0.2.clf.0.weight"].shape[0] == d and concat % d == 0):
-            return HeadLayout("pirl", pirl, model={"embed_dim": d, "num_patches": concat // d})
-    jigsaw = {"patch_head.0.weight": "0.0.clf.0.weight", "patch_head.0.bias": "0.0.clf.0.bias",
-              **{f"patch_head.1.{p}": f"0.0.clf.1.{p}" for p in _BN},
-              "classifier.weight": "0.2.clf.0.weight", "classifier.bias": "0.2.clf.0.bias"}
-    if keys == set(jigsaw.values()):
-        width, in_dim = heads["0.0.clf.0.weight"].shape
-        perms, concat = heads["0.2.clf.0.weight"].shape
-        if in_dim == trunk_dim and width == 1000 and concat % width == 0:
-            return HeadLayout("jigsaw", jigsaw, model={"jigsaw_head": "reference", "num_patches": concat // width},
-                              data={"num_permutations": perms})
-    return None
+def loss_state(ckpt: dict) -> tuple[dict, list[str]]:
+    """(what we keep of the reference's loss state: memory, nce_params; the names of what we ignore)."""
+    loss = ckpt.get("loss") if isinstance(ckpt, dict) else None
+    kept: dict = {}
+    ignored: list[str] = []
+    if isinstance(loss, dict) and "nce_average.memory" in loss:
+        kept["memory"] = _tensor(loss["nce_average.memory"], "loss.nce_average.memory").float()
+        if "nce_average.params" in loss:
+            k, t, z, m = (float(v) for v in _tensor(loss["nce_average.params"], "loss.nce_average.params"))
+            kept["nce_params"] = {"num_negatives": int(k), "temperature": t, "z": z, "momentum": m}
+        ignored += [f"loss.{k}" for k in sorted(loss) if k not in ("nce_average.memory", "nce_average.params")]
+    elif isinstance(loss, dict) and loss:
+        ignored += [f"loss.{k}" for k in sorted(loss)]
+    classy = ckpt.get("classy_state_dict", {}) if isinstance(ckpt, dict) else {}
+    if isinstance(classy, dict):
+        ignored += [f"classy_state_dict.{k}" for k in sorted(classy) if k != "base_model"
+                    and isinstance(classy[k], (dict, list, Tensor)) and len(classy[k])]
+    return kept, ignored
 
 
 def convert(ckpt: dict, *, trunk_only: bool = False) -> tuple[dict[str, Tensor], dict, dict]:
-    """(our model state dict, resolved config for it, a report of what was mapped)."""
+    """(our model state dict, resolved config for it, a report of what was mapped and what was left)."""
     trunk, heads = model_state(ckpt)
     arch, tv = trunk_to_torchvision(trunk)
-    layout = match_heads(heads, ARCHS[arch][1])
-    report = {"arch": arch, "trunk_tensors": len(tv), "reference_head_keys": sorted(heads)}
-    if layout is None and not trunk_only:
+    found = vissl_layout.match(heads, ARCHS[arch][1]) if heads else None
+    if heads and found is None and not trunk_only:
         shapes = {k: list(v.shape) for k, v in sorted(heads.items())}
-        raise ImportRefused(f"the heads match neither the reference's PIRL linear heads nor its Jigsaw head (see "
-                            f"`python -m pirl_fast.eval import-vissl --help`): {shapes}. Pass --trunk-only to "
-                            "import the trunk alone (enough for linear, kNN, SVM and fine-tuning)")
-    config = {"method": layout.method if layout else "pirl",
-              "model": {"arch": arch, **(layout.model if layout else {})},
-              "data": {"image_size": 224, **(layout.data if layout else {})}}
+        names = "; ".join(f"{layout.name} ({layout.source})" for layout in vissl_layout.LAYOUTS)
+        raise ImportRefused(f"the heads match none of the reference's layouts we map ({names}): {shapes}. Pass "
+                            "--trunk-only to import the trunk alone (enough for linear, kNN, SVM and fine-tuning)")
+    report: dict = {"arch": arch, "trunk_tensors": len(tv), "reference_head_keys": sorted(heads), "notes": []}
+    config: dict = {"method": "pirl", "model": {"arch": arch}, "data": {"image_size": 224}}
     state = {f"trunk.{k}": v.clone() for k, v in tv.items()}
-    if layout is not None:
-        state.update({ours: heads[ref].clone() for ours, ref in layout.mapping.items()})
-    report["heads"] = sorted(layout.mapping) if layout else False
-    config["imported"] = {"heads": bool(layout), "method": config["method"]}
+    if found is not None:
+        layout, dims = found
+        config["method"] = layout.method
+        config["model"].update(layout.model, num_patches=dims["P"])
+        if layout.method == "pirl":
+            config["model"]["embed_dim"] = dims["D"]
+        else:
+            config["data"]["num_permutations"] = dims["N"]
+        state.update(vissl_layout.from_reference(layout, heads))
+        report["layout"] = f"{layout.name} ({layout.source})"
+    elif not heads:
+        report["notes"].append("the file holds no heads (a trunk saved alone): imported as its trunk; the heads "
+                               "keep a seeded initialisation (imported.heads=false)")
+    else:
+        report["notes"].append(f"--trunk-only: {len(heads)} head tensors of an unknown layout left out")
+    report["heads"] = sorted(vissl_layout.from_reference(found[0], heads)) if found else False
+    config["imported"] = {"heads": found is not None, "method": config["method"]}
     return state, config, report
 
 
 def import_checkpoint(src: str | Path, out_dir: str | Path, *, trunk_only: bool = False) -> Path:
     """Convert the reference checkpoint `src` into out_dir/checkpoints/step_<iteration>.pt (our layout,
-    loadable by every `python -m pirl_fast.eval` command) and out_dir/config.yaml; returns the file."""
+    loadable by every `python -m pirl_fast.eval` command) and out_dir/config.yaml; returns the file.
+    The file's "import_report" holds what was mapped and `notes`: one line for each thing left out."""
     from pirl_fast.eval.features import build_model  # evaluation plumbing; imported here to keep this module light
 
     ckpt, numpy_globals = load_reference(src)
@@ -237,18 +233,33 @@ def import_checkpoint(src: str | Path, out_dir: str | Path, *, trunk_only: bool 
     model = build_model(config["method"], config)
     ours = model.state_dict()
     heads_missing = sorted(k for k in ours if k not in state)
-    if heads_missing:  # --trunk-only: the heads keep their seeded initialisation, and the config says so
-        if not trunk_only:
+    if heads_missing:  # no heads mapped: they keep their seeded initialisation, and the config says so
+        if config["imported"]["heads"]:
             raise ImportRefused(f"mapped checkpoint lacks {heads_missing}")
         state.update({k: ours[k] for k in heads_missing})
     model.load_state_dict(state, strict=True)  # every shape checked against the network we will evaluate
+    saved = {"model": state}
+    kept, ignored = loss_state(ckpt)
+    if "memory" in kept:  # PIRL's memory bank (NPID's): our MemoryBank's state, every row counted as written
+        memory = kept["memory"]
+        saved["bank"] = {"bank": memory, "seen": torch.ones(memory.shape[0], dtype=torch.bool),
+                         "_extra_state": {"draws": 0, "seed": 0}}
+        z = kept.get("nce_params", {}).get("z", -1.0)
+        z = torch.tensor(z if z > 0 else float("nan"))  # -1: the reference had not estimated it yet
+        saved["criterion"] = {"z_jigsaw": z.clone(), "z_image": z.clone()}  # one Z for both terms, as there
+        config["imported"]["nce_params"] = kept.get("nce_params", {})
+        report["bank"] = list(memory.shape)
+        report["notes"].append(f"memory bank imported: {memory.shape[0]} rows of {memory.shape[1]} (checkpoint "
+                               f"keys bank, criterion); nce params {kept.get('nce_params', 'absent')}")
+    if ignored:
+        report["notes"].append(f"ignored (training state that has no counterpart here): {', '.join(ignored)}")
     step = int(ckpt.get("iteration", 0) or 0) if isinstance(ckpt, dict) else 0
     config["imported"].update({"from": str(Path(src).resolve()), "numpy_globals": numpy_globals,
                                "phase_idx": ckpt.get("phase_idx") if isinstance(ckpt, dict) else None})
     out_dir = Path(out_dir)
     path = out_dir / "checkpoints" / f"step_{step:09d}.pt"
     yaml = OmegaConf.to_yaml(OmegaConf.create(config))
-    save_atomic({"model": state, "config_yaml": yaml, "step": step, "import_report": report}, path)
+    save_atomic({**saved, "config_yaml": yaml, "step": step, "import_report": report}, path)
     with atomic_write(out_dir / "config.yaml", "w") as f:
         f.write(yaml)
     return path

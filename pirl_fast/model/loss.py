@@ -16,10 +16,19 @@ Scores s are cosine similarities (unit rows). Everything is computed in float32,
 softplus / log-sum-exp so that exp(s/tau) (up to e^14 at tau=0.07) never overflows.
 
 Z: the normaliser is estimated once, on the first batch, as mean(exp(s/tau)) * |D| over that
-batch's positive and negative scores, averaged over ranks, then frozen. There is one Z per
-term (`z_jigsaw`, `z_image`): the two terms score different embeddings (g and f) whose score
-distributions differ, and the reference estimates one Z per NCE criterion. Both are buffers,
-NaN until estimated, and saved in state_dict so a resumed run keeps them.
+batch's positive and negative scores, averaged over ranks, then frozen. `loss.z` says from what:
+
+  shared    (the reference's) one Z, estimated on the first batch of the jigsaw (patch) term and
+            used for both terms: vissl/losses/nce_loss.py keeps Z in one NCEAverage buffer
+            (params[2]), computed in forward when it is still < 0; the patch output is the first
+            the loss sees (MULTI_INPUT_HEAD_MAPPING lists "patches" first), so it sets Z and the
+            image term finds it set. experiment=pirl_in1k_r50 uses it.
+  per_term  (default) one Z per term, each from its own first batch: the two terms score different
+            embeddings (g and f) whose score distributions differ, so each term's P = exp(s/tau)/Z
+            is normalised with its own scores' mean. README "Z" gives the measured effect.
+
+Both are buffers (`z_jigsaw`, `z_image`; with shared they hold the same value), NaN until
+estimated, and saved in state_dict so a resumed run keeps them.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from pirl_fast.model.diagnostics import bank_cosine, cosine_f_g
 from pirl_fast.runtime import dist
 
 KINDS = ("nce", "infonce")
+Z_MODES = ("per_term", "shared")
 
 
 def _check(pos: Tensor, neg: Tensor, temperature: float) -> None:
@@ -82,6 +92,9 @@ class LossConfig:
     kind: str = "nce"
     temperature: float = 0.07  # tau, the paper's (NPID's too); smaller sharpens the softmax over negatives
     lam: float = 0.5  # lam*L(m, g) + (1-lam)*L(m, f); the paper found 0.5 best and the result sensitive to it
+    # nce only: per_term (one Z per term, each from its own first batch) | shared (the reference's: one Z from the
+    # jigsaw term's first batch, used for both; experiment=pirl_in1k_r50). See the module docstring
+    z: str = "per_term"
 
 
 @dataclass
@@ -102,6 +115,8 @@ class PIRLCriterion(nn.Module):
         super().__init__()
         if cfg.kind not in KINDS:
             raise ValueError(f"loss.kind={cfg.kind!r} is unknown; choose one of {KINDS}")
+        if cfg.z not in Z_MODES:
+            raise ValueError(f"loss.z={cfg.z!r} is unknown; choose one of {Z_MODES}")
         if not 0.0 <= cfg.lam <= 1.0:
             raise ValueError(f"loss.lam={cfg.lam} must lie in [0, 1] (the paper uses 0.5)")
         if not cfg.temperature > 0:
@@ -123,9 +138,12 @@ class PIRLCriterion(nn.Module):
         into `scores` as pos_<name>, neg_<name> (detached, on the device: the collapse diagnostics)."""
         index_neg = bank.sample_negatives(q.shape[0])  # (B, K), a fresh draw per term
         if self.cfg.kind == "nce" and not self._z_ready:  # first batch: Z needs the scores once
-            with torch.no_grad():
-                neg = bank.scores(q, index_neg)  # (B, K)
-            z.copy_(estimate_z(pos.detach(), neg, self.cfg.temperature, self.num_data))
+            if name == "image" and self.cfg.z == "shared":  # the jigsaw term, first, has just set it
+                z.copy_(self.z_jigsaw)
+            else:
+                with torch.no_grad():
+                    neg = bank.scores(q, index_neg)  # (B, K)
+                z.copy_(estimate_z(pos.detach(), neg, self.cfg.temperature, self.num_data))
         # One pass over the negatives: the loss and its query gradient together. The indices were
         # drawn by the bank, in range by construction: no range check.
         term = bank.loss(q, pos, index_neg, self.cfg.kind, self.cfg.temperature, self.num_data, z,

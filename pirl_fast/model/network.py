@@ -48,7 +48,9 @@ class ModelConfig:
     embed_dim: int = 128  # the paper's embedding width, of both heads; the memory bank rows have this width
     num_patches: int = 9  # a 3x3 jigsaw grid
     stem: str = "imagenet"  # imagenet (7x7/2 conv + max-pool) | small (3x3/1 conv, no max-pool: 28-64 px images)
-    patch_bn_stats: bool = False  # true: the patch forward also updates BN running stats (the reference); batchnorm.py
+    # true: the patch forward also updates BN running stats, as the reference's does (experiment=pirl_in1k_r50);
+    # false: images only (better on small data: pirl_fast/model/batchnorm.py, README "BatchNorm statistics")
+    patch_bn_stats: bool = False
     embed_bn: bool = False  # true: BatchNorm1d (no affine) on f and g before the L2 normalisation (see below)
     jigsaw_head: str = "light"  # method=jigsaw only: light | reference (pirl_fast/model/jigsaw.py)
     # linear (the paper's) | mlp (the reference's improved recipe, experiment=pirl_mlp_in1k_r50; projection_heads)
@@ -168,4 +170,5 @@ class PIRLModel(TrunkModel):
         if patches.shape[0] != self.cfg.num_patches * images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {patches.shape[0]} patches; expected "
                              f"{self.cfg.num_patches} patches per image ({self.cfg.num_patches * images.shape[0]})")
-        return self.embed_image(images), self.embed_patches(patches)
+        g = self.embed_patches(patches)  # patches first, as the reference (MULTI_INPUT_HEAD_MAPPING: patches, images):
+        return self.embed_image(images), g  # with patch_bn_stats the running stats see them in its order
