@@ -32,9 +32,10 @@ def test_supervised_learns_the_labels_from_the_same_initial_trunk(tmp_path, samp
     assert summary["step"] == 30
     net = load_pretrained(tmp_path)
     assert net.method == "supervised" and net.model.classifier.out_features == classes
-    # The trunk started where PIRL's would: the untrained network of the same seed.
+    # The trunk trained away from its start, the untrained network of the same seed (the weights every method
+    # starts from: test_same_initial_trunk_as_pirl)
     start = random_init("resnet18", 3, "cpu", {"stem": "imagenet"}).model.trunk.state_dict()
-    assert not torch.equal(start["conv1.weight"], net.model.trunk.state_dict()["conv1.weight"])  # it trained
+    assert not torch.equal(start["conv1.weight"], net.model.trunk.state_dict()["conv1.weight"])
     # Training accuracy on the shards' own images (eval view) is far above chance after 30 steps:
     data = ShardImageDataset(sample_shards, eval_transform(32))
     x = torch.stack([data[i][0] for i in range(len(data))])
@@ -64,3 +65,8 @@ def test_same_initial_trunk_as_pirl(tmp_path, sample_shards):
 def test_wrong_class_count_is_one_line(tmp_path, sample_shards):
     with pytest.raises(ConfigError, match="model.num_classes=3 but the shards .* have 4 classes"):
         train(config(tmp_path, f"data.shards={sample_shards}", "model.num_classes=3"))
+
+
+def test_synthetic_data_needs_its_class_count(tmp_path):
+    with pytest.raises(ConfigError, match="data.backend=synthetic draws labels of 1000 classes"):
+        train(config(tmp_path, "data.backend=synthetic", "model.num_classes=10"))

@@ -60,6 +60,15 @@ NETWORKS = (*METHODS, "untrained", "pixels")  # the table's rows: the trained th
 LABELS = {"pirl": "PIRL", "jigsaw": "Jigsaw", "supervised": "supervised", "untrained": "untrained",
           "pixels": "raw pixels"}
 JIGSAW_PERMUTATIONS = 100  # Noroozi & Favaro's smaller set (their best, 1000, is 1 class per image here)
+# The reference's Jigsaw input (experiment=jigsaw_in1k_r50 sets the same keys; vissl configs/config/pretrain/
+# jigsaw/jigsaw_8gpu_resnet.yaml): resize then a random crop with 1 px of slack (256 -> 255 there,
+# patch_crop_size + 1 -> patch_crop_size here), one flip and one greyscale draw (p 0.66) per image, no colour
+# jitter or photometric ops, patch offsets drawn as its ImgPatchesFromTensor does, max-average Hamming
+# permutations. Scaled to this size: 8 px patches in 10 px cells (offsets 0..1; the reference: 64 in 85, 0..20),
+# 100 permutations (the reference: 2,000). Greyscale is a no-op on Fashion-MNIST's grey images.
+JIGSAW_REFERENCE_INPUT = ["data.patch_view=jigsaw", "data.patch_offsets=reference", "data.permutation_set=max_avg",
+                          "data.brightness=0", "data.contrast=0", "data.saturation=0", "data.hue=0",
+                          "data.photometric_p=0", "data.gray_p=0.66"]
 KNN_MARGIN = 5.0  # target: PIRL kNN top-1 at least this many points above the untrained network
 PIXEL_KNN_MARGIN = 3.0  # target: PIRL kNN top-1 at least this many points above kNN on raw pixels
 PIXEL_LINEAR_MARGIN = 1.0  # target: PIRL's res5 probe at least this many points above the probe on raw pixels
@@ -159,7 +168,9 @@ def training_overrides(args, method: str, seed: int, shards: Path, run_dir: Path
     if torch.cuda.is_available():
         overrides += GPU_OVERRIDES
     if method == "jigsaw":
-        overrides += ["method=jigsaw", f"data.num_permutations={JIGSAW_PERMUTATIONS}"]
+        crop = composed(overrides + list(args.override)).data.patch_crop_size
+        overrides += ["method=jigsaw", f"data.num_permutations={JIGSAW_PERMUTATIONS}",
+                      f"data.patch_resize={crop + 1}", *JIGSAW_REFERENCE_INPUT]
     if method == "supervised":  # the same trunk, views, schedule and epochs, trained with the labels
         from pirl_fast.shard.format import load_manifest
 
@@ -167,11 +178,17 @@ def training_overrides(args, method: str, seed: int, shards: Path, run_dir: Path
     return overrides + list(args.override)
 
 
+def composed(overrides: list[str]):
+    """The training config these overrides compose (nothing runs)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
 def pretrain(args, method: str, seed: int, shards: Path, run_dir: Path) -> dict:
     """Train one network, unless run_dir already holds this very run, finished (the benchmark is resumable:
     run it again after an interruption and only what is missing runs)."""
-    from hydra import compose, initialize_config_module
-
     from pirl_fast.runtime.signals import STOP_SIGNALS, exit_status
     from pirl_fast.train.loop import train
 
@@ -183,13 +200,11 @@ def pretrain(args, method: str, seed: int, shards: Path, run_dir: Path) -> dict:
         return done
     shutil.rmtree(run_dir, ignore_errors=True)
     print(f"\n-- pre-train {LABELS[method]}, seed {seed}: python -m pirl_fast.train " + " ".join(overrides), flush=True)
-    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    summary = train(cfg)
+    summary = train(composed(overrides))
     stopped_by = {s.name: s for s in STOP_SIGNALS}.get(summary["stopped_by"])
     if stopped_by is not None:  # the trainer saved a checkpoint and returned: stop the whole benchmark
-        print(f"bench learn: stopped by {stopped_by.name} during {run_dir}; run the same command again to go on",
-              file=sys.stderr)
+        print(f"bench learn: stopped by {stopped_by.name} during {run_dir}; run the same command again to go on "
+              "(finished runs and their evaluations are reused; the interrupted run starts again)", file=sys.stderr)
         raise SystemExit(exit_status(stopped_by))
     atomic.write_json(run_dir / DONE_FILE, {"overrides": overrides, "summary": summary})
     return summary

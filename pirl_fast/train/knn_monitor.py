@@ -151,4 +151,6 @@ def build(cfg, shards: ShardPath | None, num_samples: int, rank: int, world_size
                          batch_size=cfg.data.batch_size // world_size, workers=resolve_workers(cfg.data.workers))
     return monitor, (f"kNN monitor: every {every} epoch(s) and at the end, the {len(val)} images of "
                      f"{val_split.dir} against the bank's {num_samples} rows (k={monitor.k}, "
-                     f"tau={monitor.temperature}): knn_top1 in metrics.jsonl")
+                     f"tau={monitor.temperature}): knn_top1 in metrics.jsonl"
+                     + ("; this is the test split: watch it, but choose settings on a val split"
+                        if val_split.split == "test" else ""))

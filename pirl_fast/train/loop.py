@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pirl_fast.data.loader_synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from pirl_fast.data.loaders import BackendUnavailable, build_loader, resolve_backend
 from pirl_fast.model.diagnostics import IntervalMeans
 from pirl_fast.model.jigsaw import JigsawLoss, JigsawModel, JigsawObjective
@@ -357,11 +358,13 @@ def build_method(cfg: Config, loader, rows: int, device: torch.device):
     """(model, criterion, objective, bank) of cfg.method, on `device`; the trunk is built first, from the
     seeded generator, so every method starts from the same trunk weights."""
     if cfg.method == "supervised":
-        classes = (None if cfg.data.backend == "synthetic"
+        where = "data.backend=synthetic" if cfg.data.backend == "synthetic" else f"the shards in {cfg.data.shards}"
+        classes = (SYNTHETIC_CLASSES if cfg.data.backend == "synthetic"
                    else len(load_manifest(resolve_shards(cfg.data.shards, "train").dir).classes))
-        if classes is not None and classes != cfg.model.num_classes:
-            raise ConfigError(f"method=supervised: model.num_classes={cfg.model.num_classes} but the shards in "
-                              f"{cfg.data.shards} have {classes} classes: set model.num_classes={classes}")
+        if classes != cfg.model.num_classes:
+            raise ConfigError(f"method=supervised: model.num_classes={cfg.model.num_classes} but {where} "
+                              f"{'draws labels of' if cfg.data.backend == 'synthetic' else 'have'} {classes} classes: "
+                              f"set model.num_classes={classes}")
         module = SupervisedModel(cfg.model, cfg.model.num_classes)
     elif cfg.method == "jigsaw":
         module = JigsawModel(cfg.model, cfg.data.num_permutations)
@@ -489,6 +492,7 @@ def run_training(cfg: DictConfig | Config, default_dir: bool = False,
 def finished(run: Run) -> dict[str, Any]:
     """A run whose directory already holds all its steps: says so and returns the summary of the run that
     did them, leaving summary.json, metrics.jsonl, tb/ and config.yaml as they are."""
+    run.batches = None  # the resumed epoch's iterator first (its workers), as at the end of `fit`
     run.loader.close()
     cfg = run.cfg
     more = ("raise trainer.max_steps to train on" if run.stop_at == cfg.trainer.max_steps else

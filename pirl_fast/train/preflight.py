@@ -25,7 +25,6 @@ is loop.py's `save_checkpoint`: it stops with the newest valid checkpoint kept.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from torch import nn
 from pirl_fast.model.jigsaw import JigsawModel
 from pirl_fast.model.memory_bank import DTYPES
 from pirl_fast.model.network import PIRLModel
+from pirl_fast.model.supervised import SupervisedModel
 from pirl_fast.runtime.atomic import MB
 from pirl_fast.train import checkpoint
 from pirl_fast.train.config import Config, ConfigError
@@ -63,6 +63,8 @@ def build_meta_model(cfg: Config) -> nn.Module:
     with torch.device("meta"):
         if cfg.method == "jigsaw":
             return JigsawModel(cfg.model, cfg.data.num_permutations)
+        if cfg.method == "supervised":
+            return SupervisedModel(cfg.model, max(2, cfg.model.num_classes))
         return PIRLModel(cfg.model)
 
 
@@ -84,7 +86,7 @@ def activation_bytes(model: nn.Module, cfg: Config, per_rank: int, element: int)
     images = torch.empty(per_rank, 3, d.image_size, d.image_size, device="meta")
     try:
         with torch.no_grad():
-            model(patches) if cfg.method == "jigsaw" else model(images, patches)
+            model(*{"jigsaw": (patches,), "supervised": (images,)}.get(cfg.method, (images, patches)))
     finally:
         for h in hooks:
             h.remove()
@@ -171,9 +173,10 @@ def fits(cfg: Config, device: torch.device, estimate: MemoryEstimate, free: int)
     room = free - (estimate.total - act)
     batch = cfg.data.batch_size
     if room > 0 and act > 0:
+        world = max(1, int(os.environ.get("WORLD_SIZE", 1)))  # torchrun's; 1 for a plain process
         smaller = max(1, int(batch * room / act))
-        smaller -= smaller % math.gcd(batch, smaller) if smaller > batch else 0
-        if smaller < batch:
+        smaller -= smaller % world  # the trainer needs a global batch that divides over the ranks
+        if 0 < smaller < batch:
             return f"a smaller global batch fits, e.g. data.batch_size={smaller} (optim.lr scales with it)"
     return "free memory (other jobs), use a smaller model (model=resnet18) or smaller images (data.image_size)"
 
