@@ -1,7 +1,9 @@
-"""Does PIRL learn from real images? PIRL against the Jigsaw baseline and the untrained network.
+"""Does PIRL learn from real images? PIRL between two plain baselines, raw pixels below and the same network
+trained with labels above, beside the Jigsaw baseline and the untrained network.
 
-    python -m pirl_fast.bench learn [--json learn.json]       # CPU: 13 min on 2 idle cores (*)
+    python -m pirl_fast.bench learn [--json learn.json]       # CPU: about 25 min on 2 idle cores (*)
     python -m pirl_fast.bench learn --eval-on val --seeds 0   # for choosing a recipe: never the test split
+    python -m pirl_fast.bench learn --curve 500,1000,2000     # PIRL vs pixels by the number of images
 
 The data is Fashion-MNIST (Xiao et al. 2017: 28 px greyscale photographs of clothing, 10 classes),
 which nothing else in pirl_fast needs. Install it with `sudo apt-get install dataset-fashion-mnist`
@@ -15,20 +17,26 @@ which nothing else in pirl_fast needs. Install it with `sudo apt-get install dat
                --eval-on val: held-out training images instead, to choose recipes on)
   2. shard     both through `python -m pirl_fast.shard`, the product's path
   3. train     per seed, `experiment=fmnist` (pirl_fast/train/conf/experiment/fmnist.yaml, where the
-               choices are explained): PIRL, then Jigsaw (method=jigsaw, P=100 permutations) with
-               the same trunk, initial weights, steps, batch, data, augmentation and LR schedule;
-               a checkpoint every steps / --evals steps
+               choices are explained): PIRL, Jigsaw (method=jigsaw, P=100 permutations, the
+               reference's Jigsaw input scaled to this size: JIGSAW_REFERENCE_INPUT) and supervised
+               (method=supervised: cross-entropy on the labels), with the same trunk, initial
+               weights, steps, batch, data, image view and LR schedule; a checkpoint every
+               steps / --evals steps. A finished run is reused when the command is run again.
   4. evaluate  per seed, on the test split: weighted kNN top-1 (k=200, tau=0.07, train split as
                the memory) of every checkpoint of both runs and of the untrained network (the
                very weights both runs started from); linear probes on all five stages (stored
                centre-crop features, the `eval linear --no-augment` protocol) of the final
                networks and the untrained one; the invariance analysis (pirl_fast.eval.invariance:
                own-image vs other-image distance, the gap) of all three
-  5. report    one table (mean over seeds and the spread, max - min), one plot (kNN top-1 over
-               training, the untrained network as a line), the targets met or not, JSON
+  5. report    one table (mean over seeds and the spread, max - min) with raw pixels as a row (the
+               same kNN on mean-centred pixels of the evaluation view, the same probe on the pixels),
+               PIRL's share of the gap from untrained to supervised, one plot (kNN top-1 over
+               training; the untrained network and pixels as lines), the targets met or not, JSON
+               and learn.md (`python -m pirl_fast.report OUT` prints it again)
 
-(*) BENCHMARKS.md (2026-11-30). On a machine shared with other jobs it takes far longer: shrink
-it with --seeds 0 --train-images 500 --epochs 8 and say so beside any figure.
+(*) BENCHMARKS.md (2026-12-06). On a machine shared with other jobs, set OMP_NUM_THREADS=1: with more
+busy threads than cores, PyTorch's OpenMP threads wait on each other and a step took 12x longer
+(measured, BENCHMARKS.md); shrink it with --seeds 0 --train-images 500 and say so beside any figure.
 
 Every network is evaluated with the same views, layer (res5 average-pooled; the probes also at
 conv1..res4) and protocol. On CUDA the defaults grow (the whole dataset, the small stem, more
@@ -78,7 +86,9 @@ PROBE_EPOCHS, PROBE_LR = 30, 0.1  # cached-feature probes on a few thousand imag
 PROBE_PROTOCOL = "gap"
 INVARIANCE_IMAGES = 500  # test images for the invariance analysis (distances are means; 500 is plenty)
 # Sizes per device; on CUDA the runs also get GPU_OVERRIDES
-CPU_SIZE = dict(train_images=1000, test_images=1000, epochs=16, batch=50)
+# 24 epochs: kNN top-1 on held-out training images rose from 75.0 (16) to 76.5 (24) and stayed (76.4 at 32);
+# BENCHMARKS.md, "Choosing the recipe" (2026-12-06)
+CPU_SIZE = dict(train_images=1000, test_images=1000, epochs=24, batch=50)
 GPU_SIZE = dict(train_images=60000, test_images=10000, epochs=100, batch=512)
 GPU_OVERRIDES = ["model.stem=small", "data.backend=dali", "data.workers=8", "bank.num_negatives=4096"]
 
@@ -160,7 +170,9 @@ def training_overrides(args, method: str, seed: int, shards: Path, run_dir: Path
     steps_per_epoch = math.ceil(args.train_images / args.batch)
     steps = args.epochs * steps_per_epoch
     every = max(1, steps // args.evals)
-    overrides = ["experiment=fmnist", f"data.shards={shards}", f"data.batch_size={args.batch}",
+    # data.backend=auto: DALI's CPU graph where DALI is installed (fewer CPU cycles per sample than the torch
+    # workers, so more of the 2 cores train; the recipe was chosen with it), else the torch loader
+    overrides = ["experiment=fmnist", "data.backend=auto", f"data.shards={shards}", f"data.batch_size={args.batch}",
                  f"data.workers={args.workers}", f"trainer.epochs={args.epochs}", f"trainer.seed={seed}",
                  f"data.seed={seed}", f"bank.seed={seed}", f"trainer.ckpt_every={every}",
                  "trainer.ckpt_epoch_end=false",
