@@ -191,9 +191,12 @@ def training_overrides(args, method: str, seed: int, shards: Path, run_dir: Path
 
 
 def composed(overrides: list[str]):
-    """The training config these overrides compose (nothing runs)."""
+    """The training config these overrides compose (nothing runs); inside a caller's own Hydra context too."""
     from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():
+        return compose("config", overrides=overrides)
     with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
         return compose("config", overrides=overrides)
 
