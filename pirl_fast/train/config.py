@@ -68,7 +68,9 @@ class TrainerConfig:
 
 @dataclass
 class Config:
-    method: str = "pirl"  # "pirl" | "jigsaw" (the baseline, pirl_fast/model/jigsaw.py; experiment=jigsaw_in1k_r50)
+    # "pirl" | "jigsaw" (the baseline, pirl_fast/model/jigsaw.py; experiment=jigsaw_in1k_r50) | "supervised"
+    # (the labelled upper bound, pirl_fast/model/supervised.py: needs model.num_classes)
+    method: str = "pirl"
     name: str = "${method}_${model.arch}"  # names the default run directory runs/${name}
     run_dir: str = ""  # filled in by main() from hydra.run.dir; set it only when calling train() yourself
     # "auto": continue the run directory's run from its newest valid checkpoint, when it is the same run
