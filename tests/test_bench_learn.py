@@ -48,6 +48,12 @@ def test_learn_bench_end_to_end(tmp_path, capsys):
     assert details["config"]["method"] == "pirl"
     sup = (out / "runs" / "supervised_seed0" / "config.yaml").read_text()
     assert "method: supervised" in sup and "num_classes: 10" in sup
+    assert all("logistic_res5" in r for r in results)
+    # Raw pixels at their own size, recomputed here from the shards read by the webdataset library and the
+    # weighted-kNN formula written out (mean-centred pixels, cosine, k = min(200, N), tau = 0.07)
+    native = details["per_seed"]["0"]["pixels"]["native"]
+    assert native["size"] == 28
+    assert native["knn_top1"] == pytest.approx(independent_pixel_knn(out), abs=1e-3)  # one query is 5 points
     # A second invocation reruns nothing: the runs and their evaluation are reused
     assert main(argv) == 0
     again = capsys.readouterr().out
@@ -69,6 +75,36 @@ def test_learn_bench_end_to_end(tmp_path, capsys):
     args = build_parser().parse_args(argv)
     assert learn.prepare_split(args, "train", 40, out / "data" / "train_40") == out / "data" / "train_40" / "shards"
     assert "reusing" in capsys.readouterr().out
+
+
+def independent_pixel_knn(out) -> float:
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    def read(folder):
+        tars = sorted(str(p) for p in folder.glob("shard-*.tar"))
+        xs, ys = [], []
+        for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False):
+            image = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), dtype=np.float64) / 255
+            xs.append(image.transpose(2, 0, 1).ravel())
+            ys.append(int(sample["cls"]))
+        return np.stack(xs), np.array(ys)
+
+    (x, y), (q, qy) = read(out / "data" / "train_40" / "shards"), read(out / "data" / "test_20" / "shards")
+    mean = x.mean(axis=0)
+    x, q = x - mean, q - mean
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    correct = 0
+    for row, label in zip(q, qy):
+        sims = x @ row
+        votes = np.zeros(10)
+        for i in np.argsort(-sims)[:min(200, len(x))]:
+            votes[y[i]] += np.exp(sims[i] / 0.07)
+        correct += int(np.argmax(votes) == label)
+    return 100 * correct / len(q)
 
 
 def test_summary_targets_and_spread():

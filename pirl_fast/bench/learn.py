@@ -84,6 +84,7 @@ PROBE_EPOCHS, PROBE_LR = 30, 0.1  # cached-feature probes on a few thousand imag
 # gap: one global-pooled probe per stage (linear_probe.py: "the right probe for very small images"); the
 # Goyal pooling grids are sized for 224 px maps, which 32 px images do not have.
 PROBE_PROTOCOL = "gap"
+LOGISTIC_ITERATIONS = 3000  # L-BFGS iterations: enough for convergence on 1,000-10,000 samples of <= 3,072 features
 INVARIANCE_IMAGES = 500  # test images for the invariance analysis (distances are means; 500 is plenty)
 # Sizes per device; on CUDA the runs also get GPU_OVERRIDES
 # 24 epochs: kNN top-1 on held-out training images rose from 75.0 (16) to 76.5 (24) and stayed (76.4 at 32);
@@ -279,7 +280,10 @@ class Evaluator:
         """Raw pixels measured as a network is: the evaluation view flattened, (N, 3*S*S); kNN (same k and
         tau) on the pixels mean-centred by the training images' mean, and the same probe protocol
         (PROBE_PROTOCOL's BatchNorm + linear head, epochs, lr) on the pixels. Seed-independent."""
+        from torchvision import transforms as T
+
         from pirl_fast.eval import linear_probe as lp
+        from pirl_fast.eval.features import make_loader
         from pirl_fast.eval.knn import knn_evaluate
 
         def flat(loader):
@@ -292,7 +296,17 @@ class Evaluator:
         probe_cfg = lp.ProbeConfig(protocol=PROBE_PROTOCOL, epochs=PROBE_EPOCHS, lr=PROBE_LR, augment=False)
         probes, _ = lp.probe_cached({"pixels": train}, train_y, {"pixels": test}, test_y, self.num_classes,
                                     probe_cfg, "cpu")
-        out = {"knn_top1": knn, "linear_top1": {"res5": 100 * probes["pixels"]["top1"]}}
+        out = {"knn_top1": knn, "linear_top1": {"res5": 100 * probes["pixels"]["top1"]},
+               "logistic_res5": logistic_top1(train, train_y, test, test_y)}
+        # A skeptic's baselines, outside the shared evaluation view: the stored images at their own size (28 px),
+        # not resized and centre-cropped; kNN on the mean-centred pixels, logistic regression to convergence.
+        native = [make_loader(dl.dataset.with_transform(T.ToTensor()), 250, 0) for dl in (self.train, self.test)]
+        (train, train_y), (test, test_y) = flat(native[0]), flat(native[1])
+        mean = train.mean(dim=0)
+        out["native"] = {"knn_top1": 100 * knn_evaluate(train - mean, train_y, test - mean, test_y,
+                                                        self.num_classes).top1,
+                         "logistic": logistic_top1(train, train_y, test, test_y),
+                         "size": native[0].dataset[0][0].shape[-1]}
         return {**out, **{f"bn_{k}": v for k, v in out.items()}}  # no BatchNorm: the same either way
 
     def measure(self, model, method: str, invariance: bool = True) -> dict:
@@ -304,12 +318,24 @@ class Evaluator:
         knn = 100 * knn_evaluate(train["res5"], train_y, test["res5"], test_y, self.num_classes).top1
         probe_cfg = lp.ProbeConfig(protocol=PROBE_PROTOCOL, epochs=PROBE_EPOCHS, lr=PROBE_LR, augment=False)
         probes, _ = lp.probe_cached(train, train_y, test, test_y, self.num_classes, probe_cfg, "cpu")
-        out = {"knn_top1": knn, "linear_top1": {s: 100 * probes[s]["top1"] for s in STAGES}}
+        out = {"knn_top1": knn, "linear_top1": {s: 100 * probes[s]["top1"] for s in STAGES},
+               "logistic_res5": logistic_top1(train["res5"], train_y, test["res5"], test_y)}
         if invariance:
             distances = inv.invariance_distances(model, method, self.invariance, self.grid, "cpu")
             stats = {m: inv.summarise(d) for m, d in distances.items()}
             out.update({"invariance": {m: stats[m]["mean"] for m in stats}, "invariance_gap": inv.gaps(stats)})
         return out
+
+
+def logistic_top1(train, train_y, test, test_y) -> float:
+    """Top-1 (%) of scikit-learn's logistic regression trained to convergence on standardised features: a
+    second linear classifier beside the SGD probe, the one a reader would fit on raw pixels themselves."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train.numpy())
+    model = LogisticRegression(max_iter=LOGISTIC_ITERATIONS).fit(scaler.transform(train.numpy()), train_y.numpy())
+    return 100 * model.score(scaler.transform(test.numpy()), test_y.numpy())
 
 
 def evaluate_seed(evaluator: Evaluator, runs: dict[str, Path], seed: int) -> dict[str, dict]:
@@ -370,12 +396,16 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> list[dict]:
             res5, res5_spread = spread([r[f"{bn}linear_top1"]["res5"] for r in results])
             row.update({f"{bn}knn_top1": knn, f"{bn}knn_spread": knn_spread,
                         f"{bn}linear_res5_top1": res5, f"{bn}linear_res5_spread": res5_spread})
+            if all(f"{bn}logistic_res5" in r for r in results):  # evaluations stored before it had none
+                row[f"{bn}logistic_res5"] = spread([r[f"{bn}logistic_res5"] for r in results])[0]
             if network != "pixels":
                 gap, gap_spread = spread([r[f"{bn}invariance_gap"]["trunk"] for r in results])
                 head = [r[f"{bn}invariance_gap"].get("pirl_head") for r in results]
                 row.update({f"{bn}trunk_inv_gap": gap, f"{bn}trunk_inv_gap_spread": gap_spread,
                             f"{bn}head_inv_gap": sum(head) / len(head) if None not in head else float("nan")})
         row["knn_per_seed"] = " ".join(f"{r['knn_top1']:.2f}" for r in results)
+        if network == "pixels" and "native" in results[0]:
+            row["native"] = results[0]["native"]
         if network != "pixels":
             best = max(STAGES, key=lambda s: sum(r["linear_top1"][s] for r in results))
             row["linear_best_stage"] = f"{best} {sum(r['linear_top1'][best] for r in results) / len(results):.2f}"
