@@ -27,7 +27,7 @@ def config(run_dir, *overrides):
 def test_supervised_learns_the_labels_from_the_same_initial_trunk(tmp_path, sample_shards):
     classes = len(load_manifest(sample_shards).classes)
     cfg = config(tmp_path, f"data.shards={sample_shards}", f"model.num_classes={classes}", "trainer.epochs=5",
-                 "optim.lr=0.4", "trainer.seed=3")
+                 "trainer.seed=3")
     summary = train(cfg)
     assert summary["step"] == 30  # 5 epochs of 48 images at batch 8
     net = load_pretrained(tmp_path)
