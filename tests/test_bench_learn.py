@@ -66,7 +66,7 @@ def test_learn_bench_end_to_end(tmp_path, capsys):
     curve = details["per_seed"]["0"]["pirl"]["knn_curve"]
     assert [step for step, _ in curve] == [0, 1, 2]  # the untrained point, then every 2 steps / 2 evals
     assert curve[0][1] == details["per_seed"]["0"]["untrained"]["knn_top1"]
-    assert len(details["targets"]) == 6 and (out / "learn.png").stat().st_size > 0
+    assert len(details["targets"]) == 8 and (out / "learn.png").stat().st_size > 0
     gaps = details["per_seed"]["0"]["pirl"]["invariance_gap"]
     assert set(gaps) == {"pirl_head", "trunk"}
     assert set(details["per_seed"]["0"]["jigsaw"]["invariance_gap"]) == {"trunk"}

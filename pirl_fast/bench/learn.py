@@ -460,6 +460,17 @@ def targets(rows: list[dict]) -> list[tuple[str, bool]]:
                  if pirl[bn + key] >= pixels[key] + margin]
         out.append((f"{text}: {pirl[key]:.2f} (BN re-estimated: {pirl['bn_' + key]:.2f}) vs {pixels[key]:.2f}"
                     + (f"; met with {' and '.join(modes)}" if modes else ""), bool(modes)))
+    native = pixels.get("native")
+    if native and "logistic_res5" in pirl:  # the same margins against a skeptic's pixels at the images' own size
+        for text, key, theirs, margin in (
+                (f"PIRL kNN top-1 >= kNN on raw {native['size']} px pixels + {PIXEL_KNN_MARGIN:g} points",
+                 "knn_top1", native["knn_top1"], PIXEL_KNN_MARGIN),
+                (f"PIRL res5 logistic regression >= logistic regression on raw {native['size']} px pixels + "
+                 f"{PIXEL_LINEAR_MARGIN:g} points", "logistic_res5", native["logistic"], PIXEL_LINEAR_MARGIN)):
+            modes = [name for bn, name in (("", "BN as is"), ("bn_", "BN re-estimated"))
+                     if pirl[bn + key] >= theirs + margin]
+            out.append((f"{text}: {pirl[key]:.2f} (BN re-estimated: {pirl['bn_' + key]:.2f}) vs {theirs:.2f}"
+                        + (f"; met with {' and '.join(modes)}" if modes else ""), bool(modes)))
     return out
 
 
