@@ -53,6 +53,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -498,7 +499,7 @@ def plot(per_seed: dict[int, dict[str, dict]], path: Path, title: str, split: st
             ax.axhspan(min(untrained), max(untrained), color=colour, alpha=0.12)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"kNN top-1 on the {split} (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
