@@ -19,7 +19,7 @@ def test_sub_commands_run_without_hydra_webdataset_and_dali(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert found["help"] == dict.fromkeys(("shard", "loader", "membank", "compute", "step", "learn"), True)
+    assert found["help"] == dict.fromkeys(("shard", "loader", "membank", "compute", "step", "learn", "analyses"), True)
     membank, compute, step = (found["runs"][name] for name in ("membank", "compute", "step"))
     assert membank["status"] == compute["status"] == step["status"] == 0
     assert [r["path"] for r in membank["rows"]] == ["copy", "naive", "two-pass", "fused"]

@@ -165,6 +165,6 @@ def test_a_test_past_its_time_limit_fails_and_the_next_runs(tmp_path):
                                             "def test_fast():\n    pass\n")
     env = {**os.environ, "PIRL_TEST_TIMEOUT": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # node ids relative to it
     assert "TimeoutError: test_sleep.py::test_slow ran past PIRL_TEST_TIMEOUT=1s" in proc.stdout, proc.stdout[-2000:]
     assert "1 failed, 1 passed" in proc.stdout

@@ -35,7 +35,7 @@ which nothing else in pirl_fast needs. Install it with `sudo apt-get install dat
                and learn.md (`python -m pirl_fast.report OUT` prints it again)
 
 (*) BENCHMARKS.md (2026-12-06). On a machine shared with other jobs, set OMP_NUM_THREADS=1: with more
-busy threads than cores, PyTorch's OpenMP threads wait on each other and a step took 12x longer
+busy threads than cores, PyTorch's OpenMP threads wait on each other and steps ran up to 30x slower
 (measured, BENCHMARKS.md); shrink it with --seeds 0 --train-images 500 and say so beside any figure.
 
 Every network is evaluated with the same views, layer (res5 average-pooled; the probes also at
