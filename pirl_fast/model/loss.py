@@ -18,12 +18,12 @@ softplus / log-sum-exp so that exp(s/tau) (up to e^14 at tau=0.07) never overflo
 Z: the normaliser is estimated once, on the first batch, as mean(exp(s/tau)) * |D| over that
 batch's positive and negative scores, averaged over ranks, then frozen. `loss.z` says from what:
 
-  shared    (the reference's) one Z, estimated on the first batch of the jigsaw (patch) term and
+  shared    (default; the reference's) one Z, estimated on the first batch of the jigsaw (patch) term and
             used for both terms: vissl/losses/nce_loss.py keeps Z in one NCEAverage buffer
             (params[2]), computed in forward when it is still < 0; the patch output is the first
             the loss sees (MULTI_INPUT_HEAD_MAPPING lists "patches" first), so it sets Z and the
-            image term finds it set. experiment=pirl_in1k_r50 uses it.
-  per_term  (default) one Z per term, each from its own first batch: the two terms score different
+            image term finds it set.
+  per_term  one Z per term, each from its own first batch: the two terms score different
             embeddings (g and f) whose score distributions differ, so each term's P = exp(s/tau)/Z
             is normalised with its own scores' mean. README "Z" gives the measured effect.
 
@@ -92,9 +92,9 @@ class LossConfig:
     kind: str = "nce"
     temperature: float = 0.07  # tau, the paper's (NPID's too); smaller sharpens the softmax over negatives
     lam: float = 0.5  # lam*L(m, g) + (1-lam)*L(m, f); the paper found 0.5 best and the result sensitive to it
-    # nce only: per_term (one Z per term, each from its own first batch) | shared (the reference's: one Z from the
-    # jigsaw term's first batch, used for both; experiment=pirl_in1k_r50). See the module docstring
-    z: str = "per_term"
+    # nce only: shared (the reference's: one Z from the jigsaw term's first batch, used for both) | per_term (one Z
+    # per term, each from its own first batch). shared learned more in the one comparison made (README "loss.z")
+    z: str = "shared"
 
 
 @dataclass
