@@ -247,7 +247,6 @@ class Runner:
         per-image invariance distances behind the histograms (BN re-estimated)."""
         from pirl_fast.eval import invariance as inv
         from pirl_fast.eval.features import load_pretrained
-        from pirl_fast.model.batchnorm import reestimate_running_stats
         from pirl_fast.train.checkpoint import list_checkpoints
 
         if self.evaluator is None:  # the views come from a trained run's config (the same for every run)
@@ -255,24 +254,12 @@ class Runner:
             self.evaluator = learn.Evaluator(self.train_shards, self.test_shards, views.image_size, views)
         ev = self.evaluator
         final = load_pretrained(sorted(list_checkpoints(run_dir), key=lambda p: p.stem)[-1])
-        result = ev.full(final.model, run.method)
-        rebn = reestimate_running_stats(final.model, lambda m, x: m.features(x), (x for x, _, _ in ev.train), "cpu")
-        distances = inv.invariance_distances(rebn, run.method, ev.invariance, ev.grid, "cpu")
-        result["bn_distances"] = {k: [round(v, 5) for v in d.tolist()] for k, d in distances.items()}
+        result = ev.full(final.model, run.method, distances=True)
+        del result["distances"]  # the histograms use BN re-estimated: bn_distances
         return result
 
 
 # ---------------------------------------------------------------------------------------------- main
-def prepare_data(args, out: Path) -> tuple[Path, Path]:
-    """The training and evaluation shards, as bench learn makes them (the same folders under --out)."""
-    train = learn.prepare_split(args, "train", args.train_images, out / "data" / f"train_{args.train_images}")
-    if args.eval_on == "val":  # held-out training images, never seen in pre-training
-        return train, learn.prepare_split(args, "train", args.test_images,
-                                          out / "data" / f"val_{args.test_images}_after_{args.train_images}",
-                                          skip=args.train_images)
-    return train, learn.prepare_split(args, "t10k", args.test_images, out / "data" / f"test_{args.test_images}")
-
-
 def run(args) -> list[dict]:
     from pirl_fast.bench import analyses_report as report
 
@@ -286,7 +273,7 @@ def run(args) -> list[dict]:
     learn.check_dataset(args.idx_dir)
     out = Path(args.out)
     started = time.perf_counter()
-    train_shards, test_shards = prepare_data(args, out)
+    train_shards, test_shards = learn.prepare_data(args, out)
     recipe = recipe_values(args, train_shards)
     points = plan(args, recipe)
     all_runs = len({p.run for p in plan(argparse.Namespace(**{**vars(args), "only": list(STUDIES)}), recipe)})

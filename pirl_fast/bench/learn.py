@@ -155,6 +155,18 @@ def prepare_split(args, split: str, count: int, folder: Path, skip: int = 0) -> 
     return shards
 
 
+def prepare_data(args, out: Path, held_out_after: int = 0) -> tuple[Path, Path]:
+    """(training shards, evaluation shards) under out/data: --train-images of the training split, and
+    --test-images of the test split, or with --eval-on val of the training split after the first
+    `held_out_after` (default --train-images) images, which pre-training never sees."""
+    train = prepare_split(args, "train", args.train_images, out / "data" / f"train_{args.train_images}")
+    if args.eval_on == "val":
+        after = held_out_after or args.train_images
+        return train, prepare_split(args, "train", args.test_images,
+                                    out / "data" / f"val_{args.test_images}_after_{after}", skip=after)
+    return train, prepare_split(args, "t10k", args.test_images, out / "data" / f"test_{args.test_images}")
+
+
 def check_dataset(idx_dir: str) -> None:
     """Exit 2, saying how to install Fashion-MNIST, unless both splits' IDX files are in idx_dir."""
     from pirl_fast.shard.idx_folder import IdxError, find_split
@@ -266,15 +278,16 @@ class Evaluator:
         (train, train_y), (test, test_y) = self.stage_features(trunk)
         return 100 * knn_evaluate(train["res5"], train_y, test["res5"], test_y, self.num_classes).top1
 
-    def full(self, model, method: str) -> dict:
+    def full(self, model, method: str, invariance: bool = True, distances: bool = False) -> dict:
         """kNN, the five linear probes and the invariance distances of a final network, with its BN running
-        statistics as they are and re-estimated on the training images (`bn_`: see pirl_fast/model/batchnorm.py)."""
+        statistics as they are and re-estimated on the training images (`bn_`: see pirl_fast/model/batchnorm.py).
+        invariance=False skips the invariance analysis; distances=True also keeps its per-image distances."""
         from pirl_fast.model.batchnorm import reestimate_running_stats
 
-        out = self.measure(model, method)
+        out = self.measure(model, method, invariance, distances)
         images = (x for x, _, _ in self.train)
         rebn = reestimate_running_stats(model, lambda m, x: m.features(x), images, "cpu")
-        out.update({f"bn_{k}": v for k, v in self.measure(rebn, method).items()})
+        out.update({f"bn_{k}": v for k, v in self.measure(rebn, method, invariance, distances).items()})
         return out
 
     def pixels(self) -> dict:
@@ -291,9 +304,12 @@ class Evaluator:
             xs, ys = zip(*((x.flatten(1), y) for x, y, _ in loader))
             return torch.cat(xs), torch.cat(ys).long()
 
+        def centred_knn(train, train_y, test, test_y) -> float:
+            mean = train.mean(dim=0)  # (3*S*S,): cosine kNN on raw pixels would be dominated by the mean image
+            return 100 * knn_evaluate(train - mean, train_y, test - mean, test_y, self.num_classes).top1
+
         (train, train_y), (test, test_y) = flat(self.train), flat(self.test)
-        mean = train.mean(dim=0)  # (3*S*S,): cosine kNN on raw pixels would be dominated by the mean image
-        knn = 100 * knn_evaluate(train - mean, train_y, test - mean, test_y, self.num_classes).top1
+        knn = centred_knn(train, train_y, test, test_y)
         probe_cfg = lp.ProbeConfig(protocol=PROBE_PROTOCOL, epochs=PROBE_EPOCHS, lr=PROBE_LR, augment=False)
         probes, _ = lp.probe_cached({"pixels": train}, train_y, {"pixels": test}, test_y, self.num_classes,
                                     probe_cfg, "cpu")
@@ -303,14 +319,12 @@ class Evaluator:
         # not resized and centre-cropped; kNN on the mean-centred pixels, logistic regression to convergence.
         native = [make_loader(dl.dataset.with_transform(T.ToTensor()), 250, 0) for dl in (self.train, self.test)]
         (train, train_y), (test, test_y) = flat(native[0]), flat(native[1])
-        mean = train.mean(dim=0)
-        out["native"] = {"knn_top1": 100 * knn_evaluate(train - mean, train_y, test - mean, test_y,
-                                                        self.num_classes).top1,
+        out["native"] = {"knn_top1": centred_knn(train, train_y, test, test_y),
                          "logistic": logistic_top1(train, train_y, test, test_y),
                          "size": native[0].dataset[0][0].shape[-1]}
         return {**out, **{f"bn_{k}": v for k, v in out.items()}}  # no BatchNorm: the same either way
 
-    def measure(self, model, method: str, invariance: bool = True) -> dict:
+    def measure(self, model, method: str, invariance: bool = True, distances: bool = False) -> dict:
         from pirl_fast.eval import invariance as inv
         from pirl_fast.eval import linear_probe as lp
         from pirl_fast.eval.knn import knn_evaluate
@@ -322,9 +336,11 @@ class Evaluator:
         out = {"knn_top1": knn, "linear_top1": {s: 100 * probes[s]["top1"] for s in STAGES},
                "logistic_res5": logistic_top1(train["res5"], train_y, test["res5"], test_y)}
         if invariance:
-            distances = inv.invariance_distances(model, method, self.invariance, self.grid, "cpu")
-            stats = {m: inv.summarise(d) for m, d in distances.items()}
+            per_image = inv.invariance_distances(model, method, self.invariance, self.grid, "cpu")
+            stats = {m: inv.summarise(d) for m, d in per_image.items()}
             out.update({"invariance": {m: stats[m]["mean"] for m in stats}, "invariance_gap": inv.gaps(stats)})
+            if distances:  # (N,) per metric, for histograms
+                out["distances"] = {m: [round(v, 5) for v in d.tolist()] for m, d in per_image.items()}
         return out
 
 
@@ -524,13 +540,7 @@ def run(args) -> list[dict]:
         return []
     out = Path(args.out)
     started = time.perf_counter()
-    train_shards = prepare_split(args, "train", args.train_images, out / "data" / f"train_{args.train_images}")
-    if args.eval_on == "val":  # held-out training images, never seen in pre-training
-        test_shards = prepare_split(args, "train", args.test_images,
-                                    out / "data" / f"val_{args.test_images}_after_{args.train_images}",
-                                    skip=args.train_images)
-    else:
-        test_shards = prepare_split(args, "t10k", args.test_images, out / "data" / f"test_{args.test_images}")
+    train_shards, test_shards = prepare_data(args, out)
     per_seed, config, pixels = {}, None, None
     for seed in seeds:
         runs = {m: out / "runs" / f"{m}_seed{seed}" for m in METHODS}
@@ -578,14 +588,10 @@ def size_curve(args, sizes: list[int], seeds: list[int]) -> list[dict]:
     from pirl_fast.eval.invariance import ViewConfig
 
     out = Path(args.out)
-    test_shards = (prepare_split(args, "train", args.test_images,
-                                 out / "data" / f"val_{args.test_images}_after_{max(sizes)}", skip=max(sizes))
-                   if args.eval_on == "val" else
-                   prepare_split(args, "t10k", args.test_images, out / "data" / f"test_{args.test_images}"))
     points = []
     for n in sizes:
         sized = argparse.Namespace(**{**vars(args), "train_images": n})
-        train_shards = prepare_split(sized, "train", n, out / "data" / f"train_{n}")
+        train_shards, test_shards = prepare_data(sized, out, held_out_after=max(sizes))
         per_seed = {}
         for seed in seeds:
             run_dir = out / "runs" / f"curve_n{n}_pirl_seed{seed}"
@@ -614,14 +620,9 @@ def size_curve(args, sizes: list[int], seeds: list[int]) -> list[dict]:
 
 def curve_point(evaluator: Evaluator, model) -> dict:
     """kNN and res5 probe of a trained PIRL network, BN statistics as they are and re-estimated."""
-    from pirl_fast.model.batchnorm import reestimate_running_stats
-
-    out = {}
-    rebn = reestimate_running_stats(model, lambda m, x: m.features(x), (x for x, _, _ in evaluator.train), "cpu")
-    for prefix, net in (("", model), ("bn_", rebn)):
-        measured = evaluator.measure(net, "pirl", invariance=False)
-        out[f"{prefix}knn"], out[f"{prefix}linear"] = measured["knn_top1"], measured["linear_top1"]["res5"]
-    return out
+    measured = evaluator.full(model, "pirl", invariance=False)
+    return {f"{bn}{key}": value for bn in ("", "bn_") for key, value in
+            (("knn", measured[f"{bn}knn_top1"]), ("linear", measured[f"{bn}linear_top1"]["res5"]))}
 
 
 def plot_curve(points: list[dict], path: Path, title: str) -> None:
