@@ -20,6 +20,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from pirl_fast.data.loader_synthetic import SyntheticLoader
 from pirl_fast.shard import cli as shard_cli
 from pirl_fast.shard.format import ShardError, load_manifest
 from pirl_fast.shard.splits import resolve_shards
@@ -163,6 +164,20 @@ def test_a_finished_run_stays_finished(tmp_path, capsys):
     assert {name: (tmp_path / name).read_bytes() for name in files} == files
     assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == tb
     assert again == json.loads(files["summary.json"]) and again["samples_per_s"] == first["samples_per_s"] > 0
+
+
+def test_a_finished_run_on_a_full_disk_is_still_finished(tmp_path, monkeypatch, capsys):
+    """Nothing will be written, so the disk check does not refuse it; and the epoch it stopped in (step 3 of
+    8 per epoch) is not read again to reach a position that is never trained from."""
+    train(config(tmp_path, "trainer.max_steps=3", "data.synthetic_samples=32"))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: Usage(10 << 30, 10 << 30, 3 << 20))
+    batches = []
+    real_iter = SyntheticLoader.__iter__
+    monkeypatch.setattr(SyntheticLoader, "__iter__", lambda self: (batches.append(1), real_iter(self))[1])
+    capsys.readouterr()
+    train(config(tmp_path, "trainer.max_steps=3", "data.synthetic_samples=32"))
+    assert "has run all 3 steps this config asks for: nothing to do" in capsys.readouterr().out
+    assert batches == []
 
 
 # ---------------------------------------------------------------------------------------------- advice

@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -35,14 +38,85 @@ def info() -> DistInfo:
 
 
 def init(backend: str | None = None) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU).
+
+    Under torchrun's shared store (TORCHELASTIC_USE_AGENT_STORE=True, its default with c10d
+    rendezvous) the group meets under a namespace of its own attempt; see `fresh_namespace`."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch_dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch_dist.init_process_group(backend=backend)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            agent = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                        is_master=False, timeout=INIT_TIMEOUT)
+            store = fresh_namespace(agent, rank, world_size, INIT_TIMEOUT)
+            torch_dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+        else:
+            torch_dist.init_process_group(backend=backend)
     return info()
+
+
+INIT_TIMEOUT = timedelta(minutes=30)  # torch's default for a process group's collectives
+NAMESPACE = "pirl_fast/group"
+
+
+def fresh_namespace(store: torch_dist.Store, rank: int, world_size: int, timeout: timedelta,
+                    poll_s: float = 0.02) -> torch_dist.PrefixStore:
+    """`store` seen under a prefix that this attempt of the group alone uses, agreed by all its ranks.
+
+    Why: torchrun (torch 2.14) keeps one shared store for the whole job, and a group restarted under
+    --max-restarts finds the keys its dead predecessor wrote. Gloo (and NCCL) publish each rank's
+    address under fixed keys, so a new rank could read a dead rank's address and be refused
+    ("Gloo connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712). torchrun's
+    TORCHELASTIC_RESTART_COUNT cannot name the attempt: it is counted per node.
+
+    How: rank 0 takes a new generation number from a counter (store.add: a number no earlier rank 0
+    got). Every other rank writes a nonce of its own process; rank 0 answers each nonce it reads with
+    its generation; a rank takes the generation answered to its own nonce and confirms it. A stale
+    nonce or answer left by a dead process never matches the live one, so every rank of the attempt
+    ends on rank 0's generation, whatever order they start in."""
+    deadline = time.monotonic() + timeout.total_seconds()
+
+    def key(kind: str, r: int) -> str:
+        return f"{NAMESPACE}/{kind}/{r}"
+
+    def wait(what: str) -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: no agreement on the process group's namespace after "
+                               f"{timeout.total_seconds():.0f} s: {what}")
+        time.sleep(poll_s)
+
+    def read(k: str) -> str | None:
+        return store.get(k).decode() if store.check([k]) else None
+
+    if rank == 0:
+        generation = store.add(f"{NAMESPACE}/generation", 1)
+        answered: dict[int, str | None] = dict.fromkeys(range(1, world_size))
+        while answered:
+            for r in list(answered):
+                nonce = read(key("hello", r))
+                if nonce is None:
+                    continue
+                if nonce != answered[r]:
+                    store.set(key("answer", r), f"{nonce}:{generation}")
+                    answered[r] = nonce
+                elif read(key("confirm", r)) == f"{nonce}:{generation}":
+                    del answered[r]
+            if answered:
+                wait(f"rank(s) {sorted(answered)[:8]} did not join")
+    else:
+        nonce = uuid.uuid4().hex
+        store.set(key("hello", rank), nonce)
+        while True:
+            answer = read(key("answer", rank))
+            if answer is not None and answer.split(":")[0] == nonce:
+                store.set(key("confirm", rank), answer)
+                generation = int(answer.split(":")[1])
+                break
+            wait("rank 0 did not answer")
+    return torch_dist.PrefixStore(f"{NAMESPACE}/{generation}", store)
 
 
 def pick_device(name: str, local_rank: int = 0, setting: str = "--device", error: type = ValueError) -> torch.device:

@@ -49,6 +49,12 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step_{step:09d}.pt"
 
 
+def step_of(path: str | os.PathLike | None) -> int | None:
+    """The step in a checkpoint's file name (step_000000012.pt -> 12); None for other names."""
+    m = _NAME.match(Path(path).name) if path is not None else None
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Checkpoint files in run_dir, newest (highest step) first; temporary files are ignored."""
     folder = checkpoint_dir(run_dir)

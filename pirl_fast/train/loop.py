@@ -134,7 +134,7 @@ def train_step(run: Run, batch) -> list[float]:
 
 def non_finite_message(run: Run, problem: str, lr: float) -> str:
     """`problem`, then what was kept and what usually causes it."""
-    last = (f"{run.last_checkpoint} (step {int(run.last_checkpoint.stem.split('_')[1])})" if run.last_checkpoint
+    last = (f"{run.last_checkpoint} (step {checkpoint.step_of(run.last_checkpoint)})" if run.last_checkpoint
             else "none was written in this process; see checkpoints/ in the run directory")
     return (f"{problem}; lr={lr:.4g}. Stopped without saving anything from this step. Last good checkpoint: "
             f"{last}. Usual causes: a learning rate too high for the batch (optim.lr={run.cfg.optim.lr} per "
@@ -213,13 +213,13 @@ def save_checkpoint(run: Run) -> None:
         if run.rank == 0:
             write_checkpoint(run, rngs)
     except NoSpaceError as e:  # the save left nothing behind: the newest checkpoint on disk is the last good one
-        full = str(e)
-    full = dist.broadcast_object(full)  # every rank stops at this step together
+        kept = (f"{run_dirs.shown(run.last_checkpoint)} (step {checkpoint.step_of(run.last_checkpoint)})"
+                if run.last_checkpoint else "none")  # rank 0's: the other ranks never hold a written path
+        full = (f"{e}; stopped at step {run.step} without its checkpoint. Newest valid checkpoint kept: {kept}. "
+                "Free space, then run the same command again to continue from it")
+    full = dist.broadcast_object(full)  # every rank stops at this step together, with rank 0's words
     if full is not None:
-        kept = (f"{run_dirs.shown(run.last_checkpoint)} (step {int(run.last_checkpoint.stem.split('_')[1])})"
-                if run.last_checkpoint else "none")
-        raise DiskFullError(f"{full}; stopped at step {run.step} without its checkpoint. Newest valid checkpoint "
-                            f"kept: {kept}. Free space, then run the same command again to continue from it")
+        raise DiskFullError(full)
 
 
 def write_checkpoint(run: Run, rngs: list) -> None:
@@ -268,6 +268,9 @@ def resume(run: Run, path: Path) -> None:
     can_set_epoch = hasattr(run.loader, "set_epoch")
     if can_set_epoch:
         run.loader.set_epoch(run.epoch)
+    if run.step >= run.stop_at:  # a finished run: `finished` reports it; drawing its epoch's batches is waste
+        run.last_checkpoint = Path(path)
+        return
     data_stream_notice(run)
     if run.batches_in_epoch:
         run.batches = iter(run.loader)
@@ -551,9 +554,10 @@ def preflight_memory(cfg: Config, info: dist.DistInfo, bank_rows: int = 0) -> in
 def preflight_disk(cfg: Config, choice: RunChoice, info: dist.DistInfo, num_samples: int) -> None:
     """Refuse (on every rank) a run whose checkpoints will not fit in its run folder, before step 1."""
     problem = None
-    if info.rank == 0:
-        per_epoch = max(1, num_samples // cfg.data.batch_size)
-        steps = min(cfg.trainer.epochs * per_epoch, cfg.trainer.max_steps or cfg.trainer.epochs * per_epoch)
+    per_epoch = max(1, num_samples // cfg.data.batch_size)
+    steps = min(cfg.trainer.epochs * per_epoch, cfg.trainer.max_steps or cfg.trainer.epochs * per_epoch)
+    start = checkpoint.step_of(choice.checkpoint) or 0
+    if info.rank == 0 and start < steps:  # a finished run writes nothing: `finished` says so, whatever the disk
         try:
             preflight.check_disk(cfg, choice.run_dir, num_samples, steps, per_epoch)
         except ConfigError as e:
