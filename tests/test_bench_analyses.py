@@ -82,10 +82,24 @@ def test_plan_shares_the_recipe_runs():
 
 def test_a_run_is_redone_when_its_config_changes_not_its_workers():
     base = ["experiment=fmnist", "data.shards=x", "data.workers=2", "loss.lam=0.5"]
-    same = analyses.fingerprint(base)
-    assert analyses.fingerprint(base[:2] + ["data.workers=8", "loss.lam=0.5"]) == same
-    assert analyses.fingerprint(base[:3] + ["loss.lam=0.75"]) != same
-    assert analyses.fingerprint(base + ["trainer.epochs=3"]) != same
+    same = learn.fingerprint(base)
+    assert learn.fingerprint(base[:2] + ["data.workers=8", "loss.lam=0.5"]) == same
+    assert learn.fingerprint(base[:3] + ["loss.lam=0.75"]) != same
+    assert learn.fingerprint(base + ["trainer.epochs=3"]) != same
+
+
+def test_a_finished_run_made_under_another_default_is_not_reused(tmp_path):
+    """What happened between two sittings: loss.z's default changed, the overrides did not. The done file
+    records the composed config, so the old run is not taken for the new one; a done file without it
+    (the older format) is not trusted either."""
+    overrides = ["experiment=fmnist", "data.shards=x", f"run_dir={tmp_path}"]
+    now = learn.fingerprint(overrides)
+    assert "z: shared" in now
+    summary = {"step": 480}
+    for config, reused in ((now, True), (now.replace("z: shared", "z: per_term"), False), (None, False)):
+        done = {"overrides": overrides, "summary": summary} | ({"config": config} if config else {})
+        (tmp_path / learn.DONE_FILE).write_text(json.dumps(done))
+        assert (learn.finished_run(tmp_path, overrides) == summary) is reused, config
 
 
 def test_unknown_study_or_short_grid_is_a_usage_error(capsys):

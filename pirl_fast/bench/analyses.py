@@ -170,18 +170,6 @@ def run_args(args, run: Run) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "override": list(args.override) + run.overrides()})
 
 
-def fingerprint(overrides: list[str]) -> str:
-    """The composed training config as YAML, less what does not change the result (data.workers): a run is
-    redone when this changes (other sizes, a changed experiment=fmnist, another swept value)."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    with initialize_config_module("pirl_fast.train.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    cfg.data.workers = 0
-    return OmegaConf.to_yaml(cfg)
-
-
 def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -209,13 +197,15 @@ class Runner:
 
     def fingerprint(self, run: Run, seed: int) -> str:
         if (run, seed) not in self.fingerprints:
-            self.fingerprints[(run, seed)] = fingerprint(self.overrides(run, seed))
+            self.fingerprints[(run, seed)] = learn.fingerprint(self.overrides(run, seed))
         return self.fingerprints[(run, seed)]
 
     def is_done(self, run: Run, seed: int, marker: int = 2) -> bool:
-        """Its evaluation (marker 2) or its training (marker 1) finished with the config it would have now."""
+        """Its evaluation (marker 2) or its training (marker 1) finished with the config it would have now, and
+        the run folder's own record (bench learn's done file) says so too."""
         done = read_json(self.paths(run, seed)[marker])
-        return done is not None and done.get("config") == self.fingerprint(run, seed)
+        return (done is not None and done.get("config") == self.fingerprint(run, seed)
+                and learn.finished_run(self.paths(run, seed)[0], self.overrides(run, seed)) is not None)
 
     def result(self, run: Run, seed: int) -> dict:
         """The run's evaluation: read if done, else trained (unless its training finished) and evaluated."""

@@ -235,20 +235,34 @@ def pretrain(args, method: str, seed: int, shards: Path, run_dir: Path) -> dict:
         print(f"bench learn: stopped by {stopped_by.name} during {run_dir}; run the same command again to go on "
               "(finished runs and their evaluations are reused; the interrupted run starts again)", file=sys.stderr)
         raise SystemExit(exit_status(stopped_by))
-    atomic.write_json(run_dir / DONE_FILE, {"overrides": overrides, "summary": summary})
+    atomic.write_json(run_dir / DONE_FILE, {"overrides": overrides, "config": fingerprint(overrides),
+                                            "summary": summary})
     return summary
 
 
 DONE_FILE = "bench_done.json"  # written after a run finished: its overrides and summary
 
 
+def fingerprint(overrides: list[str]) -> str:
+    """The composed training config as YAML, less what does not change the result (data.workers). A finished
+    run is reused only while this is unchanged: the same overrides compose another run when a default or
+    an experiment file changed (loss.z's default did, between two sittings of bench analyses)."""
+    from omegaconf import OmegaConf
+
+    cfg = composed(overrides)
+    cfg.data.workers = 0
+    return OmegaConf.to_yaml(cfg)
+
+
 def finished_run(run_dir: Path, overrides: list[str]) -> dict | None:
-    """The summary of the run in run_dir when it finished with exactly these overrides, else None."""
+    """The summary of the run in run_dir when it finished with these overrides composing the same config as
+    now, else None (a done file of an older format, without the config, is not trusted either)."""
     try:
         done = json.loads((run_dir / DONE_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return done["summary"] if done.get("overrides") == overrides else None
+    same = done.get("overrides") == overrides and done.get("config") == fingerprint(overrides)
+    return done["summary"] if same else None
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
