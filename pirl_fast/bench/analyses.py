@@ -36,11 +36,10 @@ redone. The report (report.md, analyses.json, one figure per study) is rebuilt f
 time.
 
 (*) Budget: 12 distinct runs per seed (2 shared, 4 lambda, 4 permutations, 2 negatives), 24 with two
-seeds. BENCHMARKS.md's idle `bench learn` (the same recipe and sizes) trained and fully evaluated 4
-runs, plus two untrained networks and 12 intermediate kNN points, in 13 min 13 s: at most 3.3 min per
-run, so about 80 minutes for everything and 13-33 minutes per study with two seeds (invariance and
-layers 4 runs; lambda, permutations 10 each; negatives 6 counting the shared one). The report prints
-the per-run times it measured and the estimate for the whole default grid from them.
+seeds. Measured on 2 CPU cores (BENCHMARKS.md, 2026-12-07): 3.0 min per run (2.9 training, 0.1
+evaluation), 72 minutes for everything; with two seeds, invariance and layers 4 runs (12 min), negatives
+6 counting the shared one (18 min), lambda and permutations 10 each (30 min). The report prints the
+per-run times it measured and the estimate for the whole default grid from them.
 """
 
 from __future__ import annotations
