@@ -9,7 +9,9 @@ under `torchrun --max-restarts=1`; torchrun stops rank 0, restarts the group, bo
 newest checkpoint; the final weights are compared with an uninterrupted run of the same cadence.
 This test failed 5 times in 5 on a loaded machine until pirl_fast.runtime.dist gave each attempt of the
 group its own namespace in torchrun's shared store (the restarted ranks read the dead ranks' gloo
-addresses; tests/test_dist_namespace.py).
+addresses; tests/test_dist_namespace.py). The same on two nodes, where the nodes' restart counts differ.
+
+A full disk during rank 0's save: every rank stops with rank 0's line, naming the checkpoint kept.
 """
 
 from __future__ import annotations
