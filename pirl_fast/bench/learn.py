@@ -372,7 +372,7 @@ def logistic_top1(train, train_y, test, test_y) -> float:
 def evaluate_seed(evaluator: Evaluator, runs: dict[str, Path], seed: int) -> dict[str, dict]:
     """{network: results} for the PIRL, Jigsaw and supervised runs and the untrained network of one seed."""
     from pirl_fast.eval.features import load_pretrained, random_init, read_checkpoint
-    from pirl_fast.train.checkpoint import list_checkpoints
+    from pirl_fast.train.checkpoint import list_checkpoints, step_of
 
     out = {}
     _, _, config = read_checkpoint(runs["pirl"])
@@ -380,15 +380,15 @@ def evaluate_seed(evaluator: Evaluator, runs: dict[str, Path], seed: int) -> dic
     print(f"\n-- evaluate the untrained network, seed {seed}", flush=True)
     out["untrained"] = evaluator.full(untrained.model, "random-init")
     for method, run_dir in runs.items():
-        checkpoints = sorted(list_checkpoints(run_dir), key=lambda p: p.stem)  # oldest first
+        checkpoints = list_checkpoints(run_dir)[::-1]  # oldest first
         print(f"\n-- evaluate {LABELS[method]}, seed {seed}: {len(checkpoints)} checkpoints", flush=True)
         curve = [[0, out["untrained"]["knn_top1"]]]
         for path in checkpoints[:-1]:
             net = load_pretrained(path)
-            curve.append([int(path.stem.split("_")[1]), evaluator.knn(net.model.trunk)])
+            curve.append([step_of(path), evaluator.knn(net.model.trunk)])
         final = load_pretrained(checkpoints[-1])
         out[method] = evaluator.full(final.model, method)
-        curve.append([int(checkpoints[-1].stem.split("_")[1]), out[method]["knn_top1"]])
+        curve.append([step_of(checkpoints[-1]), out[method]["knn_top1"]])
         out[method]["knn_curve"] = curve
     return out
 

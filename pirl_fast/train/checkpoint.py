@@ -60,7 +60,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found = [(step, p) for p in folder.iterdir() if (step := step_of(p)) is not None]
     return [p for _, p in sorted(found, reverse=True)]
 
 
