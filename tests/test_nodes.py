@@ -35,6 +35,9 @@ TINY = ["experiment=smoke", "trainer.progress=false", "trainer.log_every=1", "da
         "bank.num_negatives=64", "trainer.max_steps=0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 TIMEOUT_S = 300  # a loaded 2-core machine; nothing here is a timing assertion
+# The killed-rank and full-disk runs: synthetic data (32 samples, 4 steps per epoch), a checkpoint every 3 steps.
+CADENCE = [*TINY, "data.backend=synthetic", "data.synthetic_samples=32", "trainer.ckpt_every=3",
+           "trainer.ckpt_epoch_end=false", "trainer.keep_checkpoints=10"]
 
 
 def free_port() -> int:
@@ -49,6 +52,14 @@ def ranks(out: Path, n: int) -> list[dict]:
 
 def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def one_node(cwd: Path, out: Path, args: list[str], env: dict | None = None,
+             torchrun: tuple = ()) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2`: the same global batch on one node."""
+    out.mkdir()
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", *torchrun, WORKER, str(out), *args],
+                          cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 def two_nodes(cwd: Path, out: Path, args: list[str], env: dict | None = None, torchrun: tuple = ()) -> list[str]:
@@ -76,10 +87,7 @@ def test_two_nodes_on_one_machine_train_as_one_node(tmp_path, sample_shards):
     nodes = tmp_path / "nodes"
     two_nodes(tmp_path, nodes, [*args, f"run_dir={tmp_path / 'run_nodes'}"])
     one = tmp_path / "one"
-    one.mkdir()
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", WORKER, str(one), *args,
-                           f"run_dir={tmp_path / 'run_one'}"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    proc = one_node(tmp_path, one, [*args, f"run_dir={tmp_path / 'run_one'}"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     two = ranks(nodes, 2)
@@ -100,16 +108,11 @@ def test_two_nodes_on_one_machine_train_as_one_node(tmp_path, sample_shards):
 
 @pytest.mark.parametrize("kill", ["1:5"])
 def test_a_rank_killed_mid_epoch_restarts_and_ends_with_the_uninterrupted_weights(tmp_path, kill):
-    args = [*TINY, "data.backend=synthetic", "data.synthetic_samples=32", "trainer.epochs=3",
-            "trainer.ckpt_every=3", "trainer.ckpt_epoch_end=false", "trainer.keep_checkpoints=10"]
     results = {}
     for name, extra in (("straight", {}), ("killed", {"PIRL_TEST_KILL_AT": kill})):
         out = tmp_path / name
-        out.mkdir()
-        proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-                               "--monitor-interval=0.5", WORKER, str(out), *args,
-                               f"run_dir={tmp_path / f'run_{name}'}"],
-                              cwd=tmp_path, env={**ENV, **extra}, capture_output=True, text=True, timeout=TIMEOUT_S)
+        proc = one_node(tmp_path, out, [*CADENCE, "trainer.epochs=3", f"run_dir={tmp_path / f'run_{name}'}"],
+                        env={**ENV, **extra}, torchrun=("--max-restarts=1", "--monitor-interval=0.5"))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         results[name] = (ranks(out, 2), proc.stdout + proc.stderr)
     (straight, _), (killed, log) = results["straight"], results["killed"]
@@ -130,13 +133,9 @@ def test_a_rank_killed_mid_epoch_restarts_and_ends_with_the_uninterrupted_weight
 def test_a_full_disk_names_the_kept_checkpoint_on_every_rank(tmp_path):
     """The disk fills while rank 0 writes step 6's checkpoint: every rank stops at step 6 with rank 0's line,
     which names step 3's checkpoint as kept (the other ranks never hold a written path: they said "none")."""
-    args = [*TINY, "data.backend=synthetic", "data.synthetic_samples=32", "trainer.epochs=2",
-            "trainer.ckpt_every=3", "trainer.ckpt_epoch_end=false", "trainer.keep_checkpoints=10"]
     out = tmp_path / "out"
-    out.mkdir()
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", WORKER, str(out), *args,
-                           f"run_dir={tmp_path / 'run'}"], cwd=tmp_path, env={**ENV, "PIRL_TEST_NO_SPACE_AT": "6"},
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = one_node(tmp_path, out, [*CADENCE, "trainer.epochs=2", f"run_dir={tmp_path / 'run'}"],
+                    env={**ENV, "PIRL_TEST_NO_SPACE_AT": "6"})
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, log
     kept = checkpoint.checkpoint_path(tmp_path / "run", 3).relative_to(tmp_path)  # shown from the cwd
@@ -152,15 +151,11 @@ def test_a_rank_killed_on_one_of_two_nodes_restarts_both_and_ends_with_the_unint
     its rank too, for the new rendezvous round, counting a restart or not (below). Both meet again
     (pirl_fast.runtime.dist: a namespace per attempt, not per restart count), resume from step 3 and end
     bit-identical to an uninterrupted one-node run of the same cadence."""
-    args = [*TINY, "data.backend=synthetic", "data.synthetic_samples=32", "trainer.epochs=3",
-            "trainer.ckpt_every=3", "trainer.ckpt_epoch_end=false", "trainer.keep_checkpoints=10"]
+    args = [*CADENCE, "trainer.epochs=3"]
     logs = two_nodes(tmp_path, tmp_path / "killed", [*args, f"run_dir={tmp_path / 'run_killed'}"],
                      env={**ENV, "PIRL_TEST_KILL_AT": "1:5"}, torchrun=("--max-restarts=1", "--monitor-interval=0.5"))
     straight = tmp_path / "straight"
-    straight.mkdir()
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", WORKER, str(straight), *args,
-                           f"run_dir={tmp_path / 'run_straight'}"], cwd=tmp_path, env=ENV, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    proc = one_node(tmp_path, straight, [*args, f"run_dir={tmp_path / 'run_straight'}"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     killed, whole = ranks(tmp_path / "killed", 2), ranks(straight, 2)
     # The killed rank's node counted a restart. The other node's count is 0 when its agent saw the new round
