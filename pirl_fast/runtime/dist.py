@@ -110,10 +110,11 @@ def fresh_namespace(store: torch_dist.Store, rank: int, world_size: int, timeout
         nonce = uuid.uuid4().hex
         store.set(key("hello", rank), nonce)
         while True:
-            answer = read(key("answer", rank))
-            if answer is not None and answer.split(":")[0] == nonce:
+            answer = read(key("answer", rank)) or ""
+            answered_nonce, _, answered_generation = answer.partition(":")
+            if answered_nonce == nonce:
                 store.set(key("confirm", rank), answer)
-                generation = int(answer.split(":")[1])
+                generation = int(answered_generation)
                 break
             wait("rank 0 did not answer")
     return torch_dist.PrefixStore(f"{NAMESPACE}/{generation}", store)
