@@ -306,6 +306,12 @@ def loader_generators(loader) -> dict[str, torch.Generator]:
 
 
 # ---------------------------------------------------------------------------------------------- set-up
+def stop_step(cfg: Config, steps_per_epoch: int) -> int:
+    """The step a run stops at: all its epochs, or trainer.max_steps when that comes first."""
+    total = cfg.trainer.epochs * steps_per_epoch
+    return min(total, cfg.trainer.max_steps or total)
+
+
 def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, resume_path: Path | None = None,
           bank_rows: int = 0) -> Run:
     """Build everything (data first: missing shards fail before a model is allocated) and resume from
@@ -343,7 +349,7 @@ def setup(cfg: Config, run_dir: Path, info: dist.DistInfo, resume_path: Path | N
         "bf16" if device.type == "cuda" else "fp32")
     run = Run(cfg=cfg, rank=info.rank, world_size=info.world_size, device=device, run_dir=run_dir, loader=loader,
               module=module, model=module, criterion=criterion, bank=bank, objective=objective, optimizer=optimizer,
-              schedule=schedule, stop_at=min(total, cfg.trainer.max_steps or total), global_batch=cfg.data.batch_size,
+              schedule=schedule, stop_at=stop_step(cfg, steps_per_epoch), global_batch=cfg.data.batch_size,
               autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
               stop=StopRequest(info.rank, info.world_size))
     if resume_path is not None:
@@ -554,8 +560,8 @@ def preflight_memory(cfg: Config, info: dist.DistInfo, bank_rows: int = 0) -> in
 def preflight_disk(cfg: Config, choice: RunChoice, info: dist.DistInfo, num_samples: int) -> None:
     """Refuse (on every rank) a run whose checkpoints will not fit in its run folder, before step 1."""
     problem = None
-    per_epoch = max(1, num_samples // cfg.data.batch_size)
-    steps = min(cfg.trainer.epochs * per_epoch, cfg.trainer.max_steps or cfg.trainer.epochs * per_epoch)
+    per_epoch = max(1, num_samples // cfg.data.batch_size)  # the loader's length, before it is built
+    steps = stop_step(cfg, per_epoch)
     start = checkpoint.step_of(choice.checkpoint) or 0
     if info.rank == 0 and start < steps:  # a finished run writes nothing: `finished` says so, whatever the disk
         try:
